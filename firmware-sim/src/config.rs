@@ -1,0 +1,196 @@
+//! How a fleet is configured: one [`FleetConfig`], the device id scheme, and
+//! the parsers the CLI (and anyone else taking these values as text) uses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use protocol::frame::MAX_DEVICE_ID_LEN;
+
+/// Everything a [`crate::Fleet`] needs; built once and handed over.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The receiver every device connects to.
+    pub connect: SocketAddr,
+    /// How many devices (connections) to simulate.
+    pub devices: usize,
+    /// Device ids are `<id_prefix><index>`, see [`device_id`].
+    pub id_prefix: String,
+    /// Index of the first device.
+    pub id_start: usize,
+    /// Probability (0.0..=1.0) that a command other than `fail` fails with code 1.
+    pub fail_ratio: f64,
+    /// Simulated work time per command, in milliseconds, drawn from `min..=max`.
+    pub latency_ms: (u64, u64),
+    /// Where to keep a JSON copy of the stats (rewritten every second and at the end).
+    pub stats_file: Option<PathBuf>,
+    /// Send every RESULT frame twice, to exercise dedupe downstream.
+    pub duplicate_results: bool,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            connect: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            devices: 1,
+            id_prefix: "dev-".to_owned(),
+            id_start: 0,
+            fail_ratio: 0.0,
+            latency_ms: (0, 0),
+            stats_file: None,
+            duplicate_results: false,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// The ids of the devices this config describes, in index order.
+    pub fn device_ids(&self) -> Vec<String> {
+        (self.id_start..self.id_start + self.devices)
+            .map(|index| device_id(&self.id_prefix, index))
+            .collect()
+    }
+
+    /// Checks what [`crate::Fleet::start`] would otherwise have to quietly fix
+    /// or could not use (an id too long for a HELLO frame).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_fail_ratio(self.fail_ratio)?;
+        check_latency(self.latency_ms)?;
+        let last = device_id(&self.id_prefix, self.id_start + self.devices.max(1) - 1);
+        if last.len() > MAX_DEVICE_ID_LEN {
+            return Err(ConfigError::DeviceIdTooLong(last));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("latency {0:?} is not `MIN..MAX` or a single number of milliseconds")]
+    BadLatency(String),
+    #[error("latency minimum {0} ms is above the maximum {1} ms")]
+    LatencyOrder(u64, u64),
+    #[error("fail ratio {0:?} is not a number")]
+    BadFailRatio(String),
+    #[error("fail ratio {0} is outside 0.0..=1.0")]
+    FailRatioRange(f64),
+    #[error("device id {0:?} is longer than {MAX_DEVICE_ID_LEN} bytes")]
+    DeviceIdTooLong(String),
+}
+
+/// `<prefix><index>`, the index zero-padded to 4 digits: `dev-0007`.
+pub fn device_id(prefix: &str, index: usize) -> String {
+    format!("{prefix}{index:04}")
+}
+
+/// Parses `A..B` (milliseconds, inclusive) or a single `A` meaning `A..A`.
+pub fn parse_latency_ms(text: &str) -> Result<(u64, u64), ConfigError> {
+    let bad = || ConfigError::BadLatency(text.to_owned());
+    let number = |s: &str| s.trim().parse::<u64>().map_err(|_| bad());
+    let range = match text.split_once("..") {
+        Some((min, max)) => (number(min)?, number(max.trim_start_matches('='))?),
+        None => {
+            let single = number(text)?;
+            (single, single)
+        }
+    };
+    check_latency(range)?;
+    Ok(range)
+}
+
+/// Parses a probability in `0.0..=1.0`.
+pub fn parse_fail_ratio(text: &str) -> Result<f64, ConfigError> {
+    let ratio = text
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| ConfigError::BadFailRatio(text.to_owned()))?;
+    check_fail_ratio(ratio)?;
+    Ok(ratio)
+}
+
+fn check_latency((min, max): (u64, u64)) -> Result<(), ConfigError> {
+    if min > max {
+        return Err(ConfigError::LatencyOrder(min, max));
+    }
+    Ok(())
+}
+
+fn check_fail_ratio(ratio: f64) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(ConfigError::FailRatioRange(ratio));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_are_zero_padded() {
+        assert_eq!(device_id("dev-", 0), "dev-0000");
+        assert_eq!(device_id("dev-", 42), "dev-0042");
+        assert_eq!(device_id("x", 12345), "x12345");
+        let config = FleetConfig {
+            devices: 2,
+            id_start: 9,
+            ..FleetConfig::default()
+        };
+        assert_eq!(config.device_ids(), ["dev-0009", "dev-0010"]);
+    }
+
+    #[test]
+    fn latency_accepts_ranges_and_single_numbers() {
+        assert_eq!(parse_latency_ms("5..20"), Ok((5, 20)));
+        assert_eq!(parse_latency_ms("5..=20"), Ok((5, 20)));
+        assert_eq!(parse_latency_ms("7"), Ok((7, 7)));
+        assert_eq!(parse_latency_ms("0..0"), Ok((0, 0)));
+        assert_eq!(
+            parse_latency_ms("20..5"),
+            Err(ConfigError::LatencyOrder(20, 5))
+        );
+        assert!(matches!(
+            parse_latency_ms("a..b"),
+            Err(ConfigError::BadLatency(_))
+        ));
+        assert!(matches!(
+            parse_latency_ms("-1"),
+            Err(ConfigError::BadLatency(_))
+        ));
+        assert!(matches!(
+            parse_latency_ms(""),
+            Err(ConfigError::BadLatency(_))
+        ));
+    }
+
+    #[test]
+    fn fail_ratio_must_be_a_probability() {
+        assert_eq!(parse_fail_ratio("0.25"), Ok(0.25));
+        assert_eq!(parse_fail_ratio("1"), Ok(1.0));
+        assert_eq!(
+            parse_fail_ratio("1.5"),
+            Err(ConfigError::FailRatioRange(1.5))
+        );
+        assert!(matches!(
+            parse_fail_ratio("NaN"),
+            Err(ConfigError::FailRatioRange(_))
+        ));
+        assert!(matches!(
+            parse_fail_ratio("lots"),
+            Err(ConfigError::BadFailRatio(_))
+        ));
+    }
+
+    #[test]
+    fn validate_rejects_ids_a_hello_cannot_carry() {
+        let config = FleetConfig {
+            id_prefix: "p".repeat(130),
+            ..FleetConfig::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DeviceIdTooLong(_))
+        ));
+        assert_eq!(FleetConfig::default().validate(), Ok(()));
+    }
+}

@@ -1,0 +1,78 @@
+//! Starting a fleet: one task per device plus the stats-file writer, all on a
+//! `TaskTracker` so [`Fleet::stopped`] can wait for them after shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::device::{Behaviour, Device};
+use crate::stats::{self, DeviceCounters, FleetStats, SharedStats};
+use crate::FleetConfig;
+
+/// A running fleet of simulated devices.
+pub struct Fleet {
+    stats: Arc<SharedStats>,
+    connected: watch::Receiver<usize>,
+    tasks: TaskTracker,
+    stats_file: Option<PathBuf>,
+}
+
+impl Fleet {
+    /// Spawns the devices on the current tokio runtime and returns at once.
+    /// They run until `shutdown` is cancelled. Panics outside a tokio runtime.
+    pub fn start(config: FleetConfig, shutdown: CancellationToken) -> Fleet {
+        let stats = SharedStats::new(config.device_ids());
+        let behaviour = Arc::new(Behaviour::from_config(&config));
+        let tasks = TaskTracker::new();
+        for (index, id) in stats.ids().iter().enumerate() {
+            let counters = DeviceCounters::new(stats.clone(), index);
+            let device = Device::new(id.clone(), behaviour.clone(), counters);
+            let span = tracing::info_span!("device", device_id = %id);
+            tasks.spawn(device.run(shutdown.clone()).instrument(span));
+        }
+        if let Some(path) = config.stats_file.clone() {
+            tasks.spawn(stats::write_periodically(stats.clone(), path, shutdown));
+        }
+        tasks.close();
+        let connected = stats.watch_connected();
+        Fleet {
+            stats,
+            connected,
+            tasks,
+            stats_file: config.stats_file,
+        }
+    }
+
+    /// The device ids, in index order.
+    pub fn device_ids(&self) -> &[String] {
+        self.stats.ids()
+    }
+
+    /// A snapshot of every device's counters and the totals.
+    pub fn stats(&self) -> FleetStats {
+        self.stats.snapshot()
+    }
+
+    /// Waits until at least `n` devices are connected at once; `false` on timeout.
+    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> bool {
+        let mut connected = self.connected.clone();
+        let reached = async { connected.wait_for(|count| *count >= n).await.is_ok() };
+        tokio::time::timeout(timeout, reached)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Waits for every task to end (they do once the shutdown token is
+    /// cancelled, so cancel it first), then writes the stats file a last time.
+    pub async fn stopped(self) {
+        self.tasks.wait().await;
+        if let Some(path) = &self.stats_file {
+            stats::write_logged(path, &self.stats.snapshot()).await;
+        }
+    }
+}

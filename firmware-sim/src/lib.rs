@@ -1,0 +1,28 @@
+//! A simulated fleet of devices for the receiver to talk to, in-process (the
+//! gateway's `demo` subcommand, tests) or as the `firmware-sim` binary.
+//!
+//! Each device is one TCP connection to a receiver: it says HELLO, then runs
+//! the commands it is sent, one at a time and in order, and answers each with a
+//! RESULT. It remembers the last 4096 command ids with their answer, across
+//! reconnects, so a command sent again is answered again but never re-run —
+//! the device half of the system's at-most-once execution.
+//!
+//! Layout, in the order a command meets it:
+//!
+//! - [`config`]: [`FleetConfig`], device ids, flag parsing.
+//! - `fleet`: [`Fleet`] starts one task per device and the stats-file writer, and waits for them.
+//! - `device`: one device's life: connect with backoff, HELLO, serve frames.
+//! - `memory`: which command ids a device has answered, and with what.
+//! - `execute`: what running a command means here (echo, fail, random failures, latency).
+//! - [`stats`]: the counters tests and the stats file read, and how the file is written.
+
+pub mod config;
+mod device;
+mod execute;
+mod fleet;
+mod memory;
+pub mod stats;
+
+pub use config::{device_id, parse_fail_ratio, parse_latency_ms, ConfigError, FleetConfig};
+pub use fleet::Fleet;
+pub use stats::{DeviceStats, FleetStats, Totals};

@@ -1,0 +1,92 @@
+//! `firmware-sim`: parses flags, starts a [`Fleet`], stops it on SIGINT/SIGTERM.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use firmware_sim::{parse_fail_ratio, parse_latency_ms, Fleet, FleetConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// A simulated fleet of devices, each a TCP connection to a receiver.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Receiver address, host:port.
+    #[arg(long, env = "FIRMWARE_SIM_CONNECT", value_parser = parse_addr)]
+    connect: SocketAddr,
+    /// Number of devices (one connection each).
+    #[arg(long, env = "FIRMWARE_SIM_DEVICES", value_parser = clap::value_parser!(u32).range(1..))]
+    devices: u32,
+    /// Device ids are <prefix><index, 4 digits>.
+    #[arg(long, env = "FIRMWARE_SIM_ID_PREFIX", default_value = "dev-")]
+    id_prefix: String,
+    /// Index of the first device.
+    #[arg(long, env = "FIRMWARE_SIM_ID_START", default_value_t = 0)]
+    id_start: usize,
+    /// Probability (0.0..=1.0) that a command fails with code 1.
+    #[arg(long, env = "FIRMWARE_SIM_FAIL_RATIO", default_value = "0", value_parser = parse_fail_ratio)]
+    fail_ratio: f64,
+    /// Work time per command in ms: MIN..MAX (inclusive) or a single number.
+    #[arg(long, env = "FIRMWARE_SIM_LATENCY_MS", default_value = "0..0", value_parser = parse_latency_ms)]
+    latency_ms: (u64, u64),
+    /// Write JSON stats here every second and on exit.
+    #[arg(long, env = "FIRMWARE_SIM_STATS_FILE")]
+    stats_file: Option<PathBuf>,
+    /// Send every RESULT frame twice.
+    #[arg(long, env = "FIRMWARE_SIM_DUPLICATE_RESULTS")]
+    duplicate_results: bool,
+}
+
+impl Cli {
+    fn into_config(self) -> FleetConfig {
+        FleetConfig {
+            connect: self.connect,
+            devices: self.devices as usize,
+            id_prefix: self.id_prefix,
+            id_start: self.id_start,
+            fail_ratio: self.fail_ratio,
+            latency_ms: self.latency_ms,
+            stats_file: self.stats_file,
+            duplicate_results: self.duplicate_results,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Cli::parse().into_config();
+    config.validate()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tracing::info!(devices = config.devices, connect = %config.connect, "starting fleet");
+    let shutdown = CancellationToken::new();
+    let fleet = Fleet::start(config, shutdown.clone());
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    shutdown.cancel();
+    fleet.stopped().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT"),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+/// `host:port`, resolved once at startup (the first address wins).
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    text.to_socket_addrs()
+        .map_err(|error| format!("{text:?} is not a usable host:port ({error})"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}

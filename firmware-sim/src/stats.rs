@@ -1,0 +1,220 @@
+//! The counters each device keeps, the fleet-wide snapshot tests and the
+//! stats file read, and writing that file so a reader never sees half of it.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How often the stats file is rewritten while the fleet runs.
+pub const STATS_FILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One device's counters. They survive reconnects.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeviceStats {
+    /// Commands with an id new to the device.
+    pub received: u64,
+    /// Commands run to completion (success or failure).
+    pub executed: u64,
+    /// Commands whose id was already answered: answered again, not run.
+    pub duplicates: u64,
+    /// Executed commands that answered a non-zero code.
+    pub failed: u64,
+    /// Executions of an id that had already been executed. Stays 0 unless the
+    /// bounded command memory was outrun; system tests assert on it.
+    pub executed_ids_repeated: u64,
+    /// Undecodable input and frames a device does not expect.
+    pub bad_frames: u64,
+    /// Successful TCP connects.
+    pub connects: u64,
+    /// Whether the device has a connection right now.
+    pub connected: bool,
+}
+
+/// Sums over the fleet; `connected` counts connected devices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Totals {
+    pub received: u64,
+    pub executed: u64,
+    pub duplicates: u64,
+    pub failed: u64,
+    pub executed_ids_repeated: u64,
+    pub bad_frames: u64,
+    pub connected: u64,
+}
+
+/// A snapshot of the whole fleet, keyed by device id; the stats file's shape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FleetStats {
+    pub devices: BTreeMap<String, DeviceStats>,
+    pub totals: Totals,
+}
+
+impl FleetStats {
+    fn from_devices(devices: BTreeMap<String, DeviceStats>) -> Self {
+        let mut totals = Totals::default();
+        for s in devices.values() {
+            totals.received += s.received;
+            totals.executed += s.executed;
+            totals.duplicates += s.duplicates;
+            totals.failed += s.failed;
+            totals.executed_ids_repeated += s.executed_ids_repeated;
+            totals.bad_frames += s.bad_frames;
+            totals.connected += u64::from(s.connected);
+        }
+        Self { devices, totals }
+    }
+}
+
+/// The counters of all devices, shared by the device tasks and the [`crate::Fleet`].
+#[derive(Debug)]
+pub(crate) struct SharedStats {
+    ids: Vec<String>,
+    /// A std mutex: it is only held to bump or copy counters, never across an
+    /// `.await`, and contention is one short lock per frame.
+    devices: Mutex<Vec<DeviceStats>>,
+    /// Number of connected devices, so waiters wake on change instead of polling.
+    connected: watch::Sender<usize>,
+}
+
+impl SharedStats {
+    pub(crate) fn new(ids: Vec<String>) -> Arc<Self> {
+        let devices = Mutex::new(vec![DeviceStats::default(); ids.len()]);
+        let (connected, _) = watch::channel(0);
+        Arc::new(Self {
+            ids,
+            devices,
+            connected,
+        })
+    }
+
+    pub(crate) fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    pub(crate) fn snapshot(&self) -> FleetStats {
+        let devices = self.lock().clone();
+        FleetStats::from_devices(self.ids.iter().cloned().zip(devices).collect())
+    }
+
+    pub(crate) fn watch_connected(&self) -> watch::Receiver<usize> {
+        self.connected.subscribe()
+    }
+
+    /// Counters stay meaningful even if a task panicked while holding the lock.
+    fn lock(&self) -> MutexGuard<'_, Vec<DeviceStats>> {
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One device's view of [`SharedStats`].
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceCounters {
+    shared: Arc<SharedStats>,
+    index: usize,
+}
+
+impl DeviceCounters {
+    pub(crate) fn new(shared: Arc<SharedStats>, index: usize) -> Self {
+        Self { shared, index }
+    }
+
+    pub(crate) fn update(&self, change: impl FnOnce(&mut DeviceStats)) {
+        if let Some(stats) = self.shared.lock().get_mut(self.index) {
+            change(stats);
+        }
+    }
+
+    /// Marks the device (dis)connected; a connect also counts in `connects`.
+    pub(crate) fn set_connected(&self, now: bool) {
+        let mut was = now;
+        self.update(|s| {
+            was = s.connected;
+            s.connected = now;
+            s.connects += u64::from(now);
+        });
+        // The lock is released before waking waiters, who will take it to read.
+        if was != now {
+            self.shared
+                .connected
+                .send_modify(|n| *n = if now { *n + 1 } else { n.saturating_sub(1) });
+        }
+    }
+}
+
+/// Rewrites `path` every [`STATS_FILE_INTERVAL`] until `shutdown`.
+pub(crate) async fn write_periodically(
+    shared: Arc<SharedStats>,
+    path: PathBuf,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(STATS_FILE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => write_logged(&path, &shared.snapshot()).await,
+        }
+    }
+}
+
+/// [`write_atomically`], logging instead of failing: stats are best effort.
+pub(crate) async fn write_logged(path: &Path, stats: &FleetStats) {
+    if let Err(error) = write_atomically(path, stats).await {
+        tracing::warn!(path = %path.display(), %error, "cannot write the stats file");
+    }
+}
+
+/// Writes `stats` as JSON to `PATH.tmp`, then renames it over `path`.
+pub async fn write_atomically(path: &Path, stats: &FleetStats) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(stats)?;
+    let tmp = tmp_path(path);
+    tokio::fs::write(&tmp, json).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_counters_and_count_connected_devices() {
+        let shared = SharedStats::new(vec!["a".into(), "b".into()]);
+        let (a, b) = (
+            DeviceCounters::new(shared.clone(), 0),
+            DeviceCounters::new(shared.clone(), 1),
+        );
+        a.update(|s| s.executed = 2);
+        b.update(|s| s.executed = 3);
+        a.set_connected(true);
+        let snap = shared.snapshot();
+        assert_eq!(snap.totals.executed, 5);
+        assert_eq!(snap.totals.connected, 1);
+        assert_eq!(*shared.watch_connected().borrow(), 1);
+        a.set_connected(false);
+        assert_eq!(*shared.watch_connected().borrow(), 0);
+        assert_eq!(shared.snapshot().devices["a"].connects, 1);
+    }
+
+    #[tokio::test]
+    async fn the_file_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.json");
+        let shared = SharedStats::new(vec!["dev-0000".into()]);
+        write_atomically(&path, &shared.snapshot()).await.unwrap();
+        let read: FleetStats = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(read.devices["dev-0000"], DeviceStats::default());
+        assert!(!tmp_path(&path).exists());
+    }
+}

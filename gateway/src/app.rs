@@ -1,0 +1,459 @@
+//! The gateway's core, shared by the HTTP and MQTT front doors: validate a
+//! submission, record it, publish it, wait for it; apply what receivers report
+//! and tell whoever waits. Front doors only translate to and from this.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use rumqttc::{AsyncClient, QoS};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::command::{now_ms, Command, Payload, Status};
+use crate::config::{Config, MAX_ATTEMPTS, MAX_TTL_MS, MAX_WAIT_MS};
+use crate::store::{self, Change, Inserted, Moved, NewCommand, Store, StoreError};
+use crate::waiters::Waiters;
+use protocol::envelope::{CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
+use protocol::Topics;
+
+/// While a caller waits, the store is re-read at least this often, so a
+/// result applied by another gateway instance is seen too.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A command submission as callers send it (HTTP body; MQTT adds routing fields).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    pub name: String,
+    #[serde(default)]
+    pub payload: Option<Value>,
+    #[serde(default)]
+    pub payload_base64: Option<String>,
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    #[serde(default)]
+    pub max_attempts: Option<i64>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Sync,
+    Async,
+}
+
+/// Why a submission or query was refused. Nothing is stored for any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("store unavailable, nothing was accepted: {0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Unavailable(_) => "store_unavailable",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::TooLarge(_) => 413,
+            ApiError::Unavailable(_) => 503,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({"error": {"kind": self.kind(), "message": self.to_string()}})
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "store error");
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+/// Counters, exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub publish_failed: AtomicU64,
+    pub reports_applied: AtomicU64,
+    /// Reports that changed nothing: duplicates, or late after a final status.
+    pub reports_ignored: AtomicU64,
+    pub reports_unknown: AtomicU64,
+    pub reports_malformed: AtomicU64,
+    pub mqtt_submissions_dropped: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let rows = [
+            ("gateway_commands_accepted_total", &self.accepted),
+            ("gateway_commands_rejected_total", &self.rejected),
+            ("gateway_publish_failed_total", &self.publish_failed),
+            ("gateway_reports_applied_total", &self.reports_applied),
+            ("gateway_reports_ignored_total", &self.reports_ignored),
+            ("gateway_reports_unknown_total", &self.reports_unknown),
+            ("gateway_reports_malformed_total", &self.reports_malformed),
+            ("gateway_mqtt_submissions_dropped_total", &self.mqtt_submissions_dropped),
+        ];
+        rows.iter()
+            .map(|(name, c)| format!("# TYPE {name} counter\n{name} {}\n", c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// How a submission ended for the caller.
+#[derive(Debug)]
+pub struct Submitted {
+    pub command: Command,
+    /// False when an idempotency key matched an earlier command.
+    pub created: bool,
+}
+
+/// Shared handle to the core; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    store: Store,
+    mqtt: AsyncClient,
+    topics: Topics,
+    waiters: Waiters,
+    counters: Counters,
+}
+
+/// Where an MQTT caller wants its answers.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    pub topic: String,
+    pub correlation_id: String,
+}
+
+impl App {
+    pub fn new(config: Config, store: Store, mqtt: AsyncClient) -> App {
+        let topics = Topics::new(config.topic_prefix.clone());
+        App {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                mqtt,
+                topics,
+                waiters: Waiters::default(),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.inner.topics
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub fn mqtt(&self) -> &AsyncClient {
+        &self.inner.mqtt
+    }
+
+    /// Validates, records (durably, before anything is published) and publishes
+    /// a command. Returns once it is stored and handed to the broker client.
+    pub async fn submit(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        reply_to: Option<&ReplyTo>,
+    ) -> Result<Submitted, ApiError> {
+        let result = self.submit_inner(device_id, req, reply_to).await;
+        let counter = if result.is_ok() { &self.counters().accepted } else { &self.counters().rejected };
+        Counters::bump(counter);
+        result
+    }
+
+    async fn submit_inner(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        reply_to: Option<&ReplyTo>,
+    ) -> Result<Submitted, ApiError> {
+        let new = self.validate(device_id, req, reply_to)?;
+        let device = self.store().get_device(device_id).await?;
+        match device {
+            None => return Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
+            Some(d) if !d.enabled => return Err(ApiError::Conflict(format!("device {device_id:?} is disabled"))),
+            Some(_) => {}
+        }
+        match self.store().insert_command(&new).await? {
+            Inserted::Created(command) => {
+                let command = self.publish(command).await;
+                Ok(Submitted { command, created: true })
+            }
+            Inserted::Existing(command) => Ok(Submitted { command, created: false }),
+            Inserted::KeyConflict(existing) => Err(ApiError::Conflict(format!(
+                "idempotency key {:?} was used for command {} with a different request",
+                new.idempotency_key.unwrap_or_default(),
+                existing.id
+            ))),
+        }
+    }
+
+    fn validate(&self, device_id: &str, req: &CommandRequest, reply_to: Option<&ReplyTo>) -> Result<NewCommand, ApiError> {
+        let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
+        if !protocol::topics::is_valid_device_id(device_id) {
+            return Err(ApiError::NotFound(format!("unknown device {device_id:?} (not a valid device id)")));
+        }
+        if req.name.is_empty() || req.name.len() > 255 {
+            return bad("name must be 1 to 255 bytes");
+        }
+        let payload = match (&req.payload, &req.payload_base64) {
+            (Some(_), Some(_)) => return bad("give payload or payload_base64, not both"),
+            (Some(v), None) => Payload::json(v),
+            (None, Some(b)) => match BASE64.decode(b.as_bytes()) {
+                Ok(bytes) => Payload { bytes, is_json: false },
+                Err(e) => return Err(ApiError::BadRequest(format!("payload_base64 is not base64: {e}"))),
+            },
+            (None, None) => Payload::json(&Value::Null),
+        };
+        let max = self.config().max_payload_bytes;
+        if payload.bytes.len() > max {
+            return Err(ApiError::TooLarge(format!("payload is {} bytes, the limit is {max}", payload.bytes.len())));
+        }
+        if req.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
+            return Err(ApiError::BadRequest(format!("wait_ms must be at most {MAX_WAIT_MS}")));
+        }
+        let ttl = req.ttl_ms.unwrap_or(self.config().default_ttl_ms);
+        if ttl == 0 || ttl > MAX_TTL_MS {
+            return Err(ApiError::BadRequest(format!("ttl_ms must be 1 to {MAX_TTL_MS}")));
+        }
+        let max_attempts = req.max_attempts.unwrap_or(self.config().default_max_attempts);
+        if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
+            return Err(ApiError::BadRequest(format!("max_attempts must be 1 to {MAX_ATTEMPTS}")));
+        }
+        if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
+            return bad("idempotency_key must be 1 to 255 bytes");
+        }
+        let now = now_ms();
+        let hash = store::request_hash(&[
+            req.name.as_bytes(),
+            &payload.bytes,
+            &[u8::from(payload.is_json)],
+            &ttl.to_be_bytes(),
+            &max_attempts.to_be_bytes(),
+        ]);
+        Ok(NewCommand {
+            id: Uuid::now_v7(),
+            device_id: device_id.to_owned(),
+            name: req.name.clone(),
+            payload,
+            max_attempts,
+            created_at: now,
+            expires_at: now + ttl as i64,
+            next_attempt_at: now,
+            idempotency_key: req.idempotency_key.clone(),
+            request_hash: hash,
+            reply_to: reply_to.map(|r| r.topic.clone()),
+            correlation_id: reply_to.map(|r| r.correlation_id.clone()),
+        })
+    }
+
+    /// Claims the next attempt in the store (`sent`, attempts + 1), then hands
+    /// the command to the broker client. Claim first: a crash between the two
+    /// leaves a `sent` command with no delivery, which the ack timeout re-sends;
+    /// the reverse order would let a fast delivery report overtake the claim.
+    pub async fn publish(&self, command: Command) -> Command {
+        let change = Change {
+            bump_attempts: true,
+            next_attempt_at: Some(now_ms() + self.config().ack_timeout_ms as i64),
+            ..Change::default()
+        };
+        let command = match self.store().transition(command.id, Status::Sent, &change).await {
+            Ok(Moved::Yes { command, .. }) => command,
+            Ok(Moved::Refused(c)) => return c,
+            Ok(Moved::NotFound) => return command,
+            Err(e) => {
+                // Stored as pending: it is accepted, and the sweeper publishes it.
+                tracing::warn!(command_id = %command.id, error = %e, "could not claim the first attempt");
+                Counters::bump(&self.counters().publish_failed);
+                return command;
+            }
+        };
+        let message = CommandMessage {
+            id: command.id,
+            device_id: command.device_id.clone(),
+            name: command.name.clone(),
+            payload_base64: command.payload.bytes.clone(),
+            attempt: command.attempts as u32,
+            expires_at_ms: command.expires_at,
+        };
+        let body = serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail");
+        let topic = self.topics().device_commands(&command.device_id);
+        if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
+            tracing::warn!(command_id = %command.id, error = %e, "publish failed; the ack timeout will re-send");
+            Counters::bump(&self.counters().publish_failed);
+        }
+        command
+    }
+
+    /// Waits until the command is final or `wait` has passed, and returns it as it stands.
+    pub async fn wait_final(&self, id: Uuid, wait: Duration) -> Result<Option<Command>, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waiter = self.inner.waiters.register(id);
+        loop {
+            let Some(command) = self.store().get_command(id).await? else {
+                return Ok(None);
+            };
+            let now = tokio::time::Instant::now();
+            if command.status.is_final() || now >= deadline {
+                return Ok(Some(command));
+            }
+            let nap = (deadline - now).min(RECHECK_EVERY);
+            let _ = tokio::time::timeout(nap, waiter.notified()).await;
+        }
+    }
+
+    /// Applies one receiver report. Errors are store errors only: the caller
+    /// retries (the report is acknowledged to the broker only after this succeeds).
+    pub async fn apply_report(&self, report: &Report) -> Result<(), StoreError> {
+        let id = report.command_id;
+        let (to, change) = match &report.kind {
+            ReportKind::Delivered => (
+                Status::Delivered,
+                Change {
+                    delivered: true,
+                    detail: Some(format!("receiver {}", report.receiver_id)),
+                    ..Change::default()
+                },
+            ),
+            ReportKind::Result { code, payload_base64 } => result_change(*code, payload_base64, &report.receiver_id),
+            ReportKind::Undeliverable { reason } => {
+                return self.note_undeliverable(id, reason, &report.receiver_id).await;
+            }
+        };
+        match self.store().transition(id, to, &change).await? {
+            Moved::Yes { command, .. } => {
+                Counters::bump(&self.counters().reports_applied);
+                if command.status.is_final() {
+                    self.on_final(&command).await;
+                }
+            }
+            Moved::Refused(current) => {
+                Counters::bump(&self.counters().reports_ignored);
+                tracing::debug!(command_id = %id, status = %current.status, report = ?report.kind, "report changes nothing");
+                if matches!(report.kind, ReportKind::Result { .. }) && current.status == Status::Canceled {
+                    let detail = format!("result after cancel: {}", change.detail.unwrap_or_default());
+                    self.store().note(id, current.status, current.attempts, &detail).await?;
+                }
+            }
+            Moved::NotFound => {
+                Counters::bump(&self.counters().reports_unknown);
+                tracing::warn!(command_id = %id, "report for an unknown command");
+            }
+        }
+        Ok(())
+    }
+
+    async fn note_undeliverable(&self, id: Uuid, reason: &str, receiver: &str) -> Result<(), StoreError> {
+        let Some(command) = self.store().get_command(id).await? else {
+            Counters::bump(&self.counters().reports_unknown);
+            return Ok(());
+        };
+        let detail = format!("undeliverable at receiver {receiver}: {reason}");
+        self.store().note(id, command.status, command.attempts, &detail).await
+    }
+
+    /// A command just became final: wake sync callers and long-polls, answer MQTT callers.
+    pub async fn on_final(&self, command: &Command) {
+        self.inner.waiters.notify(command.id);
+        match self.store().get_command_row(command.id).await {
+            Ok(Some((_, Some(reply)))) => {
+                let reply = ReplyTo { topic: reply.0, correlation_id: reply.1 };
+                self.reply(&reply, "final", command.to_json()).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(command_id = %command.id, error = %e, "could not look up reply_to"),
+        }
+    }
+
+    /// Publishes an answer to an MQTT caller: `body` plus `correlation_id` and `event`.
+    pub async fn reply(&self, reply: &ReplyTo, event: &str, mut body: Value) {
+        if let Value::Object(obj) = &mut body {
+            obj.insert("correlation_id".into(), reply.correlation_id.clone().into());
+            obj.insert("event".into(), event.into());
+        }
+        let bytes = serde_json::to_vec(&body).expect("a Value always serialises");
+        if let Err(e) = self.mqtt().publish(reply.topic.clone(), QoS::AtLeastOnce, false, bytes).await {
+            tracing::warn!(topic = %reply.topic, error = %e, "could not publish a reply");
+        }
+    }
+
+    pub async fn apply_presence(&self, p: &Presence) -> Result<(), StoreError> {
+        let known = self.store().set_presence(&p.device_id, &p.receiver_id, p.online).await?;
+        tracing::info!(device_id = %p.device_id, receiver = %p.receiver_id, online = p.online, known, "presence");
+        Ok(())
+    }
+
+    pub async fn apply_receiver_status(&self, s: &ReceiverStatus) -> Result<(), StoreError> {
+        if !s.online {
+            let n = self.store().receiver_gone(&s.receiver_id).await?;
+            tracing::info!(receiver = %s.receiver_id, devices = n, "receiver gone; its devices are offline");
+        }
+        Ok(())
+    }
+}
+
+fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) {
+    let detail = Some(format!("code {code} via receiver {receiver}"));
+    let result = Some((i64::from(code), payload.to_vec(), None));
+    if code == 0 {
+        (Status::Succeeded, Change { result, detail, ..Change::default() })
+    } else {
+        let error = Some(("device_error".to_owned(), format!("the device answered with error code {code}")));
+        (Status::Failed, Change { result, error, detail, ..Change::default() })
+    }
+}

@@ -1,0 +1,201 @@
+//! The embedded MQTT broker (rumqttd), used when no `--broker` is given.
+//!
+//! rumqttd has no shutdown and binds its listener itself on its own threads, so
+//! it runs on a dedicated thread for the life of the process. The gateway talks
+//! to it over loopback with rumqttc, the same code as the external-broker path.
+//!
+//! rumqttd sets no TCP_NODELAY on the sockets it accepts, which costs a sync
+//! command ~40 ms per hop (Nagle meeting delayed ACKs). On Linux an accepted
+//! socket inherits TCP_NODELAY from its listener, and the listener lives in
+//! this process: once it is bound we find it among our own file descriptors
+//! and set the option on it. See docs/ARCHITECTURE.md.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "cannot listen for MQTT on {addr}: {source}. Another broker probably holds port {port}. \
+         Either give the embedded broker another address with --mqtt-listen 127.0.0.1:PORT \
+         (env GATEWAY_MQTT_LISTEN), or use the broker that is already there with \
+         --broker mqtt://HOST:{port} (env GATEWAY_BROKER)"
+    )]
+    PortTaken {
+        addr: SocketAddr,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("the embedded broker did not start listening on {0} within 10 s (see its log above)")]
+    NotListening(SocketAddr),
+}
+
+/// Starts rumqttd on `listen` and returns once it accepts connections.
+pub fn start_embedded(listen: SocketAddr, max_payload: usize) -> Result<(), BrokerError> {
+    // rumqttd only logs a failed bind; check the port ourselves first.
+    TcpListener::bind(listen).map_err(|source| BrokerError::PortTaken {
+        addr: listen,
+        port: listen.port(),
+        source,
+    })?;
+    let config = config(listen, max_payload);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })
+        .expect("spawning a thread");
+    wait_listening(listen)?;
+    match set_nodelay_on_listener(listen.port()) {
+        Ok(true) => tracing::debug!(%listen, "TCP_NODELAY set on the embedded broker's listener"),
+        Ok(false) => tracing::warn!(%listen, "embedded broker listener not found; sync latency will suffer from Nagle"),
+        Err(e) => tracing::warn!(%listen, error = %e, "could not set TCP_NODELAY on the embedded broker's listener"),
+    }
+    Ok(())
+}
+
+fn config(listen: SocketAddr, max_payload: usize) -> Config {
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: max_payload,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "v4".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 20_000,
+            max_outgoing_packet_count: 500,
+            // Per topic filter, the router keeps at most count × size bytes of messages.
+            max_segment_size: 4 * 1024 * 1024,
+            max_segment_count: 8,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), server)])),
+        ..Default::default()
+    }
+}
+
+fn wait_listening(listen: SocketAddr) -> Result<(), BrokerError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BrokerError::NotListening(listen))
+}
+
+/// Finds this process's listening TCP socket on `port` and sets TCP_NODELAY on
+/// it. Returns whether one was found.
+#[allow(unsafe_code)]
+fn set_nodelay_on_listener(port: u16) -> std::io::Result<bool> {
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let is_socket = std::fs::read_link(entry.path())
+            .map(|target| target.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !is_socket || !is_listener_on(fd, port) {
+            continue;
+        }
+        let one: libc::c_int = 1;
+        // SAFETY: fd is an open socket of this process (checked above); the
+        // option value is a valid c_int that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                std::ptr::addr_of!(one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        found = true;
+    }
+    Ok(found)
+}
+
+#[allow(unsafe_code)]
+fn is_listener_on(fd: i32, port: u16) -> bool {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid out-pointers sized for the option; a non-socket fd just fails.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            std::ptr::addr_of_mut!(accepting).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || accepting == 0 {
+        return false;
+    }
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: addr is a sockaddr_storage, large enough for any address family.
+    let rc = unsafe { libc::getsockname(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len) };
+    if rc != 0 {
+        return false;
+    }
+    // sin_port and sin6_port sit at the same offset, in network byte order.
+    let local_port = match i32::from(addr.ss_family) {
+        libc::AF_INET | libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in(6).
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read(std::ptr::addr_of!(addr).cast()) };
+            u16::from_be(sin.sin_port)
+        }
+        _ => return false,
+    };
+    local_port == port
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_names_the_port_and_both_ways_out() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = start_embedded(addr, 1024).unwrap_err().to_string();
+        assert!(err.contains(&addr.port().to_string()), "{err}");
+        assert!(err.contains("--mqtt-listen") && err.contains("--broker"), "{err}");
+    }
+
+    #[test]
+    fn nodelay_is_set_on_our_own_listener_and_inherited() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(set_nodelay_on_listener(addr.port()).unwrap());
+        let _client = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}

@@ -1,0 +1,80 @@
+//! One typed configuration, read once from flags and `GATEWAY_*` environment
+//! variables, passed down to every part.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+/// Settings of `gateway serve` (and of the gateway inside `gateway demo`).
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Database: `sqlite:PATH` (embedded default) or `mysql://USER:PASS@HOST:PORT/DB` (MySQL/MariaDB).
+    #[arg(long, env = "GATEWAY_DATABASE_URL", default_value = "sqlite:gateway.db")]
+    pub database_url: String,
+
+    /// HTTP API listen address.
+    #[arg(long, env = "GATEWAY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+
+    /// Listen address of the embedded MQTT broker (ignored with --broker).
+    #[arg(long, env = "GATEWAY_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+    pub mqtt_listen: SocketAddr,
+
+    /// Use this external MQTT broker (mqtt://HOST:PORT) instead of embedding one.
+    #[arg(long, env = "GATEWAY_BROKER")]
+    pub broker: Option<String>,
+
+    /// Prefix of every MQTT topic the system uses.
+    #[arg(long, env = "GATEWAY_TOPIC_PREFIX", default_value = protocol::topics::DEFAULT_PREFIX)]
+    pub topic_prefix: String,
+
+    /// This instance's name: MQTT client ids derive from it, so it must be unique per broker.
+    #[arg(long, env = "GATEWAY_INSTANCE_ID", default_value = "gateway-1")]
+    pub instance_id: String,
+
+    /// Largest command payload accepted, in bytes (larger: 413).
+    #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// How long a sync call waits when the request gives no wait_ms.
+    #[arg(long, env = "GATEWAY_DEFAULT_WAIT_MS", default_value_t = 10_000)]
+    pub default_wait_ms: u64,
+
+    /// Deadline for a final result, from acceptance, when the request gives no ttl_ms.
+    #[arg(long, env = "GATEWAY_DEFAULT_TTL_MS", default_value_t = 60_000)]
+    pub default_ttl_ms: u64,
+
+    /// Publication attempts per command when the request gives no max_attempts.
+    #[arg(long, env = "GATEWAY_DEFAULT_MAX_ATTEMPTS", default_value_t = 5)]
+    pub default_max_attempts: i64,
+
+    /// A `sent` command with no delivery report after this long is due for a re-send.
+    #[arg(long, env = "GATEWAY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub ack_timeout_ms: u64,
+}
+
+/// Longest a caller may ask to wait (sync `wait_ms`, long-poll `wait_ms`).
+pub const MAX_WAIT_MS: u64 = 300_000;
+/// Longest deadline a command may have.
+pub const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Most attempts a command may ask for.
+pub const MAX_ATTEMPTS: i64 = 100;
+
+impl Config {
+    /// Defaults for tests and the demo: everything on loopback, nothing fixed.
+    pub fn for_local(database_url: String, http_listen: SocketAddr, mqtt_listen: SocketAddr) -> Config {
+        Config {
+            database_url,
+            http_listen,
+            mqtt_listen,
+            broker: None,
+            topic_prefix: protocol::topics::DEFAULT_PREFIX.into(),
+            instance_id: "gateway-1".into(),
+            max_payload_bytes: 64 * 1024,
+            default_wait_ms: 10_000,
+            default_ttl_ms: 60_000,
+            default_max_attempts: 5,
+            ack_timeout_ms: 5_000,
+        }
+    }
+}

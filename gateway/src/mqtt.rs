@@ -1,0 +1,232 @@
+//! The gateway's two MQTT connections and the tasks that poll them.
+//!
+//! - **main**: publishes commands and replies; takes MQTT submissions,
+//!   presence and receiver status. Clean session, automatic acks: a submission
+//!   lost before it is stored was never acknowledged to its caller.
+//! - **reports**: takes delivery reports and results from receivers. Persistent
+//!   session and manual acks: a report is acknowledged only after its effect is
+//!   committed, so a crash or a database outage never loses one (the broker
+//!   redelivers; applying a report twice changes nothing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
+use serde_json::Value;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{ApiError, App, CommandRequest, Counters, ReplyTo};
+use protocol::envelope::{Presence, ReceiverStatus, Report};
+use receiver::mqtt::{client, ClientSpec};
+
+/// Reports buffered between the reports connection and the task applying them.
+/// When full, the connection stops reading and the broker holds the rest.
+const REPORT_QUEUE: usize = 1024;
+/// MQTT submissions handled at once; more wait in the broker connection.
+const SUBMISSION_CONCURRENCY: usize = 256;
+/// Pause after a connection error before polling (and so reconnecting) again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// Opens the main connection; the client is what `App` publishes with.
+pub fn main_client(host: &str, port: u16, instance: &str) -> (AsyncClient, EventLoop) {
+    client(
+        host,
+        port,
+        ClientSpec {
+            client_id: format!("{instance}-main"),
+            clean_session: true,
+            manual_acks: false,
+            last_will: None,
+        },
+    )
+}
+
+/// Starts the tasks that serve both connections.
+pub fn spawn(app: App, main_loop: EventLoop, host: &str, port: u16, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let (reports_client, reports_loop) = client(
+        host,
+        port,
+        ClientSpec {
+            client_id: format!("{}-reports", app.config().instance_id),
+            clean_session: false,
+            manual_acks: true,
+            last_will: None,
+        },
+    );
+    let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+    let filters = vec![
+        app.topics().submit(),
+        app.topics().presence_filter(),
+        app.topics().receiver_status_filter(),
+    ];
+    tasks.spawn(poll(main_loop, app.mqtt().clone(), filters, Incoming::Main(app.clone()), shutdown.clone()));
+    let filters = vec![app.topics().reports()];
+    tasks.spawn(poll(reports_loop, reports_client.clone(), filters, Incoming::Reports(tx), shutdown.clone()));
+    tasks.spawn(apply_reports(app, reports_client, rx, shutdown.clone()));
+}
+
+/// Where a connection's incoming publishes go.
+enum Incoming {
+    Main(App),
+    Reports(mpsc::Sender<Publish>),
+}
+
+/// Polls one connection until shutdown, (re)subscribing on every connect.
+async fn poll(mut eventloop: EventLoop, client: AsyncClient, filters: Vec<String>, incoming: Incoming, shutdown: CancellationToken) {
+    let submissions = Arc::new(Semaphore::new(SUBMISSION_CONCURRENCY));
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                // Subscribing from this task could deadlock on a full request channel.
+                let (client, filters) = (client.clone(), filters.clone());
+                tokio::spawn(async move {
+                    for f in filters {
+                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            tracing::warn!(filter = %f, error = %e, "subscribe failed");
+                        }
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => match &incoming {
+                Incoming::Reports(tx) => {
+                    if tx.send(publish).await.is_err() {
+                        break;
+                    }
+                }
+                Incoming::Main(app) => dispatch_main(app, publish, &submissions).await,
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT connection error; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                }
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+async fn dispatch_main(app: &App, publish: Publish, submissions: &Arc<Semaphore>) {
+    let topic = publish.topic.as_str();
+    if topic == app.topics().submit() {
+        let Ok(permit) = submissions.clone().acquire_owned().await else { return };
+        let app = app.clone();
+        tokio::spawn(async move {
+            handle_submission(&app, &publish.payload).await;
+            drop(permit);
+        });
+    } else if topic.starts_with(&format!("{}/receivers/", app.topics().prefix())) {
+        match serde_json::from_slice::<ReceiverStatus>(&publish.payload) {
+            Ok(s) => log_store_error(app.apply_receiver_status(&s).await),
+            Err(e) => tracing::warn!(%topic, error = %e, "malformed receiver status dropped"),
+        }
+    } else {
+        match serde_json::from_slice::<Presence>(&publish.payload) {
+            Ok(p) => log_store_error(app.apply_presence(&p).await),
+            Err(e) => tracing::warn!(%topic, error = %e, "malformed presence dropped"),
+        }
+    }
+}
+
+fn log_store_error(r: Result<(), crate::store::StoreError>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not record presence");
+    }
+}
+
+/// An MQTT submission: the HTTP body plus `device_id`, `reply_to`, `correlation_id`.
+/// Answered on `reply_to` once when accepted or rejected, once more when final.
+async fn handle_submission(app: &App, payload: &[u8]) {
+    let mut fields = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(fields)) => fields,
+        _ => {
+            Counters::bump(&app.counters().mqtt_submissions_dropped);
+            tracing::warn!("MQTT submission is not a JSON object; dropped");
+            return;
+        }
+    };
+    let Some(Value::String(topic)) = fields.remove("reply_to") else {
+        Counters::bump(&app.counters().mqtt_submissions_dropped);
+        tracing::warn!("MQTT submission without reply_to; dropped");
+        return;
+    };
+    let correlation_id = match fields.remove("correlation_id") {
+        Some(Value::String(s)) => s,
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    let reply = ReplyTo { topic, correlation_id };
+    let device_id = match fields.remove("device_id") {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    let outcome = match serde_json::from_value::<CommandRequest>(Value::Object(fields)) {
+        Ok(req) if !device_id.is_empty() => app.submit(&device_id, &req, Some(&reply)).await,
+        Ok(_) => Err(ApiError::BadRequest("device_id is required".into())),
+        Err(e) => Err(ApiError::BadRequest(format!("malformed request: {e}"))),
+    };
+    match outcome {
+        Ok(submitted) => {
+            let command = submitted.command;
+            app.reply(&reply, "accepted", command.to_json()).await;
+            // An idempotent repeat of a command that is already final gets its final answer now.
+            if command.status.is_final() {
+                app.reply(&reply, "final", command.to_json()).await;
+            }
+        }
+        Err(e) => {
+            let mut body = e.to_json();
+            body["status_code"] = e.http_status().into();
+            app.reply(&reply, "rejected", body).await;
+        }
+    }
+}
+
+/// Applies reports in arrival order, acknowledging each only after it is committed.
+async fn apply_reports(app: App, client: AsyncClient, mut rx: mpsc::Receiver<Publish>, shutdown: CancellationToken) {
+    while let Some(publish) = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        p = rx.recv() => p,
+    } {
+        match serde_json::from_slice::<Report>(&publish.payload) {
+            Ok(report) => {
+                if !apply_until_committed(&app, &report, &shutdown).await {
+                    return; // shutting down: not acked, so the broker redelivers it
+                }
+            }
+            Err(e) => {
+                Counters::bump(&app.counters().reports_malformed);
+                tracing::warn!(error = %e, "malformed report dropped");
+            }
+        }
+        if let Err(e) = client.ack(&publish).await {
+            tracing::warn!(error = %e, "could not ack a report; the broker will redeliver it");
+        }
+    }
+}
+
+/// Retries a report's store write until it succeeds; false if shut down first.
+async fn apply_until_committed(app: &App, report: &Report, shutdown: &CancellationToken) -> bool {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match app.apply_report(report).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(command_id = %report.command_id, error = %e, "report not applied yet; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Builds the parts, starts their tasks, and shuts them down in order:
+//! stop accepting HTTP → stop the MQTT tasks → close the database pool.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::store::Store;
+use crate::{broker, http, mqtt};
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct Running {
+    pub app: App,
+    /// Where the HTTP API listens (useful with port 0).
+    pub http_addr: SocketAddr,
+    /// The broker the gateway uses (embedded or external), as `(host, port)`.
+    pub broker: (String, u16),
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Starts a gateway: store (with migrations), broker, MQTT tasks, HTTP server.
+/// It runs until `shutdown` is cancelled; then `Running::stopped` drains it.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let store = Store::connect(&config.database_url).await?;
+    let broker = match &config.broker {
+        Some(url) => receiver::mqtt::parse_broker_url(url)?,
+        None => {
+            // Topic payloads carry base64 and JSON around the command payload.
+            broker::start_embedded(config.mqtt_listen, config.max_payload_bytes * 2 + 64 * 1024)?;
+            (config.mqtt_listen.ip().to_string(), config.mqtt_listen.port())
+        }
+    };
+    let listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e} (use --http-listen)", config.http_listen))?;
+    let http_addr = listener.local_addr()?;
+    let (client, eventloop) = mqtt::main_client(&broker.0, broker.1, &config.instance_id);
+    let app = App::new(config, store, client);
+    let tasks = TaskTracker::new();
+    mqtt::spawn(app.clone(), eventloop, &broker.0, broker.1, &shutdown, &tasks);
+    let router = http::router(app.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%http_addr, broker = %format!("{}:{}", broker.0, broker.1), "gateway started");
+    Ok(Running { app, http_addr, broker, shutdown, tasks })
+}
+
+impl Running {
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for every task to finish after shutdown, then closes the pool.
+    pub async fn stopped(self) {
+        self.shutdown.cancelled().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.app.store().close().await;
+    }
+}

@@ -1,0 +1,591 @@
+//! The only place with SQL. One code path for SQLite (embedded default) and
+//! MySQL/MariaDB (production) through sqlx's Any driver; the schemas differ per
+//! backend (`migrations/<backend>`), the statements do not.
+//!
+//! Every status change is a compare-and-set (`UPDATE … WHERE id = ? AND
+//! status = ?` on the status just read) inside the transaction that also
+//! appends its `command_events` row, so the log always says exactly which move
+//! happened, and a late or duplicate report can never move a command backwards.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use uuid::Uuid;
+
+use crate::command::{now_ms, Command, Payload, Status};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/mysql");
+
+/// How many times a compare-and-set is retried when another writer moved the row first.
+const CAS_RETRIES: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or refused the statement; nothing was changed.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("unsupported database URL {0:?}: use sqlite:PATH or mysql://USER@HOST:PORT/DB")]
+    BadUrl(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("row is malformed: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MySql,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub id: String,
+    pub enabled: bool,
+    pub labels: Value,
+    pub online: bool,
+    pub receiver_id: Option<String>,
+    pub seen_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A command about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub id: Uuid,
+    pub device_id: String,
+    pub name: String,
+    pub payload: Payload,
+    pub max_attempts: i64,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// When the first publication is due (now for immediate commands).
+    pub next_attempt_at: i64,
+    pub idempotency_key: Option<String>,
+    /// Digest of everything the caller asked for, to tell a retry from a different request.
+    pub request_hash: String,
+    /// MQTT callers: where and under which correlation id the final answer goes.
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+/// What `insert_command` did.
+#[derive(Debug)]
+pub enum Inserted {
+    Created(Command),
+    /// The idempotency key was seen before with the same request.
+    Existing(Command),
+    /// The idempotency key was seen before with a different request.
+    KeyConflict(Command),
+}
+
+/// One row of a command's transition log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub at: i64,
+    pub from: Option<String>,
+    pub to: String,
+    pub attempt: i64,
+    pub detail: Option<String>,
+}
+
+/// Fields a transition sets besides the status.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub delivered: bool,
+    pub result: Option<(i64, Vec<u8>, Option<String>)>,
+    pub error: Option<(String, String)>,
+    pub bump_attempts: bool,
+    pub next_attempt_at: Option<i64>,
+    pub detail: Option<String>,
+}
+
+/// What `transition` did.
+#[derive(Debug)]
+pub enum Moved {
+    /// The command moved from `from`; `command` is its new state.
+    Yes { from: Status, command: Command },
+    /// The move is not legal from where the command stands (e.g. already final).
+    Refused(Command),
+    NotFound,
+}
+
+/// Filter for `list_commands`.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub device_id: Option<String>,
+    pub status: Option<Status>,
+    /// Return commands older than this id (the previous page's cursor).
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
+    max_attempts, created_at, scheduled_at, expires_at, updated_at, delivered_at, completed_at, \
+    result_code, result_payload, result_message, error_kind, error_message, idempotency_key, \
+    request_hash, reply_to, correlation_id";
+
+impl Store {
+    /// Connects, creating a SQLite file if needed, and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = normalise_url(url)?;
+        let mut options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(3))
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::MySql => 16,
+            });
+        if backend == Backend::Sqlite {
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL lets readers run beside the one writer; FULL makes every
+                    // commit durable before the caller hears "accepted".
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = FULL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(&url).await?;
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::MySql => MYSQL_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- devices ----
+
+    /// Creates or updates a device; `true` when it was created.
+    pub async fn upsert_device(&self, id: &str, enabled: bool, labels: &Value) -> Result<(Device, bool)> {
+        let now = now_ms();
+        let labels_text = labels.to_string();
+        let updated = sqlx::query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
+            .bind(i64::from(enabled))
+            .bind(&labels_text)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        let mut created = false;
+        if updated.rows_affected() == 0 {
+            let inserted = sqlx::query(
+                "INSERT INTO devices (id, enabled, labels, online, created_at, updated_at) VALUES (?, ?, ?, 0, ?, ?)",
+            )
+            .bind(id)
+            .bind(i64::from(enabled))
+            .bind(&labels_text)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await;
+            match inserted {
+                Ok(_) => created = true,
+                // Created concurrently by another request: ours becomes an update.
+                Err(e) if is_unique_violation(&e) => return Box::pin(self.upsert_device(id, enabled, labels)).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let device = self
+            .get_device(id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("device {id} vanished after upsert")))?;
+        Ok((device, created))
+    }
+
+    pub async fn get_device(&self, id: &str) -> Result<Option<Device>> {
+        let row = sqlx::query("SELECT * FROM devices WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    /// Devices in id order, after `after` (the previous page's last id).
+    pub async fn list_devices(&self, after: Option<&str>, limit: i64) -> Result<Vec<Device>> {
+        let rows = sqlx::query("SELECT * FROM devices WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// Records that a receiver gained or lost a device. An offline report from a
+    /// receiver the device has since left is ignored.
+    pub async fn set_presence(&self, device_id: &str, receiver_id: &str, online: bool) -> Result<bool> {
+        let now = now_ms();
+        let sql = if online {
+            "UPDATE devices SET online = 1, receiver_id = ?, seen_at = ? WHERE id = ?"
+        } else {
+            "UPDATE devices SET online = 0, seen_at = ? WHERE receiver_id = ? AND id = ?"
+        };
+        let q = sqlx::query(sql);
+        let q = if online { q.bind(receiver_id).bind(now) } else { q.bind(now).bind(receiver_id) };
+        let done = q.bind(device_id).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks every device of a receiver offline (the receiver went away).
+    pub async fn receiver_gone(&self, receiver_id: &str) -> Result<u64> {
+        let done = sqlx::query("UPDATE devices SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1")
+            .bind(now_ms())
+            .bind(receiver_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    // ---- commands ----
+
+    /// Stores a new command as `pending` with its first event, in one transaction.
+    pub async fn insert_command(&self, new: &NewCommand) -> Result<Inserted> {
+        let mut tx = self.pool.begin().await?;
+        let insert = sqlx::query(
+            "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
+             max_attempts, created_at, expires_at, updated_at, next_attempt_at, idempotency_key, \
+             request_hash, reply_to, correlation_id) \
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(new.id.to_string())
+        .bind(&new.device_id)
+        .bind(&new.name)
+        .bind(new.payload.bytes.clone())
+        .bind(i64::from(new.payload.is_json))
+        .bind(Status::Pending.as_str())
+        .bind(new.max_attempts)
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .bind(new.created_at)
+        .bind(new.next_attempt_at)
+        .bind(new.idempotency_key.clone())
+        .bind(&new.request_hash)
+        .bind(new.reply_to.clone())
+        .bind(new.correlation_id.clone())
+        .execute(&mut *tx)
+        .await;
+        match insert {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) && new.idempotency_key.is_some() => {
+                drop(tx);
+                return self.existing_for_key(new).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        insert_event(&mut tx, new.id, new.created_at, None, Status::Pending, 0, None).await?;
+        tx.commit().await?;
+        let command = self
+            .get_command(new.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("command {} vanished after insert", new.id)))?;
+        Ok(Inserted::Created(command))
+    }
+
+    async fn existing_for_key(&self, new: &NewCommand) -> Result<Inserted> {
+        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND idempotency_key = ?");
+        let row = sqlx::query(&sql)
+            .bind(&new.device_id)
+            .bind(new.idempotency_key.clone())
+            .fetch_one(&self.pool)
+            .await?;
+        let same = row.try_get::<Option<String>, _>("request_hash")?.as_deref() == Some(&new.request_hash);
+        let command = command_from_row(&row)?;
+        Ok(if same { Inserted::Existing(command) } else { Inserted::KeyConflict(command) })
+    }
+
+    pub async fn get_command(&self, id: Uuid) -> Result<Option<Command>> {
+        Ok(self.get_command_row(id).await?.map(|(c, _)| c))
+    }
+
+    /// The command and, for MQTT submissions, its (reply_to, correlation_id).
+    pub async fn get_command_row(&self, id: Uuid) -> Result<Option<(Command, Option<(String, String)>)>> {
+        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?");
+        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        row.map(|row| {
+            let reply_to: Option<String> = row.try_get("reply_to")?;
+            let correlation: Option<String> = row.try_get("correlation_id")?;
+            Ok((command_from_row(&row)?, reply_to.map(|r| (r, correlation.unwrap_or_default()))))
+        })
+        .transpose()
+    }
+
+    /// Newest first.
+    pub async fn list_commands(&self, filter: &CommandFilter) -> Result<Vec<Command>> {
+        let mut sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE 1 = 1");
+        if filter.device_id.is_some() {
+            sql.push_str(" AND device_id = ?");
+        }
+        if filter.status.is_some() {
+            sql.push_str(" AND status = ?");
+        }
+        if filter.before.is_some() {
+            sql.push_str(" AND id < ?");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let mut q = sqlx::query(&sql);
+        if let Some(d) = &filter.device_id {
+            q = q.bind(d.clone());
+        }
+        if let Some(s) = filter.status {
+            q = q.bind(s.as_str());
+        }
+        if let Some(b) = filter.before {
+            q = q.bind(b.to_string());
+        }
+        let rows = q.bind(filter.limit).fetch_all(&self.pool).await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    pub async fn events(&self, id: Uuid) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT at, from_status, to_status, attempt, detail FROM command_events WHERE command_id = ? ORDER BY id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Event {
+                    at: r.try_get("at")?,
+                    from: r.try_get("from_status")?,
+                    to: r.try_get("to_status")?,
+                    attempt: r.try_get("attempt")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Appends an event that records something without changing the status
+    /// (e.g. a result that arrived after the command was final).
+    pub async fn note(&self, id: Uuid, status: Status, attempt: i64, detail: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_event(&mut tx, id, now_ms(), Some(status), status, attempt, Some(detail)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Moves a command to `to` if that is legal from where it stands, applying
+    /// `change` and logging the move, atomically. See the module docs.
+    pub async fn transition(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
+        for _ in 0..CAS_RETRIES {
+            let Some(current) = self.get_command(id).await? else {
+                return Ok(Moved::NotFound);
+            };
+            if !current.status.can_move_to(to) {
+                return Ok(Moved::Refused(current));
+            }
+            let next = apply(&current, to, change, now_ms());
+            if self.compare_and_set(&current, &next, change).await? {
+                return Ok(Moved::Yes { from: current.status, command: next });
+            }
+        }
+        Err(StoreError::Corrupt(format!("command {id} kept changing under {CAS_RETRIES} attempts")))
+    }
+
+    async fn compare_and_set(&self, current: &Command, next: &Command, change: &Change) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE commands SET status = ?, attempts = ?, updated_at = ?, delivered_at = ?, \
+             completed_at = ?, result_code = ?, result_payload = ?, result_message = ?, \
+             error_kind = ?, error_message = ?, next_attempt_at = ? \
+             WHERE id = ? AND status = ? AND attempts = ?",
+        )
+        .bind(next.status.as_str())
+        .bind(next.attempts)
+        .bind(next.updated_at)
+        .bind(next.delivered_at)
+        .bind(next.completed_at)
+        .bind(next.result_code)
+        .bind(next.result_payload.clone())
+        .bind(next.result_message.clone())
+        .bind(next.error_kind.clone())
+        .bind(next.error_message.clone())
+        .bind(if next.status.is_final() { None } else { change.next_attempt_at })
+        .bind(current.id.to_string())
+        .bind(current.status.as_str())
+        .bind(current.attempts)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        let detail = change.detail.as_deref();
+        insert_event(&mut tx, current.id, next.updated_at, Some(current.status), next.status, next.attempts, detail).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+/// The command as it will be after the move.
+fn apply(current: &Command, to: Status, change: &Change, now: i64) -> Command {
+    let mut next = current.clone();
+    next.status = to;
+    next.updated_at = now;
+    if change.bump_attempts {
+        next.attempts += 1;
+    }
+    if change.delivered && next.delivered_at.is_none() {
+        next.delivered_at = Some(now);
+    }
+    if let Some((code, payload, message)) = &change.result {
+        next.result_code = Some(*code);
+        next.result_payload = Some(payload.clone());
+        next.result_message = message.clone();
+    }
+    if let Some((kind, message)) = &change.error {
+        next.error_kind = Some(kind.clone());
+        next.error_message = Some(message.clone());
+    }
+    if to.is_final() {
+        next.completed_at = Some(now);
+    }
+    next
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: Uuid,
+    at: i64,
+    from: Option<Status>,
+    to: Status,
+    attempt: i64,
+    detail: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO command_events (command_id, at, from_status, to_status, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(at)
+    .bind(from.map(Status::as_str))
+    .bind(to.as_str())
+    .bind(attempt)
+    .bind(detail.map(|d| truncate(d, 1000)))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Hex SHA-256 of the parts of a request that make it "the same request".
+pub fn request_hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn normalise_url(url: &str) -> Result<(Backend, String)> {
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        return Ok((Backend::MySql, url.replacen("mariadb://", "mysql://", 1)));
+    }
+    let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else {
+        return Err(StoreError::BadUrl(url.to_owned()));
+    };
+    let url = if path.contains("mode=") {
+        format!("sqlite://{path}")
+    } else if path.contains('?') {
+        format!("sqlite://{path}&mode=rwc")
+    } else {
+        format!("sqlite://{path}?mode=rwc")
+    };
+    Ok((Backend::Sqlite, url))
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
+fn device_from_row(row: &AnyRow) -> Result<Device> {
+    let labels: String = row.try_get("labels")?;
+    Ok(Device {
+        id: row.try_get("id")?,
+        enabled: row.try_get::<i64, _>("enabled")? != 0,
+        labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        online: row.try_get::<i64, _>("online")? != 0,
+        receiver_id: row.try_get("receiver_id")?,
+        seen_at: row.try_get("seen_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn command_from_row(row: &AnyRow) -> Result<Command> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    Ok(Command {
+        id: id.parse().map_err(|_| StoreError::Corrupt(format!("bad command id {id:?}")))?,
+        device_id: row.try_get("device_id")?,
+        name: row.try_get("name")?,
+        payload: Payload {
+            bytes: row.try_get("payload")?,
+            is_json: row.try_get::<i64, _>("payload_json")? != 0,
+        },
+        status: Status::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("bad status {status:?}")))?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        scheduled_at: row.try_get("scheduled_at")?,
+        expires_at: row.try_get("expires_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        completed_at: row.try_get("completed_at")?,
+        result_code: row.try_get("result_code")?,
+        result_payload: row.try_get("result_payload")?,
+        result_message: row.try_get("result_message")?,
+        error_kind: row.try_get("error_kind")?,
+        error_message: row.try_get("error_message")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(normalise_url("sqlite:gw.db").unwrap(), (Backend::Sqlite, "sqlite://gw.db?mode=rwc".into()));
+        assert_eq!(normalise_url("mariadb://root@h/db").unwrap().0, Backend::MySql);
+        assert!(normalise_url("postgres://x").is_err());
+    }
+
+    #[test]
+    fn request_hash_separates_parts() {
+        assert_ne!(request_hash(&[b"ab", b"c"]), request_hash(&[b"a", b"bc"]));
+    }
+}

@@ -1,0 +1,104 @@
+//! JSON messages between gateway and receivers. Payload bytes travel as
+//! standard base64 (`payload_base64`) so any binary payload survives.
+//! Times are milliseconds since the Unix epoch.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Gateway → receiver on `Topics::device_commands`, QoS 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandMessage {
+    pub id: Uuid,
+    pub device_id: String,
+    pub name: String,
+    #[serde(with = "b64")]
+    pub payload_base64: Vec<u8>,
+    /// 1 for the first publication, then one more per re-send.
+    pub attempt: u32,
+    /// The command's deadline; a receiver drops a command past it.
+    pub expires_at_ms: i64,
+}
+
+/// Receiver → gateway on `Topics::reports`, QoS 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub command_id: Uuid,
+    pub device_id: String,
+    pub receiver_id: String,
+    #[serde(flatten)]
+    pub kind: ReportKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReportKind {
+    /// The command frame was written to the device.
+    Delivered,
+    /// The device answered. `code` 0 is success, anything else the device's error code.
+    Result {
+        code: i32,
+        #[serde(with = "b64")]
+        payload_base64: Vec<u8>,
+    },
+    /// The receiver could not write the command (device not connected here,
+    /// deadline passed). The gateway records it; re-sending is the sweeper's job.
+    Undeliverable { reason: String },
+}
+
+/// Receiver → gateway on `Topics::presence`, QoS 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub device_id: String,
+    pub receiver_id: String,
+    pub online: bool,
+}
+
+/// Receiver → gateway on `Topics::receiver_status`; the `online: false` form is
+/// the receiver's MQTT last will, so a crashed receiver's devices go offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiverStatus {
+    pub receiver_id: String,
+    pub online: bool,
+}
+
+mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_json_shape() {
+        let r = Report {
+            command_id: Uuid::nil(),
+            device_id: "d".into(),
+            receiver_id: "r".into(),
+            kind: ReportKind::Result { code: 3, payload_base64: b"hi".to_vec() },
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["kind"], "result");
+        assert_eq!(v["code"], 3);
+        assert_eq!(v["payload_base64"], "aGk=");
+        assert_eq!(serde_json::from_value::<Report>(v).unwrap(), r);
+    }
+
+    #[test]
+    fn bad_base64_is_an_error_not_a_panic() {
+        let v = serde_json::json!({"command_id": Uuid::nil(), "device_id": "d", "receiver_id": "r",
+            "kind": "result", "code": 0, "payload_base64": "@@@"});
+        assert!(serde_json::from_value::<Report>(v).is_err());
+    }
+}

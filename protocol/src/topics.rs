@@ -1,0 +1,98 @@
+//! MQTT topic names. Every name starts with a configurable prefix (default
+//! `gateway`) so several deployments can share one broker. Topic names carry
+//! device and receiver ids, never command ids: brokers such as rumqttd keep
+//! every topic name they ever saw.
+
+/// The default topic prefix.
+pub const DEFAULT_PREFIX: &str = "gateway";
+
+/// Topic names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Topics {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// MQTT-native callers submit commands here (JSON, see `envelope::MqttSubmission`).
+    pub fn submit(&self) -> String {
+        format!("{}/commands", self.prefix)
+    }
+
+    /// Gateway → receiver: commands for one device (`envelope::CommandMessage`).
+    pub fn device_commands(&self, device_id: &str) -> String {
+        format!("{}/devices/{}/commands", self.prefix, device_id)
+    }
+
+    /// Receiver → gateway: delivery reports and results (`envelope::Report`).
+    pub fn reports(&self) -> String {
+        format!("{}/reports", self.prefix)
+    }
+
+    /// Receiver → gateway: one device came or went (`envelope::Presence`).
+    pub fn presence(&self, device_id: &str) -> String {
+        format!("{}/presence/{}", self.prefix, device_id)
+    }
+
+    /// Filter matching every device's presence topic.
+    pub fn presence_filter(&self) -> String {
+        format!("{}/presence/+", self.prefix)
+    }
+
+    /// Receiver → gateway: a receiver's own liveness, also its MQTT last will
+    /// (`envelope::ReceiverStatus`).
+    pub fn receiver_status(&self, receiver_id: &str) -> String {
+        format!("{}/receivers/{}/status", self.prefix, receiver_id)
+    }
+
+    /// Filter matching every receiver's status topic.
+    pub fn receiver_status_filter(&self) -> String {
+        format!("{}/receivers/+/status", self.prefix)
+    }
+}
+
+/// A device id usable in a topic name and a HELLO frame: 1..=128 bytes of
+/// `A-Z a-z 0-9 - _ . :`.
+pub fn is_valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::frame::MAX_DEVICE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_under_prefix() {
+        let t = Topics::new("acme/");
+        assert_eq!(t.submit(), "acme/commands");
+        assert_eq!(t.device_commands("d1"), "acme/devices/d1/commands");
+        assert_eq!(t.presence_filter(), "acme/presence/+");
+    }
+
+    #[test]
+    fn device_ids_that_would_break_topics_are_invalid() {
+        assert!(is_valid_device_id("dev-0001"));
+        for bad in ["", "a/b", "a+", "#", "a b", &"x".repeat(129)] {
+            assert!(!is_valid_device_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The receiver's MQTT side: one connection, the table of connected devices,
+//! and routing of commands to the connection task that owns each device.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::mqtt::{client, ClientSpec};
+use crate::{Config, Counters};
+use protocol::envelope::{CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
+use protocol::Topics;
+
+/// Commands queued for one device while its connection writes earlier ones.
+/// When full, further commands are reported undeliverable (the gateway re-sends).
+pub const DEVICE_QUEUE: usize = 128;
+
+/// Handle to the MQTT side; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: AsyncClient,
+    topics: Topics,
+    receiver_id: String,
+    counters: Arc<Counters>,
+    /// Connected devices. A std mutex: held for map lookups only, never across `.await`.
+    devices: Mutex<HashMap<String, Slot>>,
+    next_conn: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    conn: u64,
+    tx: mpsc::Sender<CommandMessage>,
+}
+
+/// A device's registration, held by its connection task.
+#[derive(Debug)]
+pub struct Attached {
+    pub conn: u64,
+    pub commands: mpsc::Receiver<CommandMessage>,
+}
+
+impl Bridge {
+    pub(crate) fn start(
+        config: &Config,
+        host: &str,
+        port: u16,
+        counters: Arc<Counters>,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Bridge {
+        let topics = Topics::new(config.topic_prefix.clone());
+        let gone = ReceiverStatus { receiver_id: config.receiver_id.clone(), online: false };
+        let will = LastWill::new(
+            topics.receiver_status(&config.receiver_id),
+            serde_json::to_vec(&gone).expect("serialisable"),
+            QoS::AtLeastOnce,
+            false,
+        );
+        let spec = ClientSpec {
+            client_id: config.receiver_id.clone(),
+            clean_session: true,
+            manual_acks: false,
+            last_will: Some(will),
+        };
+        let (client, eventloop) = client(host, port, spec);
+        let bridge = Bridge {
+            inner: Arc::new(Inner {
+                client,
+                topics,
+                receiver_id: config.receiver_id.clone(),
+                counters,
+                devices: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+            }),
+        };
+        tasks.spawn(bridge.clone().poll(eventloop, shutdown.clone()));
+        bridge
+    }
+
+    /// Ids of the devices connected now.
+    pub fn connected(&self) -> Vec<String> {
+        self.inner.devices.lock().expect("devices lock").keys().cloned().collect()
+    }
+
+    /// Registers a device's connection (replacing an older one of the same
+    /// device), subscribes to its commands and reports it online.
+    pub async fn attach(&self, device_id: &str) -> Attached {
+        let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
+        let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        // Dropping the old slot's sender tells the older connection task to end.
+        let old = self.inner.devices.lock().expect("devices lock").insert(device_id.to_owned(), Slot { conn, tx });
+        if old.is_none() {
+            self.subscribe(device_id).await;
+        }
+        self.presence(device_id, true).await;
+        Attached { conn, commands }
+    }
+
+    /// Unregisters a connection if it is still the device's current one.
+    pub async fn detach(&self, device_id: &str, conn: u64) {
+        let removed = {
+            let mut devices = self.inner.devices.lock().expect("devices lock");
+            let current = devices.get(device_id).is_some_and(|s| s.conn == conn);
+            current && devices.remove(device_id).is_some()
+        };
+        if removed {
+            if let Err(e) = self.inner.client.unsubscribe(self.inner.topics.device_commands(device_id)).await {
+                tracing::warn!(%device_id, error = %e, "unsubscribe failed");
+            }
+            self.presence(device_id, false).await;
+        }
+    }
+
+    /// Publishes a report about a command to the gateway.
+    pub async fn report(&self, command_id: Uuid, device_id: &str, kind: ReportKind) {
+        let report = Report {
+            command_id,
+            device_id: device_id.to_owned(),
+            receiver_id: self.inner.receiver_id.clone(),
+            kind,
+        };
+        let body = serde_json::to_vec(&report).expect("serialisable");
+        if let Err(e) = self.inner.client.publish(self.inner.topics.reports(), QoS::AtLeastOnce, false, body).await {
+            tracing::warn!(%command_id, error = %e, "could not publish a report");
+        }
+    }
+
+    async fn subscribe(&self, device_id: &str) {
+        let topic = self.inner.topics.device_commands(device_id);
+        if let Err(e) = self.inner.client.subscribe(topic, QoS::AtLeastOnce).await {
+            tracing::warn!(%device_id, error = %e, "subscribe failed");
+        }
+    }
+
+    async fn presence(&self, device_id: &str, online: bool) {
+        let p = Presence { device_id: device_id.to_owned(), receiver_id: self.inner.receiver_id.clone(), online };
+        let body = serde_json::to_vec(&p).expect("serialisable");
+        if let Err(e) = self.inner.client.publish(self.inner.topics.presence(device_id), QoS::AtLeastOnce, false, body).await {
+            tracing::warn!(%device_id, error = %e, "could not publish presence");
+        }
+    }
+
+    /// After every (re)connect: say we are here, re-subscribe every device and
+    /// re-announce it (a clean session forgets subscriptions).
+    async fn announce(self) {
+        let status = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: true };
+        let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
+        let body = serde_json::to_vec(&status).expect("serialisable");
+        if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
+            tracing::warn!(error = %e, "could not publish receiver status");
+        }
+        for device_id in self.connected() {
+            self.subscribe(&device_id).await;
+            self.presence(&device_id, true).await;
+        }
+    }
+
+    /// Hands a command to its device's connection task, or reports why not.
+    fn route(&self, msg: CommandMessage) {
+        let refused = {
+            let devices = self.inner.devices.lock().expect("devices lock");
+            match devices.get(&msg.device_id) {
+                None => Some((msg, "device not connected to this receiver")),
+                Some(slot) => match slot.tx.try_send(msg) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(msg)) => Some((msg, "device queue full")),
+                    Err(mpsc::error::TrySendError::Closed(msg)) => Some((msg, "device connection closing")),
+                },
+            }
+        };
+        if let Some((msg, reason)) = refused {
+            Counters::bump(&self.inner.counters.undeliverable);
+            let bridge = self.clone();
+            // Not from the polling task: a full request channel would deadlock it.
+            tokio::spawn(async move {
+                let kind = ReportKind::Undeliverable { reason: reason.into() };
+                bridge.report(msg.id, &msg.device_id, kind).await;
+            });
+        }
+    }
+
+    async fn poll(self, mut eventloop: EventLoop, shutdown: CancellationToken) {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!("connected to the broker");
+                    tokio::spawn(self.clone().announce());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => match serde_json::from_slice::<CommandMessage>(&p.payload) {
+                    Ok(msg) => self.route(msg),
+                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped"),
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT connection error; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+        // A clean goodbye: devices go offline now rather than at the keepalive.
+        let ids = self.connected();
+        for device_id in ids {
+            self.presence(&device_id, false).await;
+        }
+        let _ = self.inner.client.disconnect().await;
+        // Keep polling briefly so the goodbye actually leaves.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,228 @@
+//! Devices over TCP. Each connection gets a task that owns its socket: it
+//! waits for the HELLO naming the device, then writes the device's commands and
+//! forwards its results until either side goes away.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::bridge::Bridge;
+use crate::Counters;
+use protocol::envelope::{CommandMessage, ReportKind};
+use protocol::{Frame, FrameCodec};
+
+/// A device must name itself this soon after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bad frames tolerated before the HELLO; after it, a connection is never
+/// closed for noise alone (the codec resynchronises).
+const BAD_FRAMES_BEFORE_HELLO: usize = 4;
+/// Answered command ids remembered per connection, to drop duplicate results.
+const ANSWERED_MEMORY: usize = 4096;
+
+/// Accepts device connections until shutdown.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    bridge: Bridge,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                let conn = Connection { bridge: bridge.clone(), counters: counters.clone() };
+                tasks.spawn(conn.run(socket, peer, shutdown.clone()));
+            }
+            Err(e) => {
+                // e.g. out of file descriptors: pause rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct Connection {
+    bridge: Bridge,
+    counters: Arc<Counters>,
+}
+
+impl Connection {
+    async fn run(self, socket: TcpStream, peer: std::net::SocketAddr, shutdown: CancellationToken) {
+        let mut framed = Framed::new(socket, FrameCodec::default());
+        let device_id = match tokio::time::timeout(HELLO_TIMEOUT, self.hello(&mut framed)).await {
+            Ok(Some(id)) => id,
+            Ok(None) | Err(_) => {
+                Counters::bump(&self.counters.connections_rejected);
+                tracing::info!(%peer, "connection closed: no valid HELLO");
+                return;
+            }
+        };
+        let span = tracing::info_span!("device", %device_id, %peer);
+        let _enter = span.enter();
+        tracing::info!("device connected");
+        let attached = self.bridge.attach(&device_id).await;
+        let conn = attached.conn;
+        self.serve(&device_id, framed, attached.commands, shutdown).await;
+        self.bridge.detach(&device_id, conn).await;
+        tracing::info!("device disconnected");
+    }
+
+    /// Reads up to the first HELLO; `None` if the peer is not a device.
+    async fn hello(&self, framed: &mut Framed<TcpStream, FrameCodec>) -> Option<String> {
+        let mut bad = 0;
+        while let Some(item) = framed.next().await {
+            match item.ok()? {
+                Ok(Frame::Hello { device_id }) if protocol::topics::is_valid_device_id(&device_id) => {
+                    return Some(device_id)
+                }
+                _ => {
+                    Counters::bump(&self.counters.bad_frames);
+                    bad += 1;
+                    if bad >= BAD_FRAMES_BEFORE_HELLO {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn serve(
+        &self,
+        device_id: &str,
+        mut framed: Framed<TcpStream, FrameCodec>,
+        mut commands: tokio::sync::mpsc::Receiver<CommandMessage>,
+        shutdown: CancellationToken,
+    ) {
+        let mut answered = Answered::default();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                cmd = commands.recv() => {
+                    // None: a newer connection of the same device took over.
+                    let Some(cmd) = cmd else { return };
+                    // A re-sent command's answer must go through again.
+                    answered.forget(cmd.id);
+                    if !self.write_command(device_id, &mut framed, cmd).await {
+                        return;
+                    }
+                }
+                item = framed.next() => match item {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(Ok(frame))) => {
+                        if !self.on_frame(device_id, &mut framed, &mut answered, frame).await {
+                            return;
+                        }
+                    }
+                    Some(Ok(Err(e))) => {
+                        Counters::bump(&self.counters.bad_frames);
+                        tracing::debug!(error = %e, "bad frame dropped");
+                    }
+                },
+            }
+        }
+    }
+
+    /// Writes one command; reports `delivered` once the frame is out. False if the socket is gone.
+    async fn write_command(&self, device_id: &str, framed: &mut Framed<TcpStream, FrameCodec>, cmd: CommandMessage) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        if cmd.expires_at_ms <= now {
+            Counters::bump(&self.counters.undeliverable);
+            let kind = ReportKind::Undeliverable { reason: "deadline passed before delivery".into() };
+            self.bridge.report(cmd.id, device_id, kind).await;
+            return true;
+        }
+        let frame = Frame::Command { id: cmd.id, name: cmd.name, payload: cmd.payload_base64.into() };
+        match framed.send(&frame).await {
+            Ok(()) => {
+                Counters::bump(&self.counters.commands_written);
+                self.bridge.report(cmd.id, device_id, ReportKind::Delivered).await;
+                true
+            }
+            Err(protocol::frame::EncodeError::Io(e)) => {
+                tracing::info!(command_id = %cmd.id, error = %e, "write failed; not delivered");
+                false
+            }
+            Err(e) => {
+                Counters::bump(&self.counters.undeliverable);
+                let kind = ReportKind::Undeliverable { reason: format!("cannot frame the command: {e}") };
+                self.bridge.report(cmd.id, device_id, kind).await;
+                true
+            }
+        }
+    }
+
+    /// Handles one frame from the device. False if the socket is gone.
+    async fn on_frame(
+        &self,
+        device_id: &str,
+        framed: &mut Framed<TcpStream, FrameCodec>,
+        answered: &mut Answered,
+        frame: Frame,
+    ) -> bool {
+        match frame {
+            Frame::Result { id, code, payload } => {
+                if !answered.insert(id) {
+                    Counters::bump(&self.counters.duplicate_results);
+                    tracing::debug!(command_id = %id, "duplicate result dropped");
+                    return true;
+                }
+                Counters::bump(&self.counters.results_forwarded);
+                let kind = ReportKind::Result { code, payload_base64: payload.to_vec() };
+                self.bridge.report(id, device_id, kind).await;
+                true
+            }
+            Frame::Ping => framed.send(&Frame::Pong).await.is_ok(),
+            Frame::Pong => true,
+            Frame::Hello { .. } | Frame::Command { .. } => {
+                Counters::bump(&self.counters.bad_frames);
+                true
+            }
+        }
+    }
+}
+
+/// Bounded memory of answered command ids.
+#[derive(Default)]
+struct Answered {
+    set: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+}
+
+impl Answered {
+    /// False if `id` was already answered.
+    fn insert(&mut self, id: Uuid) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > ANSWERED_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn forget(&mut self, id: Uuid) {
+        if self.set.remove(&id) {
+            self.order.retain(|o| *o != id);
+        }
+    }
+}
