@@ -128,10 +128,18 @@ impl Counters {
             ("gateway_reports_ignored_total", &self.reports_ignored),
             ("gateway_reports_unknown_total", &self.reports_unknown),
             ("gateway_reports_malformed_total", &self.reports_malformed),
-            ("gateway_mqtt_submissions_dropped_total", &self.mqtt_submissions_dropped),
+            (
+                "gateway_mqtt_submissions_dropped_total",
+                &self.mqtt_submissions_dropped,
+            ),
         ];
         rows.iter()
-            .map(|(name, c)| format!("# TYPE {name} counter\n{name} {}\n", c.load(Ordering::Relaxed)))
+            .map(|(name, c)| {
+                format!(
+                    "# TYPE {name} counter\n{name} {}\n",
+                    c.load(Ordering::Relaxed)
+                )
+            })
             .collect()
     }
 }
@@ -211,7 +219,11 @@ impl App {
         reply_to: Option<&ReplyTo>,
     ) -> Result<Submitted, ApiError> {
         let result = self.submit_inner(device_id, req, reply_to).await;
-        let counter = if result.is_ok() { &self.counters().accepted } else { &self.counters().rejected };
+        let counter = if result.is_ok() {
+            &self.counters().accepted
+        } else {
+            &self.counters().rejected
+        };
         Counters::bump(counter);
         result
     }
@@ -226,15 +238,25 @@ impl App {
         let device = self.store().get_device(device_id).await?;
         match device {
             None => return Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
-            Some(d) if !d.enabled => return Err(ApiError::Conflict(format!("device {device_id:?} is disabled"))),
+            Some(d) if !d.enabled => {
+                return Err(ApiError::Conflict(format!(
+                    "device {device_id:?} is disabled"
+                )))
+            }
             Some(_) => {}
         }
         match self.store().insert_command(&new).await? {
             Inserted::Created(command) => {
                 let command = self.publish(command).await;
-                Ok(Submitted { command, created: true })
+                Ok(Submitted {
+                    command,
+                    created: true,
+                })
             }
-            Inserted::Existing(command) => Ok(Submitted { command, created: false }),
+            Inserted::Existing(command) => Ok(Submitted {
+                command,
+                created: false,
+            }),
             Inserted::KeyConflict(existing) => Err(ApiError::Conflict(format!(
                 "idempotency key {:?} was used for command {} with a different request",
                 new.idempotency_key.unwrap_or_default(),
@@ -243,10 +265,17 @@ impl App {
         }
     }
 
-    fn validate(&self, device_id: &str, req: &CommandRequest, reply_to: Option<&ReplyTo>) -> Result<NewCommand, ApiError> {
+    fn validate(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        reply_to: Option<&ReplyTo>,
+    ) -> Result<NewCommand, ApiError> {
         let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
         if !protocol::topics::is_valid_device_id(device_id) {
-            return Err(ApiError::NotFound(format!("unknown device {device_id:?} (not a valid device id)")));
+            return Err(ApiError::NotFound(format!(
+                "unknown device {device_id:?} (not a valid device id)"
+            )));
         }
         if req.name.is_empty() || req.name.len() > 255 {
             return bad("name must be 1 to 255 bytes");
@@ -255,27 +284,49 @@ impl App {
             (Some(_), Some(_)) => return bad("give payload or payload_base64, not both"),
             (Some(v), None) => Payload::json(v),
             (None, Some(b)) => match BASE64.decode(b.as_bytes()) {
-                Ok(bytes) => Payload { bytes, is_json: false },
-                Err(e) => return Err(ApiError::BadRequest(format!("payload_base64 is not base64: {e}"))),
+                Ok(bytes) => Payload {
+                    bytes,
+                    is_json: false,
+                },
+                Err(e) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "payload_base64 is not base64: {e}"
+                    )))
+                }
             },
             (None, None) => Payload::json(&Value::Null),
         };
         let max = self.config().max_payload_bytes;
         if payload.bytes.len() > max {
-            return Err(ApiError::TooLarge(format!("payload is {} bytes, the limit is {max}", payload.bytes.len())));
+            return Err(ApiError::TooLarge(format!(
+                "payload is {} bytes, the limit is {max}",
+                payload.bytes.len()
+            )));
         }
         if req.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
-            return Err(ApiError::BadRequest(format!("wait_ms must be at most {MAX_WAIT_MS}")));
+            return Err(ApiError::BadRequest(format!(
+                "wait_ms must be at most {MAX_WAIT_MS}"
+            )));
         }
         let ttl = req.ttl_ms.unwrap_or(self.config().default_ttl_ms);
         if ttl == 0 || ttl > MAX_TTL_MS {
-            return Err(ApiError::BadRequest(format!("ttl_ms must be 1 to {MAX_TTL_MS}")));
+            return Err(ApiError::BadRequest(format!(
+                "ttl_ms must be 1 to {MAX_TTL_MS}"
+            )));
         }
-        let max_attempts = req.max_attempts.unwrap_or(self.config().default_max_attempts);
+        let max_attempts = req
+            .max_attempts
+            .unwrap_or(self.config().default_max_attempts);
         if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
-            return Err(ApiError::BadRequest(format!("max_attempts must be 1 to {MAX_ATTEMPTS}")));
+            return Err(ApiError::BadRequest(format!(
+                "max_attempts must be 1 to {MAX_ATTEMPTS}"
+            )));
         }
-        if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
+        if req
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > 255)
+        {
             return bad("idempotency_key must be 1 to 255 bytes");
         }
         let now = now_ms();
@@ -312,7 +363,11 @@ impl App {
             next_attempt_at: Some(now_ms() + self.config().ack_timeout_ms as i64),
             ..Change::default()
         };
-        let command = match self.store().transition(command.id, Status::Sent, &change).await {
+        let command = match self
+            .store()
+            .transition(command.id, Status::Sent, &change)
+            .await
+        {
             Ok(Moved::Yes { command, .. }) => command,
             Ok(Moved::Refused(c)) => return c,
             Ok(Moved::NotFound) => return command,
@@ -333,7 +388,11 @@ impl App {
         };
         let body = serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail");
         let topic = self.topics().device_commands(&command.device_id);
-        if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
+        if let Err(e) = self
+            .mqtt()
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+        {
             tracing::warn!(command_id = %command.id, error = %e, "publish failed; the ack timeout will re-send");
             Counters::bump(&self.counters().publish_failed);
         }
@@ -370,9 +429,14 @@ impl App {
                     ..Change::default()
                 },
             ),
-            ReportKind::Result { code, payload_base64 } => result_change(*code, payload_base64, &report.receiver_id),
+            ReportKind::Result {
+                code,
+                payload_base64,
+            } => result_change(*code, payload_base64, &report.receiver_id),
             ReportKind::Undeliverable { reason } => {
-                return self.note_undeliverable(id, reason, &report.receiver_id).await;
+                return self
+                    .note_undeliverable(id, reason, &report.receiver_id)
+                    .await;
             }
         };
         match self.store().transition(id, to, &change).await? {
@@ -385,9 +449,14 @@ impl App {
             Moved::Refused(current) => {
                 Counters::bump(&self.counters().reports_ignored);
                 tracing::debug!(command_id = %id, status = %current.status, report = ?report.kind, "report changes nothing");
-                if matches!(report.kind, ReportKind::Result { .. }) && current.status == Status::Canceled {
-                    let detail = format!("result after cancel: {}", change.detail.unwrap_or_default());
-                    self.store().note(id, current.status, current.attempts, &detail).await?;
+                if matches!(report.kind, ReportKind::Result { .. })
+                    && current.status == Status::Canceled
+                {
+                    let detail =
+                        format!("result after cancel: {}", change.detail.unwrap_or_default());
+                    self.store()
+                        .note(id, current.status, current.attempts, &detail)
+                        .await?;
                 }
             }
             Moved::NotFound => {
@@ -398,13 +467,20 @@ impl App {
         Ok(())
     }
 
-    async fn note_undeliverable(&self, id: Uuid, reason: &str, receiver: &str) -> Result<(), StoreError> {
+    async fn note_undeliverable(
+        &self,
+        id: Uuid,
+        reason: &str,
+        receiver: &str,
+    ) -> Result<(), StoreError> {
         let Some(command) = self.store().get_command(id).await? else {
             Counters::bump(&self.counters().reports_unknown);
             return Ok(());
         };
         let detail = format!("undeliverable at receiver {receiver}: {reason}");
-        self.store().note(id, command.status, command.attempts, &detail).await
+        self.store()
+            .note(id, command.status, command.attempts, &detail)
+            .await
     }
 
     /// A command just became final: wake sync callers and long-polls, answer MQTT callers.
@@ -412,11 +488,16 @@ impl App {
         self.inner.waiters.notify(command.id);
         match self.store().get_command_row(command.id).await {
             Ok(Some((_, Some(reply)))) => {
-                let reply = ReplyTo { topic: reply.0, correlation_id: reply.1 };
+                let reply = ReplyTo {
+                    topic: reply.0,
+                    correlation_id: reply.1,
+                };
                 self.reply(&reply, "final", command.to_json()).await;
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(command_id = %command.id, error = %e, "could not look up reply_to"),
+            Err(e) => {
+                tracing::warn!(command_id = %command.id, error = %e, "could not look up reply_to")
+            }
         }
     }
 
@@ -427,13 +508,20 @@ impl App {
             obj.insert("event".into(), event.into());
         }
         let bytes = serde_json::to_vec(&body).expect("a Value always serialises");
-        if let Err(e) = self.mqtt().publish(reply.topic.clone(), QoS::AtLeastOnce, false, bytes).await {
+        if let Err(e) = self
+            .mqtt()
+            .publish(reply.topic.clone(), QoS::AtLeastOnce, false, bytes)
+            .await
+        {
             tracing::warn!(topic = %reply.topic, error = %e, "could not publish a reply");
         }
     }
 
     pub async fn apply_presence(&self, p: &Presence) -> Result<(), StoreError> {
-        let known = self.store().set_presence(&p.device_id, &p.receiver_id, p.online).await?;
+        let known = self
+            .store()
+            .set_presence(&p.device_id, &p.receiver_id, p.online)
+            .await?;
         tracing::info!(device_id = %p.device_id, receiver = %p.receiver_id, online = p.online, known, "presence");
         Ok(())
     }
@@ -451,9 +539,27 @@ fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) 
     let detail = Some(format!("code {code} via receiver {receiver}"));
     let result = Some((i64::from(code), payload.to_vec(), None));
     if code == 0 {
-        (Status::Succeeded, Change { result, detail, ..Change::default() })
+        (
+            Status::Succeeded,
+            Change {
+                result,
+                detail,
+                ..Change::default()
+            },
+        )
     } else {
-        let error = Some(("device_error".to_owned(), format!("the device answered with error code {code}")));
-        (Status::Failed, Change { result, error, detail, ..Change::default() })
+        let error = Some((
+            "device_error".to_owned(),
+            format!("the device answered with error code {code}"),
+        ));
+        (
+            Status::Failed,
+            Change {
+                result,
+                error,
+                detail,
+                ..Change::default()
+            },
+        )
     }
 }

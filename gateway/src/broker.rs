@@ -11,7 +11,7 @@
 //! and set the option on it. See docs/ARCHITECTURE.md.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
@@ -51,12 +51,7 @@ pub fn start_embedded(listen: SocketAddr, max_payload: usize) -> Result<(), Brok
             }
         })
         .expect("spawning a thread");
-    wait_listening(listen)?;
-    match set_nodelay_on_listener(listen.port()) {
-        Ok(true) => tracing::debug!(%listen, "TCP_NODELAY set on the embedded broker's listener"),
-        Ok(false) => tracing::warn!(%listen, "embedded broker listener not found; sync latency will suffer from Nagle"),
-        Err(e) => tracing::warn!(%listen, error = %e, "could not set TCP_NODELAY on the embedded broker's listener"),
-    }
+    wait_listening_with_nodelay(listen)?;
     Ok(())
 }
 
@@ -93,13 +88,20 @@ fn config(listen: SocketAddr, max_payload: usize) -> Config {
     }
 }
 
-fn wait_listening(listen: SocketAddr) -> Result<(), BrokerError> {
+/// Waits until rumqttd's listener is bound (seen among our own sockets, so
+/// nobody connects to it just to find out) and sets TCP_NODELAY on it.
+fn wait_listening_with_nodelay(listen: SocketAddr) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+        match set_nodelay_on_listener(listen.port()) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%listen, error = %e, "cannot set TCP_NODELAY on the broker listener; sync latency will suffer");
+                return Ok(());
+            }
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     Err(BrokerError::NotListening(listen))
 }
@@ -114,7 +116,11 @@ fn set_nodelay_on_listener(port: u16) -> std::io::Result<bool> {
         let is_socket = std::fs::read_link(entry.path())
             .map(|target| target.to_string_lossy().starts_with("socket:"))
             .unwrap_or(false);
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if !is_socket || !is_listener_on(fd, port) {
@@ -186,7 +192,10 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         let err = start_embedded(addr, 1024).unwrap_err().to_string();
         assert!(err.contains(&addr.port().to_string()), "{err}");
-        assert!(err.contains("--mqtt-listen") && err.contains("--broker"), "{err}");
+        assert!(
+            err.contains("--mqtt-listen") && err.contains("--broker"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -194,7 +203,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         assert!(set_nodelay_on_listener(addr.port()).unwrap());
-        let _client = TcpStream::connect(addr).unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
     }

@@ -111,7 +111,10 @@ impl Payload {
 
     /// Writes `payload` (if JSON) or `payload_base64` into `obj`.
     fn render_into(bytes: &[u8], as_json: bool, obj: &mut serde_json::Map<String, Value>) {
-        match as_json.then(|| serde_json::from_slice::<Value>(bytes).ok()).flatten() {
+        match as_json
+            .then(|| serde_json::from_slice::<Value>(bytes).ok())
+            .flatten()
+        {
             Some(v) => obj.insert("payload".into(), v),
             None => obj.insert("payload_base64".into(), Value::String(BASE64.encode(bytes))),
         };
@@ -124,7 +127,10 @@ pub fn render_result(code: i64, payload: &[u8], message: Option<&str>) -> Value 
     let mut obj = serde_json::Map::new();
     obj.insert("code".into(), code.into());
     Payload::render_into(payload, true, &mut obj);
-    obj.insert("message".into(), message.map_or(Value::Null, |m| Value::String(m.into())));
+    obj.insert(
+        "message".into(),
+        message.map_or(Value::Null, |m| Value::String(m.into())),
+    );
     Value::Object(obj)
 }
 
@@ -186,7 +192,9 @@ impl Command {
         put("error", error);
         put(
             "idempotency_key",
-            self.idempotency_key.clone().map_or(Value::Null, Value::String),
+            self.idempotency_key
+                .clone()
+                .map_or(Value::Null, Value::String),
         );
         Payload::render_into(&self.payload.bytes, self.payload.is_json, &mut obj);
         Value::Object(obj)
@@ -265,6 +273,9 @@ mod tests {
     fn times_are_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(parse_rfc3339("1970-01-01T00:00:01.5Z"), Some(1500));
-        assert_eq!(parse_rfc3339(&rfc3339(1_764_000_000_123)), Some(1_764_000_000_123));
+        assert_eq!(
+            parse_rfc3339(&rfc3339(1_764_000_000_123)),
+            Some(1_764_000_000_123)
+        );
     }
 }

@@ -9,7 +9,11 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Database: `sqlite:PATH` (embedded default) or `mysql://USER:PASS@HOST:PORT/DB` (MySQL/MariaDB).
-    #[arg(long, env = "GATEWAY_DATABASE_URL", default_value = "sqlite:gateway.db")]
+    #[arg(
+        long,
+        env = "GATEWAY_DATABASE_URL",
+        default_value = "sqlite:gateway.db"
+    )]
     pub database_url: String,
 
     /// HTTP API listen address.
@@ -62,7 +66,11 @@ pub const MAX_ATTEMPTS: i64 = 100;
 
 impl Config {
     /// Defaults for tests and the demo: everything on loopback, nothing fixed.
-    pub fn for_local(database_url: String, http_listen: SocketAddr, mqtt_listen: SocketAddr) -> Config {
+    pub fn for_local(
+        database_url: String,
+        http_listen: SocketAddr,
+        mqtt_listen: SocketAddr,
+    ) -> Config {
         Config {
             database_url,
             http_listen,

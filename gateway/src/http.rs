@@ -31,7 +31,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/commands", get(list_commands))
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/commands/{id}/events", get(command_events))
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -42,7 +45,8 @@ pub fn router(app: App) -> Router {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.to_json())).into_response()
     }
 }
@@ -57,7 +61,8 @@ async fn json_body<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiE
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse().map_err(|_| ApiError::NotFound(format!("no command {id:?}")))
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no command {id:?}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,19 +91,33 @@ fn device_json(d: &Device) -> Value {
     })
 }
 
-async fn put_device(State(app): State<App>, Path(device_id): Path<String>, req: Request) -> Result<Response, ApiError> {
+async fn put_device(
+    State(app): State<App>,
+    Path(device_id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
     if !protocol::topics::is_valid_device_id(&device_id) {
         return Err(ApiError::BadRequest(
             "device id must be 1 to 128 characters of A-Z a-z 0-9 - _ . :".into(),
         ));
     }
     let body: DeviceBody = json_body(&app, req.into_body()).await?;
-    let (device, created) = app.store().upsert_device(&device_id, body.enabled, &Value::Object(body.labels)).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let (device, created) = app
+        .store()
+        .upsert_device(&device_id, body.enabled, &Value::Object(body.labels))
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(device_json(&device))).into_response())
 }
 
-async fn get_device(State(app): State<App>, Path(device_id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_device(
+    State(app): State<App>,
+    Path(device_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     match app.store().get_device(&device_id).await? {
         Some(d) => Ok(Json(device_json(&d))),
         None => Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
@@ -111,15 +130,24 @@ struct DevicePage {
     limit: Option<i64>,
 }
 
-async fn list_devices(State(app): State<App>, Query(q): Query<DevicePage>) -> Result<Json<Value>, ApiError> {
+async fn list_devices(
+    State(app): State<App>,
+    Query(q): Query<DevicePage>,
+) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit)?;
     let devices = app.store().list_devices(q.after.as_deref(), limit).await?;
-    let next = (devices.len() as i64 == limit).then(|| devices.last().map(|d| d.id.clone())).flatten();
+    let next = (devices.len() as i64 == limit)
+        .then(|| devices.last().map(|d| d.id.clone()))
+        .flatten();
     let items: Vec<Value> = devices.iter().map(device_json).collect();
     Ok(Json(json!({"items": items, "next_after": next})))
 }
 
-async fn submit(State(app): State<App>, Path(device_id): Path<String>, req: Request) -> Result<Response, ApiError> {
+async fn submit(
+    State(app): State<App>,
+    Path(device_id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
     let body: CommandRequest = json_body(&app, req.into_body()).await?;
     let submitted = app.submit(&device_id, &body, None).await?;
     let command = submitted.command;
@@ -134,7 +162,11 @@ async fn submit(State(app): State<App>, Path(device_id): Path<String>, req: Requ
 
 /// 200 with a final command, 202 with one still under way.
 fn command_response(command: &crate::command::Command) -> Response {
-    let status = if command.status.is_final() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if command.status.is_final() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     (status, Json(command.to_json())).into_response()
 }
 
@@ -143,11 +175,17 @@ struct LongPoll {
     wait_ms: Option<u64>,
 }
 
-async fn get_command(State(app): State<App>, Path(id): Path<String>, Query(q): Query<LongPoll>) -> Result<Response, ApiError> {
+async fn get_command(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    Query(q): Query<LongPoll>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let wait = q.wait_ms.unwrap_or(0);
     if wait > MAX_WAIT_MS {
-        return Err(ApiError::BadRequest(format!("wait_ms must be at most {MAX_WAIT_MS}")));
+        return Err(ApiError::BadRequest(format!(
+            "wait_ms must be at most {MAX_WAIT_MS}"
+        )));
     }
     let command = app.wait_final(id, Duration::from_millis(wait)).await?;
     let command = command.ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
@@ -166,23 +204,42 @@ struct CommandPage {
     cursor: Option<String>,
 }
 
-async fn list_commands(State(app): State<App>, Query(q): Query<CommandPage>) -> Result<Json<Value>, ApiError> {
+async fn list_commands(
+    State(app): State<App>,
+    Query(q): Query<CommandPage>,
+) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(Status::parse(s).ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))?),
+        Some(s) => Some(
+            Status::parse(s)
+                .ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))?,
+        ),
     };
     let before = match q.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(c.parse().map_err(|_| ApiError::BadRequest(format!("bad cursor {c:?}")))?),
+        Some(c) => Some(
+            c.parse()
+                .map_err(|_| ApiError::BadRequest(format!("bad cursor {c:?}")))?,
+        ),
     };
-    let filter = CommandFilter { device_id: q.device_id, status, before, limit: page_limit(q.limit)? };
+    let filter = CommandFilter {
+        device_id: q.device_id,
+        status,
+        before,
+        limit: page_limit(q.limit)?,
+    };
     let commands = app.store().list_commands(&filter).await?;
-    let next = (commands.len() as i64 == filter.limit).then(|| commands.last().map(|c| c.id.to_string())).flatten();
+    let next = (commands.len() as i64 == filter.limit)
+        .then(|| commands.last().map(|c| c.id.to_string()))
+        .flatten();
     let items: Vec<Value> = commands.iter().map(|c| c.to_json()).collect();
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
-async fn command_events(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn command_events(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     if app.store().get_command(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no command {id}")));
@@ -196,12 +253,17 @@ async fn command_events(State(app): State<App>, Path(id): Path<String>) -> Resul
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.counters().render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.counters().render(),
+    )
 }
 
 fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit.unwrap_or(DEFAULT_PAGE) {
         l @ 1..=MAX_PAGE => Ok(l),
-        _ => Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_PAGE}"))),
+        _ => Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        ))),
     }
 }

@@ -44,7 +44,14 @@ pub fn main_client(host: &str, port: u16, instance: &str) -> (AsyncClient, Event
 }
 
 /// Starts the tasks that serve both connections.
-pub fn spawn(app: App, main_loop: EventLoop, host: &str, port: u16, shutdown: &CancellationToken, tasks: &TaskTracker) {
+pub fn spawn(
+    app: App,
+    main_loop: EventLoop,
+    host: &str,
+    port: u16,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
     let (reports_client, reports_loop) = client(
         host,
         port,
@@ -61,9 +68,21 @@ pub fn spawn(app: App, main_loop: EventLoop, host: &str, port: u16, shutdown: &C
         app.topics().presence_filter(),
         app.topics().receiver_status_filter(),
     ];
-    tasks.spawn(poll(main_loop, app.mqtt().clone(), filters, Incoming::Main(app.clone()), shutdown.clone()));
+    tasks.spawn(poll(
+        main_loop,
+        app.mqtt().clone(),
+        filters,
+        Incoming::Main(app.clone()),
+        shutdown.clone(),
+    ));
     let filters = vec![app.topics().reports()];
-    tasks.spawn(poll(reports_loop, reports_client.clone(), filters, Incoming::Reports(tx), shutdown.clone()));
+    tasks.spawn(poll(
+        reports_loop,
+        reports_client.clone(),
+        filters,
+        Incoming::Reports(tx),
+        shutdown.clone(),
+    ));
     tasks.spawn(apply_reports(app, reports_client, rx, shutdown.clone()));
 }
 
@@ -74,7 +93,13 @@ enum Incoming {
 }
 
 /// Polls one connection until shutdown, (re)subscribing on every connect.
-async fn poll(mut eventloop: EventLoop, client: AsyncClient, filters: Vec<String>, incoming: Incoming, shutdown: CancellationToken) {
+async fn poll(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<String>,
+    incoming: Incoming,
+    shutdown: CancellationToken,
+) {
     let submissions = Arc::new(Semaphore::new(SUBMISSION_CONCURRENCY));
     loop {
         let event = tokio::select! {
@@ -117,7 +142,9 @@ async fn poll(mut eventloop: EventLoop, client: AsyncClient, filters: Vec<String
 async fn dispatch_main(app: &App, publish: Publish, submissions: &Arc<Semaphore>) {
     let topic = publish.topic.as_str();
     if topic == app.topics().submit() {
-        let Ok(permit) = submissions.clone().acquire_owned().await else { return };
+        let Ok(permit) = submissions.clone().acquire_owned().await else {
+            return;
+        };
         let app = app.clone();
         tokio::spawn(async move {
             handle_submission(&app, &publish.payload).await;
@@ -163,7 +190,10 @@ async fn handle_submission(app: &App, payload: &[u8]) {
         Some(other) => other.to_string(),
         None => String::new(),
     };
-    let reply = ReplyTo { topic, correlation_id };
+    let reply = ReplyTo {
+        topic,
+        correlation_id,
+    };
     let device_id = match fields.remove("device_id") {
         Some(Value::String(s)) => s,
         _ => String::new(),
@@ -191,7 +221,12 @@ async fn handle_submission(app: &App, payload: &[u8]) {
 }
 
 /// Applies reports in arrival order, acknowledging each only after it is committed.
-async fn apply_reports(app: App, client: AsyncClient, mut rx: mpsc::Receiver<Publish>, shutdown: CancellationToken) {
+async fn apply_reports(
+    app: App,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Publish>,
+    shutdown: CancellationToken,
+) {
     while let Some(publish) = tokio::select! {
         _ = shutdown.cancelled() => None,
         p = rx.recv() => p,

@@ -112,7 +112,10 @@ pub struct Change {
 #[derive(Debug)]
 pub enum Moved {
     /// The command moved from `from`; `command` is its new state.
-    Yes { from: Status, command: Command },
+    Yes {
+        from: Status,
+        command: Command,
+    },
     /// The move is not legal from where the command stands (e.g. already final).
     Refused(Command),
     NotFound,
@@ -134,6 +137,9 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
 }
+
+const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
+    p.online, p.receiver_id, p.seen_at FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
 
 const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
     max_attempts, created_at, scheduled_at, expires_at, updated_at, delivered_at, completed_at, \
@@ -182,20 +188,26 @@ impl Store {
     // ---- devices ----
 
     /// Creates or updates a device; `true` when it was created.
-    pub async fn upsert_device(&self, id: &str, enabled: bool, labels: &Value) -> Result<(Device, bool)> {
+    pub async fn upsert_device(
+        &self,
+        id: &str,
+        enabled: bool,
+        labels: &Value,
+    ) -> Result<(Device, bool)> {
         let now = now_ms();
         let labels_text = labels.to_string();
-        let updated = sqlx::query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
-            .bind(i64::from(enabled))
-            .bind(&labels_text)
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let updated =
+            sqlx::query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
+                .bind(i64::from(enabled))
+                .bind(&labels_text)
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
         let mut created = false;
         if updated.rows_affected() == 0 {
             let inserted = sqlx::query(
-                "INSERT INTO devices (id, enabled, labels, online, created_at, updated_at) VALUES (?, ?, ?, 0, ?, ?)",
+                "INSERT INTO devices (id, enabled, labels, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
             )
             .bind(id)
             .bind(i64::from(enabled))
@@ -207,7 +219,9 @@ impl Store {
             match inserted {
                 Ok(_) => created = true,
                 // Created concurrently by another request: ours becomes an update.
-                Err(e) if is_unique_violation(&e) => return Box::pin(self.upsert_device(id, enabled, labels)).await,
+                Err(e) if is_unique_violation(&e) => {
+                    return Box::pin(self.upsert_device(id, enabled, labels)).await
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -219,7 +233,8 @@ impl Store {
     }
 
     pub async fn get_device(&self, id: &str) -> Result<Option<Device>> {
-        let row = sqlx::query("SELECT * FROM devices WHERE id = ?")
+        let sql = format!("{DEVICE_SELECT} WHERE d.id = ?");
+        let row = sqlx::query(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -228,7 +243,8 @@ impl Store {
 
     /// Devices in id order, after `after` (the previous page's last id).
     pub async fn list_devices(&self, after: Option<&str>, limit: i64) -> Result<Vec<Device>> {
-        let rows = sqlx::query("SELECT * FROM devices WHERE id > ? ORDER BY id LIMIT ?")
+        let sql = format!("{DEVICE_SELECT} WHERE d.id > ? ORDER BY d.id LIMIT ?");
+        let rows = sqlx::query(&sql)
             .bind(after.unwrap_or(""))
             .bind(limit)
             .fetch_all(&self.pool)
@@ -236,24 +252,51 @@ impl Store {
         rows.iter().map(device_from_row).collect()
     }
 
-    /// Records that a receiver gained or lost a device. An offline report from a
-    /// receiver the device has since left is ignored.
-    pub async fn set_presence(&self, device_id: &str, receiver_id: &str, online: bool) -> Result<bool> {
+    /// Records that a receiver gained or lost a device (registered or not yet).
+    /// An offline report from a receiver the device has since left is ignored.
+    pub async fn set_presence(
+        &self,
+        device_id: &str,
+        receiver_id: &str,
+        online: bool,
+    ) -> Result<bool> {
         let now = now_ms();
-        let sql = if online {
-            "UPDATE devices SET online = 1, receiver_id = ?, seen_at = ? WHERE id = ?"
+        let done = if online {
+            sqlx::query("UPDATE device_presence SET online = 1, receiver_id = ?, seen_at = ? WHERE device_id = ?")
+                .bind(receiver_id)
+                .bind(now)
+                .bind(device_id)
+                .execute(&self.pool)
+                .await?
         } else {
-            "UPDATE devices SET online = 0, seen_at = ? WHERE receiver_id = ? AND id = ?"
+            sqlx::query("UPDATE device_presence SET online = 0, seen_at = ? WHERE device_id = ? AND receiver_id = ?")
+                .bind(now)
+                .bind(device_id)
+                .bind(receiver_id)
+                .execute(&self.pool)
+                .await?
         };
-        let q = sqlx::query(sql);
-        let q = if online { q.bind(receiver_id).bind(now) } else { q.bind(now).bind(receiver_id) };
-        let done = q.bind(device_id).execute(&self.pool).await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() > 0 || !online {
+            return Ok(done.rows_affected() > 0);
+        }
+        let inserted = sqlx::query("INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)")
+            .bind(device_id)
+            .bind(receiver_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await;
+        match inserted {
+            Ok(_) => Ok(true),
+            Err(e) if is_unique_violation(&e) => {
+                Box::pin(self.set_presence(device_id, receiver_id, online)).await
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Marks every device of a receiver offline (the receiver went away).
     pub async fn receiver_gone(&self, receiver_id: &str) -> Result<u64> {
-        let done = sqlx::query("UPDATE devices SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1")
+        let done = sqlx::query("UPDATE device_presence SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1")
             .bind(now_ms())
             .bind(receiver_id)
             .execute(&self.pool)
@@ -297,25 +340,40 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
-        insert_event(&mut tx, new.id, new.created_at, None, Status::Pending, 0, None).await?;
+        insert_event(
+            &mut tx,
+            new.id,
+            new.created_at,
+            None,
+            Status::Pending,
+            0,
+            None,
+        )
+        .await?;
         tx.commit().await?;
-        let command = self
-            .get_command(new.id)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("command {} vanished after insert", new.id)))?;
+        let command = self.get_command(new.id).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!("command {} vanished after insert", new.id))
+        })?;
         Ok(Inserted::Created(command))
     }
 
     async fn existing_for_key(&self, new: &NewCommand) -> Result<Inserted> {
-        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND idempotency_key = ?");
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND idempotency_key = ?"
+        );
         let row = sqlx::query(&sql)
             .bind(&new.device_id)
             .bind(new.idempotency_key.clone())
             .fetch_one(&self.pool)
             .await?;
-        let same = row.try_get::<Option<String>, _>("request_hash")?.as_deref() == Some(&new.request_hash);
+        let same =
+            row.try_get::<Option<String>, _>("request_hash")?.as_deref() == Some(&new.request_hash);
         let command = command_from_row(&row)?;
-        Ok(if same { Inserted::Existing(command) } else { Inserted::KeyConflict(command) })
+        Ok(if same {
+            Inserted::Existing(command)
+        } else {
+            Inserted::KeyConflict(command)
+        })
     }
 
     pub async fn get_command(&self, id: Uuid) -> Result<Option<Command>> {
@@ -323,13 +381,22 @@ impl Store {
     }
 
     /// The command and, for MQTT submissions, its (reply_to, correlation_id).
-    pub async fn get_command_row(&self, id: Uuid) -> Result<Option<(Command, Option<(String, String)>)>> {
+    pub async fn get_command_row(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(Command, Option<(String, String)>)>> {
         let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|row| {
             let reply_to: Option<String> = row.try_get("reply_to")?;
             let correlation: Option<String> = row.try_get("correlation_id")?;
-            Ok((command_from_row(&row)?, reply_to.map(|r| (r, correlation.unwrap_or_default()))))
+            Ok((
+                command_from_row(&row)?,
+                reply_to.map(|r| (r, correlation.unwrap_or_default())),
+            ))
         })
         .transpose()
     }
@@ -385,7 +452,16 @@ impl Store {
     /// (e.g. a result that arrived after the command was final).
     pub async fn note(&self, id: Uuid, status: Status, attempt: i64, detail: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        insert_event(&mut tx, id, now_ms(), Some(status), status, attempt, Some(detail)).await?;
+        insert_event(
+            &mut tx,
+            id,
+            now_ms(),
+            Some(status),
+            status,
+            attempt,
+            Some(detail),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -402,13 +478,23 @@ impl Store {
             }
             let next = apply(&current, to, change, now_ms());
             if self.compare_and_set(&current, &next, change).await? {
-                return Ok(Moved::Yes { from: current.status, command: next });
+                return Ok(Moved::Yes {
+                    from: current.status,
+                    command: next,
+                });
             }
         }
-        Err(StoreError::Corrupt(format!("command {id} kept changing under {CAS_RETRIES} attempts")))
+        Err(StoreError::Corrupt(format!(
+            "command {id} kept changing under {CAS_RETRIES} attempts"
+        )))
     }
 
-    async fn compare_and_set(&self, current: &Command, next: &Command, change: &Change) -> Result<bool> {
+    async fn compare_and_set(
+        &self,
+        current: &Command,
+        next: &Command,
+        change: &Change,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE commands SET status = ?, attempts = ?, updated_at = ?, delivered_at = ?, \
@@ -426,7 +512,11 @@ impl Store {
         .bind(next.result_message.clone())
         .bind(next.error_kind.clone())
         .bind(next.error_message.clone())
-        .bind(if next.status.is_final() { None } else { change.next_attempt_at })
+        .bind(if next.status.is_final() {
+            None
+        } else {
+            change.next_attempt_at
+        })
         .bind(current.id.to_string())
         .bind(current.status.as_str())
         .bind(current.attempts)
@@ -436,7 +526,16 @@ impl Store {
             return Ok(false);
         }
         let detail = change.detail.as_deref();
-        insert_event(&mut tx, current.id, next.updated_at, Some(current.status), next.status, next.attempts, detail).await?;
+        insert_event(
+            &mut tx,
+            current.id,
+            next.updated_at,
+            Some(current.status),
+            next.status,
+            next.attempts,
+            detail,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -513,7 +612,10 @@ fn normalise_url(url: &str) -> Result<(Backend, String)> {
     if url.starts_with("mysql://") || url.starts_with("mariadb://") {
         return Ok((Backend::MySql, url.replacen("mariadb://", "mysql://", 1)));
     }
-    let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else {
+    let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
         return Err(StoreError::BadUrl(url.to_owned()));
     };
     let url = if path.contains("mode=") {
@@ -527,7 +629,8 @@ fn normalise_url(url: &str) -> Result<(Backend, String)> {
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
 }
 
 fn device_from_row(row: &AnyRow) -> Result<Device> {
@@ -536,7 +639,7 @@ fn device_from_row(row: &AnyRow) -> Result<Device> {
         id: row.try_get("id")?,
         enabled: row.try_get::<i64, _>("enabled")? != 0,
         labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        online: row.try_get::<i64, _>("online")? != 0,
+        online: row.try_get::<Option<i64>, _>("online")?.unwrap_or(0) != 0,
         receiver_id: row.try_get("receiver_id")?,
         seen_at: row.try_get("seen_at")?,
         created_at: row.try_get("created_at")?,
@@ -548,14 +651,17 @@ fn command_from_row(row: &AnyRow) -> Result<Command> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     Ok(Command {
-        id: id.parse().map_err(|_| StoreError::Corrupt(format!("bad command id {id:?}")))?,
+        id: id
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("bad command id {id:?}")))?,
         device_id: row.try_get("device_id")?,
         name: row.try_get("name")?,
         payload: Payload {
             bytes: row.try_get("payload")?,
             is_json: row.try_get::<i64, _>("payload_json")? != 0,
         },
-        status: Status::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("bad status {status:?}")))?,
+        status: Status::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("bad status {status:?}")))?,
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
         created_at: row.try_get("created_at")?,
@@ -579,8 +685,14 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(normalise_url("sqlite:gw.db").unwrap(), (Backend::Sqlite, "sqlite://gw.db?mode=rwc".into()));
-        assert_eq!(normalise_url("mariadb://root@h/db").unwrap().0, Backend::MySql);
+        assert_eq!(
+            normalise_url("sqlite:gw.db").unwrap(),
+            (Backend::Sqlite, "sqlite://gw.db?mode=rwc".into())
+        );
+        assert_eq!(
+            normalise_url("mariadb://root@h/db").unwrap().0,
+            Backend::MySql
+        );
         assert!(normalise_url("postgres://x").is_err());
     }
 

@@ -4,11 +4,16 @@ CREATE TABLE devices (
     id          VARCHAR(128)  NOT NULL PRIMARY KEY,
     enabled     BIGINT        NOT NULL,
     labels      VARCHAR(8192) NOT NULL,
-    online      BIGINT        NOT NULL DEFAULT 0,
-    receiver_id VARCHAR(128)  NULL,
-    seen_at     BIGINT        NULL,
     created_at  BIGINT        NOT NULL,
     updated_at  BIGINT        NOT NULL
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+
+-- What receivers report, kept apart from the registry: a device may connect before it is registered.
+CREATE TABLE device_presence (
+    device_id   VARCHAR(128)  NOT NULL PRIMARY KEY,
+    online      BIGINT        NOT NULL,
+    receiver_id VARCHAR(128)  NOT NULL,
+    seen_at     BIGINT        NOT NULL
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 CREATE TABLE commands (

@@ -3,11 +3,16 @@ CREATE TABLE devices (
     id          TEXT    PRIMARY KEY NOT NULL,
     enabled     BIGINT  NOT NULL,
     labels      TEXT    NOT NULL,
-    online      BIGINT  NOT NULL DEFAULT 0,
-    receiver_id TEXT    NULL,
-    seen_at     BIGINT  NULL,
     created_at  BIGINT  NOT NULL,
     updated_at  BIGINT  NOT NULL
+);
+
+-- What receivers report, kept apart from the registry: a device may connect before it is registered.
+CREATE TABLE device_presence (
+    device_id   TEXT    PRIMARY KEY NOT NULL,
+    online      BIGINT  NOT NULL,
+    receiver_id TEXT    NOT NULL,
+    seen_at     BIGINT  NOT NULL
 );
 
 CREATE TABLE commands (

@@ -72,7 +72,9 @@ mod b64 {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -86,7 +88,10 @@ mod tests {
             command_id: Uuid::nil(),
             device_id: "d".into(),
             receiver_id: "r".into(),
-            kind: ReportKind::Result { code: 3, payload_base64: b"hi".to_vec() },
+            kind: ReportKind::Result {
+                code: 3,
+                payload_base64: b"hi".to_vec(),
+            },
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["kind"], "result");

@@ -61,7 +61,10 @@ impl Bridge {
         tasks: &TaskTracker,
     ) -> Bridge {
         let topics = Topics::new(config.topic_prefix.clone());
-        let gone = ReceiverStatus { receiver_id: config.receiver_id.clone(), online: false };
+        let gone = ReceiverStatus {
+            receiver_id: config.receiver_id.clone(),
+            online: false,
+        };
         let will = LastWill::new(
             topics.receiver_status(&config.receiver_id),
             serde_json::to_vec(&gone).expect("serialisable"),
@@ -91,7 +94,13 @@ impl Bridge {
 
     /// Ids of the devices connected now.
     pub fn connected(&self) -> Vec<String> {
-        self.inner.devices.lock().expect("devices lock").keys().cloned().collect()
+        self.inner
+            .devices
+            .lock()
+            .expect("devices lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Registers a device's connection (replacing an older one of the same
@@ -100,7 +109,12 @@ impl Bridge {
         let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         // Dropping the old slot's sender tells the older connection task to end.
-        let old = self.inner.devices.lock().expect("devices lock").insert(device_id.to_owned(), Slot { conn, tx });
+        let old = self
+            .inner
+            .devices
+            .lock()
+            .expect("devices lock")
+            .insert(device_id.to_owned(), Slot { conn, tx });
         if old.is_none() {
             self.subscribe(device_id).await;
         }
@@ -116,7 +130,12 @@ impl Bridge {
             current && devices.remove(device_id).is_some()
         };
         if removed {
-            if let Err(e) = self.inner.client.unsubscribe(self.inner.topics.device_commands(device_id)).await {
+            if let Err(e) = self
+                .inner
+                .client
+                .unsubscribe(self.inner.topics.device_commands(device_id))
+                .await
+            {
                 tracing::warn!(%device_id, error = %e, "unsubscribe failed");
             }
             self.presence(device_id, false).await;
@@ -132,7 +151,12 @@ impl Bridge {
             kind,
         };
         let body = serde_json::to_vec(&report).expect("serialisable");
-        if let Err(e) = self.inner.client.publish(self.inner.topics.reports(), QoS::AtLeastOnce, false, body).await {
+        if let Err(e) = self
+            .inner
+            .client
+            .publish(self.inner.topics.reports(), QoS::AtLeastOnce, false, body)
+            .await
+        {
             tracing::warn!(%command_id, error = %e, "could not publish a report");
         }
     }
@@ -145,9 +169,23 @@ impl Bridge {
     }
 
     async fn presence(&self, device_id: &str, online: bool) {
-        let p = Presence { device_id: device_id.to_owned(), receiver_id: self.inner.receiver_id.clone(), online };
+        let p = Presence {
+            device_id: device_id.to_owned(),
+            receiver_id: self.inner.receiver_id.clone(),
+            online,
+        };
         let body = serde_json::to_vec(&p).expect("serialisable");
-        if let Err(e) = self.inner.client.publish(self.inner.topics.presence(device_id), QoS::AtLeastOnce, false, body).await {
+        if let Err(e) = self
+            .inner
+            .client
+            .publish(
+                self.inner.topics.presence(device_id),
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await
+        {
             tracing::warn!(%device_id, error = %e, "could not publish presence");
         }
     }
@@ -155,10 +193,18 @@ impl Bridge {
     /// After every (re)connect: say we are here, re-subscribe every device and
     /// re-announce it (a clean session forgets subscriptions).
     async fn announce(self) {
-        let status = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: true };
+        let status = ReceiverStatus {
+            receiver_id: self.inner.receiver_id.clone(),
+            online: true,
+        };
         let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
         let body = serde_json::to_vec(&status).expect("serialisable");
-        if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
+        if let Err(e) = self
+            .inner
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+        {
             tracing::warn!(error = %e, "could not publish receiver status");
         }
         for device_id in self.connected() {
@@ -176,7 +222,9 @@ impl Bridge {
                 Some(slot) => match slot.tx.try_send(msg) {
                     Ok(()) => None,
                     Err(mpsc::error::TrySendError::Full(msg)) => Some((msg, "device queue full")),
-                    Err(mpsc::error::TrySendError::Closed(msg)) => Some((msg, "device connection closing")),
+                    Err(mpsc::error::TrySendError::Closed(msg)) => {
+                        Some((msg, "device connection closing"))
+                    }
                 },
             }
         };
@@ -185,7 +233,9 @@ impl Bridge {
             let bridge = self.clone();
             // Not from the polling task: a full request channel would deadlock it.
             tokio::spawn(async move {
-                let kind = ReportKind::Undeliverable { reason: reason.into() };
+                let kind = ReportKind::Undeliverable {
+                    reason: reason.into(),
+                };
                 bridge.report(msg.id, &msg.device_id, kind).await;
             });
         }
@@ -202,10 +252,14 @@ impl Bridge {
                     tracing::info!("connected to the broker");
                     tokio::spawn(self.clone().announce());
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => match serde_json::from_slice::<CommandMessage>(&p.payload) {
-                    Ok(msg) => self.route(msg),
-                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped"),
-                },
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    match serde_json::from_slice::<CommandMessage>(&p.payload) {
+                        Ok(msg) => self.route(msg),
+                        Err(e) => {
+                            tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped")
+                        }
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "MQTT connection error; reconnecting");

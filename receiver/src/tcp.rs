@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
@@ -42,7 +43,10 @@ pub(crate) async fn serve(
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                let conn = Connection { bridge: bridge.clone(), counters: counters.clone() };
+                let conn = Connection {
+                    bridge: bridge.clone(),
+                    counters: counters.clone(),
+                };
                 tasks.spawn(conn.run(socket, peer, shutdown.clone()));
             }
             Err(e) => {
@@ -71,13 +75,20 @@ impl Connection {
             }
         };
         let span = tracing::info_span!("device", %device_id, %peer);
-        let _enter = span.enter();
-        tracing::info!("device connected");
-        let attached = self.bridge.attach(&device_id).await;
-        let conn = attached.conn;
-        self.serve(&device_id, framed, attached.commands, shutdown).await;
-        self.bridge.detach(&device_id, conn).await;
-        tracing::info!("device disconnected");
+        async {
+            tracing::info!("device connected");
+            let attached = self.bridge.attach(&device_id).await;
+            let conn = attached.conn;
+            self.serve(&device_id, framed, attached.commands, shutdown.clone())
+                .await;
+            // At shutdown the bridge says goodbye for every device at once.
+            if !shutdown.is_cancelled() {
+                self.bridge.detach(&device_id, conn).await;
+            }
+            tracing::info!("device disconnected");
+        }
+        .instrument(span)
+        .await
     }
 
     /// Reads up to the first HELLO; `None` if the peer is not a device.
@@ -85,7 +96,9 @@ impl Connection {
         let mut bad = 0;
         while let Some(item) = framed.next().await {
             match item.ok()? {
-                Ok(Frame::Hello { device_id }) if protocol::topics::is_valid_device_id(&device_id) => {
+                Ok(Frame::Hello { device_id })
+                    if protocol::topics::is_valid_device_id(&device_id) =>
+                {
                     return Some(device_id)
                 }
                 _ => {
@@ -137,22 +150,35 @@ impl Connection {
     }
 
     /// Writes one command; reports `delivered` once the frame is out. False if the socket is gone.
-    async fn write_command(&self, device_id: &str, framed: &mut Framed<TcpStream, FrameCodec>, cmd: CommandMessage) -> bool {
+    async fn write_command(
+        &self,
+        device_id: &str,
+        framed: &mut Framed<TcpStream, FrameCodec>,
+        cmd: CommandMessage,
+    ) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or_default();
         if cmd.expires_at_ms <= now {
             Counters::bump(&self.counters.undeliverable);
-            let kind = ReportKind::Undeliverable { reason: "deadline passed before delivery".into() };
+            let kind = ReportKind::Undeliverable {
+                reason: "deadline passed before delivery".into(),
+            };
             self.bridge.report(cmd.id, device_id, kind).await;
             return true;
         }
-        let frame = Frame::Command { id: cmd.id, name: cmd.name, payload: cmd.payload_base64.into() };
+        let frame = Frame::Command {
+            id: cmd.id,
+            name: cmd.name,
+            payload: cmd.payload_base64.into(),
+        };
         match framed.send(&frame).await {
             Ok(()) => {
                 Counters::bump(&self.counters.commands_written);
-                self.bridge.report(cmd.id, device_id, ReportKind::Delivered).await;
+                self.bridge
+                    .report(cmd.id, device_id, ReportKind::Delivered)
+                    .await;
                 true
             }
             Err(protocol::frame::EncodeError::Io(e)) => {
@@ -161,7 +187,9 @@ impl Connection {
             }
             Err(e) => {
                 Counters::bump(&self.counters.undeliverable);
-                let kind = ReportKind::Undeliverable { reason: format!("cannot frame the command: {e}") };
+                let kind = ReportKind::Undeliverable {
+                    reason: format!("cannot frame the command: {e}"),
+                };
                 self.bridge.report(cmd.id, device_id, kind).await;
                 true
             }
@@ -184,7 +212,10 @@ impl Connection {
                     return true;
                 }
                 Counters::bump(&self.counters.results_forwarded);
-                let kind = ReportKind::Result { code, payload_base64: payload.to_vec() };
+                let kind = ReportKind::Result {
+                    code,
+                    payload_base64: payload.to_vec(),
+                };
                 self.bridge.report(id, device_id, kind).await;
                 true
             }

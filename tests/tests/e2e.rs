@@ -1,0 +1,418 @@
+//! End-to-end: real gateway, broker, receiver and simulated devices, through
+//! the public HTTP and MQTT interfaces, on SQLite and on MariaDB.
+
+use std::time::Duration;
+
+use rumqttc::{Event, Packet, QoS};
+use serde_json::{json, Value};
+use system_tests::{eventually, mqtt_client, Broker, Db, Spec, System};
+
+/// Runs a scenario once on SQLite and once on MariaDB.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(Db::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                super::$name(Db::Mysql).await
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    sync_command_succeeds_with_full_event_log,
+    sync_slower_than_wait_answers_202_then_final_by_polling,
+    async_command_then_long_poll,
+    device_error_becomes_failed_with_its_code,
+    rejected_requests_store_nothing,
+    mqtt_submission_gets_accepted_and_final_replies,
+    duplicate_result_frames_make_one_result,
+    idempotency_key_returns_the_same_command,
+    device_presence_follows_the_connection,
+    listing_pages_newest_first,
+);
+
+async fn start(db: Db) -> Option<System> {
+    System::start(Spec::new(db)).await
+}
+
+async fn sync_command_succeeds_with_full_event_log(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let dev = &s.device_ids[0];
+    let (status, cmd) = s
+        .send(dev, json!({"name": "echo", "payload": {"t": 21.5}}))
+        .await;
+    assert_eq!(status, 200, "{cmd}");
+    assert_eq!(cmd["status"], "succeeded");
+    assert_eq!(cmd["result"]["code"], 0);
+    assert_eq!(cmd["result"]["payload"], json!({"t": 21.5}));
+    assert_eq!(cmd["attempts"], 1);
+    assert!(cmd["delivered_at"].is_string() && cmd["completed_at"].is_string());
+    let events = s.events(cmd["id"].as_str().unwrap()).await;
+    let expected = [
+        (None, "pending"),
+        (Some("pending"), "sent"),
+        (Some("sent"), "delivered"),
+        (Some("delivered"), "succeeded"),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(f, t)| (f.map(str::to_owned), (*t).to_owned()))
+        .collect();
+    assert_eq!(events, expected);
+    s.stop().await;
+}
+
+async fn sync_slower_than_wait_answers_202_then_final_by_polling(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let dev = &s.device_ids[0];
+    let (status, cmd) = s
+        .send(
+            dev,
+            json!({"name": "slow", "payload": {"delay_ms": 1500}, "wait_ms": 50}),
+        )
+        .await;
+    assert_eq!(status, 202, "{cmd}");
+    assert!(!["succeeded", "failed", "expired"].contains(&cmd["status"].as_str().unwrap()));
+    let id = cmd["id"].as_str().unwrap();
+    let (status, polled) = s.get(&format!("/v1/commands/{id}?wait_ms=20000")).await;
+    assert_eq!(status, 200);
+    assert_eq!(polled["status"], "succeeded");
+    s.stop().await;
+}
+
+async fn async_command_then_long_poll(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let dev = &s.device_ids[1];
+    let (status, accepted) = s
+        .send(dev, json!({"name": "reboot", "mode": "async"}))
+        .await;
+    assert_eq!(status, 202);
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    assert!(accepted["status"].is_string());
+    let (status, done) = s.get(&format!("/v1/commands/{id}?wait_ms=20000")).await;
+    assert_eq!(status, 200);
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["result"]["payload"]["command"], "reboot");
+    assert_eq!(done["device_id"], dev.as_str());
+    s.stop().await;
+}
+
+async fn device_error_becomes_failed_with_its_code(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let (status, cmd) = s
+        .send(
+            &s.device_ids[0],
+            json!({"name": "fail", "payload": {"code": 7}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(cmd["status"], "failed");
+    assert_eq!(cmd["result"]["code"], 7);
+    assert_eq!(cmd["error"]["kind"], "device_error");
+    s.stop().await;
+}
+
+async fn rejected_requests_store_nothing(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let dev = s.device_ids[0].clone();
+    let (status, body) = s.send("nope", json!({"name": "x"})).await;
+    assert_eq!(
+        (status, body["error"]["kind"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, body) = s
+        .post_raw(&format!("/v1/devices/{dev}/commands"), "{not json")
+        .await;
+    assert_eq!(
+        (status, body["error"]["kind"].as_str()),
+        (400, Some("bad_request"))
+    );
+    let (status, _) = s.send(&dev, json!({"name": "x", "colour": "red"})).await;
+    assert_eq!(status, 400, "unknown fields are refused");
+    let (status, _) = s.send(&dev, json!({"name": ""})).await;
+    assert_eq!(status, 400);
+    let (status, _) = s
+        .send(&dev, json!({"name": "x", "payload_base64": "%%%"}))
+        .await;
+    assert_eq!(status, 400);
+    let big = "a".repeat(64 * 1024 + 1);
+    let (status, body) = s.send(&dev, json!({"name": "x", "payload": big})).await;
+    assert_eq!(
+        (status, body["error"]["kind"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    let huge = vec![b' '; 8 * 1024 * 1024];
+    let (status, _) = s
+        .post_raw(&format!("/v1/devices/{dev}/commands"), huge)
+        .await;
+    assert_eq!(status, 413);
+    let r = s
+        .http
+        .put(s.url(&format!("/v1/devices/{dev}")))
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (status, body) = s.send(&dev, json!({"name": "x"})).await;
+    assert_eq!(
+        (status, body["error"]["kind"].as_str()),
+        (409, Some("conflict"))
+    );
+    assert!(
+        s.all_commands().await.is_empty(),
+        "nothing stored for rejected requests"
+    );
+    s.stop().await;
+}
+
+async fn mqtt_submission_gets_accepted_and_final_replies(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let (client, mut eventloop) = mqtt_client(&s.broker).await;
+    let reply_to = format!("{}-replies/caller-1", s.topic_prefix);
+    client
+        .subscribe(reply_to.clone(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Incoming(Packet::SubAck(_)) = ev {
+                let _ = tx.send(json!({"event": "suback"}));
+            }
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                let _ = tx.send(serde_json::from_slice(&p.payload).unwrap_or(Value::Null));
+            }
+        }
+    });
+    assert_eq!(next(&mut replies).await["event"], "suback");
+    let submit = s.gateway.app.topics().submit();
+    // Garbage and a request without reply_to are dropped without harm.
+    client
+        .publish(
+            submit.clone(),
+            QoS::AtLeastOnce,
+            false,
+            &b"\xff not json"[..],
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            submit.clone(),
+            QoS::AtLeastOnce,
+            false,
+            json!({"device_id": "x", "name": "y"}).to_string(),
+        )
+        .await
+        .unwrap();
+    let req = json!({"device_id": s.device_ids[0], "name": "echo", "payload": [1, 2], "reply_to": reply_to, "correlation_id": "c-1"});
+    client
+        .publish(submit.clone(), QoS::AtLeastOnce, false, req.to_string())
+        .await
+        .unwrap();
+    let accepted = next(&mut replies).await;
+    assert_eq!(
+        (
+            accepted["event"].as_str(),
+            accepted["correlation_id"].as_str()
+        ),
+        (Some("accepted"), Some("c-1"))
+    );
+    let final_ = next(&mut replies).await;
+    assert_eq!(final_["event"], "final");
+    assert_eq!(final_["status"], "succeeded");
+    assert_eq!(final_["result"]["payload"], json!([1, 2]));
+    assert_eq!(final_["id"], accepted["id"]);
+    let bad = json!({"device_id": "ghost", "name": "echo", "reply_to": reply_to, "correlation_id": "c-2"});
+    client
+        .publish(submit, QoS::AtLeastOnce, false, bad.to_string())
+        .await
+        .unwrap();
+    let rejected = next(&mut replies).await;
+    assert_eq!(
+        (rejected["event"].as_str(), rejected["status_code"].as_u64()),
+        (Some("rejected"), Some(404))
+    );
+    assert_eq!(rejected["correlation_id"], "c-2");
+    let dropped = s
+        .gateway
+        .app
+        .counters()
+        .mqtt_submissions_dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dropped, 2);
+    s.stop().await;
+}
+
+async fn duplicate_result_frames_make_one_result(db: Db) {
+    let mut spec = Spec::new(db);
+    spec.fleet.duplicate_results = true;
+    let Some(s) = System::start(spec).await else {
+        return;
+    };
+    for i in 0..5 {
+        let (status, cmd) = s
+            .send(&s.device_ids[i % 2], json!({"name": "echo", "payload": i}))
+            .await;
+        assert_eq!((status, cmd["status"].as_str()), (200, Some("succeeded")));
+        let events = s.events(cmd["id"].as_str().unwrap()).await;
+        assert_eq!(
+            events.iter().filter(|(_, to)| to == "succeeded").count(),
+            1,
+            "{events:?}"
+        );
+        assert_eq!(events.len(), 4, "{events:?}");
+    }
+    let receiver_dups = &s.receiver.counters.duplicate_results;
+    eventually("receiver dropped the duplicates", || async {
+        receiver_dups.load(std::sync::atomic::Ordering::Relaxed) == 5
+    })
+    .await;
+    s.stop().await;
+}
+
+async fn idempotency_key_returns_the_same_command(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let dev = &s.device_ids[0];
+    let body = json!({"name": "set", "payload": {"v": 1}, "idempotency_key": "k-1"});
+    let (status, first) = s.send(dev, body.clone()).await;
+    assert_eq!(status, 200);
+    let (status, again) = s.send(dev, body).await;
+    assert_eq!((status, &again["id"]), (200, &first["id"]));
+    let (status, err) = s
+        .send(
+            dev,
+            json!({"name": "set", "payload": {"v": 2}, "idempotency_key": "k-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["kind"].as_str()),
+        (409, Some("conflict"))
+    );
+    assert_eq!(s.all_commands().await.len(), 1);
+    assert_eq!(s.fleet.stats().totals.executed, 1);
+    s.stop().await;
+}
+
+async fn device_presence_follows_the_connection(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let dev = s.device_ids[0].clone();
+    let (_, d) = s.get(&format!("/v1/devices/{dev}")).await;
+    assert_eq!(d["online"], true);
+    assert!(d["receiver_id"].as_str().unwrap().starts_with("rx"));
+    // A device that connects before it is registered shows online once registered.
+    let late = firmware_sim::Fleet::start(
+        firmware_sim::FleetConfig {
+            connect: s.receiver.tcp_addr,
+            devices: 1,
+            id_prefix: "late-".into(),
+            ..Default::default()
+        },
+        tokio_util::sync::CancellationToken::new(),
+    );
+    assert!(late.wait_connected(1, Duration::from_secs(20)).await);
+    eventually("late device reported", || async {
+        s.receiver
+            .bridge
+            .connected()
+            .contains(&"late-0000".to_owned())
+    })
+    .await;
+    let r = s
+        .http
+        .put(s.url("/v1/devices/late-0000"))
+        .json(&json!({"labels": {"room": "2"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    eventually("late device online", || s.device_online("late-0000")).await;
+    let (_, list) = s.get("/v1/devices").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+    s.stop().await;
+}
+
+async fn listing_pages_newest_first(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (_, c) = s
+            .send(
+                &s.device_ids[0],
+                json!({"name": "n", "payload": i, "mode": "async"}),
+            )
+            .await;
+        ids.push(c["id"].as_str().unwrap().to_owned());
+    }
+    let (_, page1) = s.get("/v1/commands?limit=3").await;
+    let got: Vec<&str> = page1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str(), ids[2].as_str()]);
+    let cursor = page1["next_cursor"].as_str().unwrap();
+    let (_, page2) = s
+        .get(&format!("/v1/commands?limit=3&cursor={cursor}"))
+        .await;
+    let got: Vec<&str> = page2["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[1].as_str(), ids[0].as_str()]);
+    assert!(page2["next_cursor"].is_null());
+    let (status, _) = s.get("/v1/commands?status=bogus").await;
+    assert_eq!(status, 400);
+    let dev = &s.device_ids[1];
+    let (_, none) = s.get(&format!("/v1/commands?device_id={dev}")).await;
+    assert!(none["items"].as_array().unwrap().is_empty());
+    s.stop().await;
+}
+
+async fn next(r: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(20), r.recv())
+        .await
+        .expect("reply in time")
+        .unwrap()
+}
+
+/// External broker mode: the same pipeline through Mosquitto (127.0.0.1:1883).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto() {
+    let mut spec = Spec::new(Db::Sqlite);
+    spec.broker = Broker::Mosquitto;
+    let s = System::start(spec).await.expect("sqlite never skips");
+    assert_eq!(
+        s.broker.1,
+        system_tests::mosquitto_addr()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    );
+    for i in 0..10 {
+        let mode = if i % 2 == 0 { "sync" } else { "async" };
+        let (_, c) = s
+            .send(
+                &s.device_ids[i % 2],
+                json!({"name": "echo", "payload": i, "mode": mode}),
+            )
+            .await;
+        let id = c["id"].as_str().unwrap();
+        let (status, done) = s.get(&format!("/v1/commands/{id}?wait_ms=20000")).await;
+        assert_eq!((status, done["status"].as_str()), (200, Some("succeeded")));
+        assert_eq!(done["result"]["payload"], json!(i));
+    }
+    s.stop().await;
+}
