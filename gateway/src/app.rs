@@ -63,6 +63,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("store unavailable, nothing was accepted: {0}")]
     Unavailable(String),
 }
@@ -74,6 +76,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Unavailable(_) => "store_unavailable",
         }
     }
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::NotFound(_) => 404,
             ApiError::Conflict(_) => 409,
             ApiError::TooLarge(_) => 413,
+            ApiError::MethodNotAllowed(_) => 405,
             ApiError::Unavailable(_) => 503,
         }
     }

@@ -6,14 +6,11 @@
 //! Every address is a free loopback port chosen at start, so the demo runs
 //! beside anything else (e.g. a Mosquitto holding port 1883).
 
-use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::Context;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::local::{LocalOptions, LocalSystem};
 
 /// Options of `gateway demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,104 +29,44 @@ pub struct DemoArgs {
     pub keep_running: bool,
 }
 
-/// A free loopback port: bind port 0, read it, let it go.
-pub fn free_port() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let dir = tempfile_dir()?;
-    let db = dir.join("demo.db");
-    let config = Config::for_local(
-        format!("sqlite:{}", db.display()),
-        free_port()?,
-        free_port()?,
-    );
-    let gateway = crate::start(config, shutdown.clone()).await?;
-    let broker = format!("mqtt://{}:{}", gateway.broker.0, gateway.broker.1);
-    let receiver = receiver::start(
-        receiver::Config::new(broker.clone(), free_port()?),
-        shutdown.clone(),
-    )
+    let system = LocalSystem::start(LocalOptions {
+        database_url: None,
+        broker: None,
+        devices: args.devices,
+        fail_ratio: args.fail_ratio,
+        latency_ms: (1, 30),
+    })
     .await?;
-    let fleet = firmware_sim::Fleet::start(
-        firmware_sim::FleetConfig {
-            connect: receiver.tcp_addr,
-            devices: args.devices,
-            fail_ratio: args.fail_ratio,
-            latency_ms: (1, 30),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    );
-    let base = format!("http://{}", gateway.http_addr);
+    let (gw, rx) = (&system.gateway, &system.receiver);
     println!(
-        "gateway   http://{}  (embedded MQTT broker at {broker})",
-        gateway.http_addr
+        "gateway   {}  (embedded MQTT broker at mqtt://{}:{})",
+        system.base, gw.broker.0, gw.broker.1
     );
-    println!("database  {}", db.display());
-    println!("receiver  devices connect to {}", receiver.tcp_addr);
-    let http = reqwest::Client::new();
-    for id in fleet.device_ids() {
-        let r = http
-            .put(format!("{base}/v1/devices/{id}"))
-            .json(&json!({"labels": {"demo": "yes"}}))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "registering {id}: {}", r.status());
-    }
-    if !fleet
-        .wait_connected(args.devices, Duration::from_secs(10))
-        .await
-    {
-        anyhow::bail!("the simulated devices did not all connect within 10 s");
-    }
-    wait_online(&http, &base, fleet.device_ids()).await?;
+    println!("database  {}", system.database_url);
+    println!("receiver  devices connect to {}", rx.tcp_addr);
     println!("fleet     {} devices connected and online\n", args.devices);
-
-    let outcome = send_mix(&http, &base, fleet.device_ids(), args.commands).await;
-    let stats = fleet.stats();
+    let outcome = send_mix(
+        &system.http,
+        &system.base,
+        system.fleet.device_ids(),
+        args.commands,
+    )
+    .await;
+    let t = system.fleet.stats().totals;
     println!(
         "\ndevices: received {}, executed {}, duplicates answered from memory {}, executed twice {}",
-        stats.totals.received, stats.totals.executed, stats.totals.duplicates, stats.totals.executed_ids_repeated
+        t.received, t.executed, t.duplicates, t.executed_ids_repeated
     );
     if args.keep_running {
-        println!("\nstill running; try: curl {base}/v1/commands?limit=5   (Ctrl-C to stop)");
+        println!(
+            "\nstill running; try: curl {}/v1/commands?limit=5   (Ctrl-C to stop)",
+            system.base
+        );
         tokio::signal::ctrl_c().await?;
     }
-    shutdown.cancel();
-    fleet.stopped().await;
-    receiver.stopped().await;
-    gateway.stopped().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    system.stop().await;
     outcome
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("gateway-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-async fn wait_online(http: &reqwest::Client, base: &str, ids: &[String]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for id in ids {
-        loop {
-            let d: Value = http
-                .get(format!("{base}/v1/devices/{id}"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if d["online"] == true {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "device {id} never showed online");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Ok(())
 }
 
 /// Sends the demo's commands and prints a line for each; errs if any ends badly.

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,6 +39,9 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("method not allowed on this route".into())
+        })
         // Bodies are read by `json_body`, which enforces its own limit with a JSON 413.
         .layer(DefaultBodyLimit::disable())
         .with_state(app)
@@ -58,6 +62,20 @@ async fn json_body<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiE
         .await
         .map_err(|_| ApiError::TooLarge(format!("request body over {limit} bytes")))?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
+}
+
+/// `Query` with its rejection turned into our JSON 400.
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -132,7 +150,7 @@ struct DevicePage {
 
 async fn list_devices(
     State(app): State<App>,
-    Query(q): Query<DevicePage>,
+    ApiQuery(q): ApiQuery<DevicePage>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit)?;
     let devices = app.store().list_devices(q.after.as_deref(), limit).await?;
@@ -178,7 +196,7 @@ struct LongPoll {
 async fn get_command(
     State(app): State<App>,
     Path(id): Path<String>,
-    Query(q): Query<LongPoll>,
+    ApiQuery(q): ApiQuery<LongPoll>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let wait = q.wait_ms.unwrap_or(0);
@@ -206,7 +224,7 @@ struct CommandPage {
 
 async fn list_commands(
     State(app): State<App>,
-    Query(q): Query<CommandPage>,
+    ApiQuery(q): ApiQuery<CommandPage>,
 ) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,

@@ -14,11 +14,13 @@
 //!   in one process.
 
 pub mod app;
+pub mod bench;
 pub mod broker;
 pub mod command;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod local;
 pub mod mqtt;
 pub mod server;
 pub mod store;

@@ -19,6 +19,8 @@ enum Cmd {
     Serve(gateway::Config),
     /// Run a gateway, a receiver and a simulated fleet in one process and send them commands.
     Demo(gateway::demo::DemoArgs),
+    /// Measure sync command latency and throughput through a whole local system.
+    Bench(gateway::bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -27,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
     // rumqttd logs every client that drops its connection as an ERROR: off unless asked for.
     let default_filter = match cli.command {
         Cmd::Serve(_) => "info,rumqttd=off,rumqttc=warn",
-        Cmd::Demo(_) => "warn,rumqttd=off",
+        Cmd::Demo(_) | Cmd::Bench(_) => "warn,rumqttd=off",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -39,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve(config) => serve(config).await,
         Cmd::Demo(args) => gateway::demo::run(args).await,
+        Cmd::Bench(args) => gateway::bench::run(args).await,
     }
 }
 

@@ -27,6 +27,11 @@ pub struct Running {
 /// Starts a gateway: store (with migrations), broker, MQTT tasks, HTTP server.
 /// It runs until `shutdown` is cancelled; then `Running::stopped` drains it.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    anyhow::ensure!(
+        config.max_payload_bytes <= protocol::frame::MAX_PAYLOAD,
+        "--max-payload-bytes may be at most {} (what a device frame carries)",
+        protocol::frame::MAX_PAYLOAD
+    );
     let store = Store::connect(&config.database_url).await?;
     let broker = match &config.broker {
         Some(url) => receiver::mqtt::parse_broker_url(url)?,

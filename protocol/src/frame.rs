@@ -28,8 +28,10 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 24;
 /// Bytes after the body: the CRC.
 pub const TRAILER_LEN: usize = 4;
-/// Default cap on a frame body: a 64 KiB payload with room to spare.
-pub const DEFAULT_MAX_BODY: usize = 256 * 1024;
+/// Largest command or result payload a frame carries with the default codec.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Default cap on a frame body: the largest payload plus a command name and its length byte.
+pub const DEFAULT_MAX_BODY: usize = MAX_PAYLOAD + 256;
 /// Longest device id a HELLO may carry.
 pub const MAX_DEVICE_ID_LEN: usize = 128;
 

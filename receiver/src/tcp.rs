@@ -21,8 +21,8 @@ use protocol::{Frame, FrameCodec};
 
 /// A device must name itself this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bad frames tolerated before the HELLO; after it, a connection is never
-/// closed for noise alone (the codec resynchronises).
+/// A connection is closed at this many bad frames before its HELLO (not a
+/// device); after the HELLO it is never closed for noise alone (the codec resynchronises).
 const BAD_FRAMES_BEFORE_HELLO: usize = 4;
 /// Answered command ids remembered per connection, to drop duplicate results.
 const ANSWERED_MEMORY: usize = 4096;

@@ -373,6 +373,12 @@ async fn listing_pages_newest_first(db: Db) {
     assert!(page2["next_cursor"].is_null());
     let (status, _) = s.get("/v1/commands?status=bogus").await;
     assert_eq!(status, 400);
+    let (status, body) = s.get("/v1/commands?limit=abc").await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (400, Some("bad_request")));
+    let r = s.http.delete(s.url("/v1/devices/x")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["kind"], "method_not_allowed");
     let dev = &s.device_ids[1];
     let (_, none) = s.get(&format!("/v1/commands?device_id={dev}")).await;
     assert!(none["items"].as_array().unwrap().is_empty());
