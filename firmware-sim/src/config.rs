@@ -25,6 +25,12 @@ pub struct FleetConfig {
     pub stats_file: Option<PathBuf>,
     /// Send every RESULT frame twice, to exercise dedupe downstream.
     pub duplicate_results: bool,
+    /// Probability (0.0..=1.0) that a command with an id new to the device is
+    /// ignored as if lost on the line: not run, not remembered, not answered.
+    pub drop_ratio: f64,
+    /// Each connection is dropped by the device after a time drawn from
+    /// `min..=max` milliseconds (from its connect); `None` keeps it.
+    pub churn_ms: Option<(u64, u64)>,
 }
 
 impl Default for FleetConfig {
@@ -38,6 +44,8 @@ impl Default for FleetConfig {
             latency_ms: (0, 0),
             stats_file: None,
             duplicate_results: false,
+            drop_ratio: 0.0,
+            churn_ms: None,
         }
     }
 }
@@ -45,16 +53,18 @@ impl Default for FleetConfig {
 impl FleetConfig {
     /// The ids of the devices this config describes, in index order.
     pub fn device_ids(&self) -> Vec<String> {
-        (self.id_start..self.id_start + self.devices)
-            .map(|index| device_id(&self.id_prefix, index))
-            .collect()
+        (self.id_start..self.id_start + self.devices).map(|index| device_id(&self.id_prefix, index)).collect()
     }
 
     /// Checks what [`crate::Fleet::start`] would otherwise have to quietly fix
     /// or could not use (an id too long for a HELLO frame).
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_fail_ratio(self.fail_ratio)?;
+        check_drop_ratio(self.drop_ratio)?;
         check_latency(self.latency_ms)?;
+        if let Some(churn) = self.churn_ms {
+            check_churn(churn)?;
+        }
         let last = device_id(&self.id_prefix, self.id_start + self.devices.max(1) - 1);
         if last.len() > MAX_DEVICE_ID_LEN {
             return Err(ConfigError::DeviceIdTooLong(last));
@@ -74,6 +84,16 @@ pub enum ConfigError {
     BadFailRatio(String),
     #[error("fail ratio {0} is outside 0.0..=1.0")]
     FailRatioRange(f64),
+    #[error("drop ratio {0:?} is not a number")]
+    BadDropRatio(String),
+    #[error("drop ratio {0} is outside 0.0..=1.0")]
+    DropRatioRange(f64),
+    #[error("churn {0:?} is not `MIN..MAX` or a single number of milliseconds")]
+    BadChurn(String),
+    #[error("churn minimum {0} ms is above the maximum {1} ms")]
+    ChurnOrder(u64, u64),
+    #[error("churn time must be at least 1 ms (a device would drop every connection at once)")]
+    ChurnZero,
     #[error("device id {0:?} is longer than {MAX_DEVICE_ID_LEN} bytes")]
     DeviceIdTooLong(String),
 }
@@ -85,27 +105,44 @@ pub fn device_id(prefix: &str, index: usize) -> String {
 
 /// Parses `A..B` (milliseconds, inclusive) or a single `A` meaning `A..A`.
 pub fn parse_latency_ms(text: &str) -> Result<(u64, u64), ConfigError> {
-    let bad = || ConfigError::BadLatency(text.to_owned());
-    let number = |s: &str| s.trim().parse::<u64>().map_err(|_| bad());
-    let range = match text.split_once("..") {
-        Some((min, max)) => (number(min)?, number(max.trim_start_matches('='))?),
-        None => {
-            let single = number(text)?;
-            (single, single)
-        }
-    };
+    let range = parse_range(text).ok_or_else(|| ConfigError::BadLatency(text.to_owned()))?;
     check_latency(range)?;
+    Ok(range)
+}
+
+/// Parses the time to a forced disconnect like [`parse_latency_ms`]; the
+/// minimum must be at least 1 ms.
+pub fn parse_churn_ms(text: &str) -> Result<(u64, u64), ConfigError> {
+    let range = parse_range(text).ok_or_else(|| ConfigError::BadChurn(text.to_owned()))?;
+    check_churn(range)?;
     Ok(range)
 }
 
 /// Parses a probability in `0.0..=1.0`.
 pub fn parse_fail_ratio(text: &str) -> Result<f64, ConfigError> {
-    let ratio = text
-        .trim()
-        .parse::<f64>()
-        .map_err(|_| ConfigError::BadFailRatio(text.to_owned()))?;
+    let ratio = parse_ratio(text).ok_or_else(|| ConfigError::BadFailRatio(text.to_owned()))?;
     check_fail_ratio(ratio)?;
     Ok(ratio)
+}
+
+/// Parses a probability in `0.0..=1.0`.
+pub fn parse_drop_ratio(text: &str) -> Result<f64, ConfigError> {
+    let ratio = parse_ratio(text).ok_or_else(|| ConfigError::BadDropRatio(text.to_owned()))?;
+    check_drop_ratio(ratio)?;
+    Ok(ratio)
+}
+
+/// `A..B`, `A..=B` or `A`, unchecked; `None` if it is none of these.
+fn parse_range(text: &str) -> Option<(u64, u64)> {
+    let number = |s: &str| s.trim().parse::<u64>().ok();
+    match text.split_once("..") {
+        Some((min, max)) => Some((number(min)?, number(max.trim_start_matches('='))?)),
+        None => number(text).map(|single| (single, single)),
+    }
+}
+
+fn parse_ratio(text: &str) -> Option<f64> {
+    text.trim().parse::<f64>().ok()
 }
 
 fn check_latency((min, max): (u64, u64)) -> Result<(), ConfigError> {
@@ -115,11 +152,33 @@ fn check_latency((min, max): (u64, u64)) -> Result<(), ConfigError> {
     Ok(())
 }
 
+fn check_churn((min, max): (u64, u64)) -> Result<(), ConfigError> {
+    if min > max {
+        return Err(ConfigError::ChurnOrder(min, max));
+    }
+    if min == 0 {
+        return Err(ConfigError::ChurnZero);
+    }
+    Ok(())
+}
+
 fn check_fail_ratio(ratio: f64) -> Result<(), ConfigError> {
-    if !(0.0..=1.0).contains(&ratio) {
+    if !is_probability(ratio) {
         return Err(ConfigError::FailRatioRange(ratio));
     }
     Ok(())
+}
+
+fn check_drop_ratio(ratio: f64) -> Result<(), ConfigError> {
+    if !is_probability(ratio) {
+        return Err(ConfigError::DropRatioRange(ratio));
+    }
+    Ok(())
+}
+
+/// False for NaN too.
+fn is_probability(ratio: f64) -> bool {
+    (0.0..=1.0).contains(&ratio)
 }
 
 #[cfg(test)]
@@ -131,11 +190,7 @@ mod tests {
         assert_eq!(device_id("dev-", 0), "dev-0000");
         assert_eq!(device_id("dev-", 42), "dev-0042");
         assert_eq!(device_id("x", 12345), "x12345");
-        let config = FleetConfig {
-            devices: 2,
-            id_start: 9,
-            ..FleetConfig::default()
-        };
+        let config = FleetConfig { devices: 2, id_start: 9, ..FleetConfig::default() };
         assert_eq!(config.device_ids(), ["dev-0009", "dev-0010"]);
     }
 
@@ -145,52 +200,55 @@ mod tests {
         assert_eq!(parse_latency_ms("5..=20"), Ok((5, 20)));
         assert_eq!(parse_latency_ms("7"), Ok((7, 7)));
         assert_eq!(parse_latency_ms("0..0"), Ok((0, 0)));
-        assert_eq!(
-            parse_latency_ms("20..5"),
-            Err(ConfigError::LatencyOrder(20, 5))
-        );
-        assert!(matches!(
-            parse_latency_ms("a..b"),
-            Err(ConfigError::BadLatency(_))
-        ));
-        assert!(matches!(
-            parse_latency_ms("-1"),
-            Err(ConfigError::BadLatency(_))
-        ));
-        assert!(matches!(
-            parse_latency_ms(""),
-            Err(ConfigError::BadLatency(_))
-        ));
+        assert_eq!(parse_latency_ms("20..5"), Err(ConfigError::LatencyOrder(20, 5)));
+        assert!(matches!(parse_latency_ms("a..b"), Err(ConfigError::BadLatency(_))));
+        assert!(matches!(parse_latency_ms("-1"), Err(ConfigError::BadLatency(_))));
+        assert!(matches!(parse_latency_ms(""), Err(ConfigError::BadLatency(_))));
     }
 
     #[test]
     fn fail_ratio_must_be_a_probability() {
         assert_eq!(parse_fail_ratio("0.25"), Ok(0.25));
         assert_eq!(parse_fail_ratio("1"), Ok(1.0));
-        assert_eq!(
-            parse_fail_ratio("1.5"),
-            Err(ConfigError::FailRatioRange(1.5))
-        );
-        assert!(matches!(
-            parse_fail_ratio("NaN"),
-            Err(ConfigError::FailRatioRange(_))
-        ));
-        assert!(matches!(
-            parse_fail_ratio("lots"),
-            Err(ConfigError::BadFailRatio(_))
-        ));
+        assert_eq!(parse_fail_ratio("1.5"), Err(ConfigError::FailRatioRange(1.5)));
+        assert!(matches!(parse_fail_ratio("NaN"), Err(ConfigError::FailRatioRange(_))));
+        assert!(matches!(parse_fail_ratio("lots"), Err(ConfigError::BadFailRatio(_))));
+    }
+
+    #[test]
+    fn drop_ratio_must_be_a_probability() {
+        assert_eq!(parse_drop_ratio("0"), Ok(0.0));
+        assert_eq!(parse_drop_ratio(" 1.0 "), Ok(1.0));
+        assert_eq!(parse_drop_ratio("-0.1"), Err(ConfigError::DropRatioRange(-0.1)));
+        assert!(matches!(parse_drop_ratio("NaN"), Err(ConfigError::DropRatioRange(_))));
+        assert!(matches!(parse_drop_ratio("half"), Err(ConfigError::BadDropRatio(_))));
+    }
+
+    #[test]
+    fn churn_accepts_ranges_and_single_numbers_but_not_zero() {
+        assert_eq!(parse_churn_ms("50..80"), Ok((50, 80)));
+        assert_eq!(parse_churn_ms("50..=80"), Ok((50, 80)));
+        assert_eq!(parse_churn_ms("1000"), Ok((1000, 1000)));
+        assert_eq!(parse_churn_ms("80..50"), Err(ConfigError::ChurnOrder(80, 50)));
+        assert_eq!(parse_churn_ms("0"), Err(ConfigError::ChurnZero));
+        assert_eq!(parse_churn_ms("0..100"), Err(ConfigError::ChurnZero));
+        assert!(matches!(parse_churn_ms("soon"), Err(ConfigError::BadChurn(_))));
+        assert!(matches!(parse_churn_ms("5.."), Err(ConfigError::BadChurn(_))));
+    }
+
+    #[test]
+    fn validate_checks_the_fault_knobs() {
+        let config = |drop_ratio, churn_ms| FleetConfig { drop_ratio, churn_ms, ..FleetConfig::default() };
+        assert_eq!(config(1.0, Some((1, 1))).validate(), Ok(()));
+        assert_eq!(config(2.0, None).validate(), Err(ConfigError::DropRatioRange(2.0)));
+        assert_eq!(config(0.0, Some((9, 3))).validate(), Err(ConfigError::ChurnOrder(9, 3)));
+        assert_eq!(config(0.0, Some((0, 0))).validate(), Err(ConfigError::ChurnZero));
     }
 
     #[test]
     fn validate_rejects_ids_a_hello_cannot_carry() {
-        let config = FleetConfig {
-            id_prefix: "p".repeat(130),
-            ..FleetConfig::default()
-        };
-        assert!(matches!(
-            config.validate(),
-            Err(ConfigError::DeviceIdTooLong(_))
-        ));
+        let config = FleetConfig { id_prefix: "p".repeat(130), ..FleetConfig::default() };
+        assert!(matches!(config.validate(), Err(ConfigError::DeviceIdTooLong(_))));
         assert_eq!(FleetConfig::default().validate(), Ok(()));
     }
 }

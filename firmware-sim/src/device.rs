@@ -5,6 +5,9 @@
 //! answered at once, even while a command is "executing". The command memory
 //! and counters belong to the device, not the connection, so they survive
 //! reconnects.
+//!
+//! Faults on demand: `drop_ratio` loses commands with a new id before they
+//! are looked at, `churn_ms` makes the device hang up on its own.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -45,6 +48,8 @@ enum SessionEnd {
     Shutdown,
     #[error("receiver closed the connection")]
     Closed,
+    #[error("churn: the device hung up on purpose")]
+    Churn,
     #[error("read failed: {0}")]
     Read(#[from] std::io::Error),
     #[error("write failed: {0}")]
@@ -73,25 +78,35 @@ pub(crate) struct Behaviour {
     fail_ratio: f64,
     latency_ms: (u64, u64),
     duplicate_results: bool,
+    drop_ratio: f64,
+    churn_ms: Option<(u64, u64)>,
 }
 
 impl Behaviour {
     /// Takes the config as given, but never panics on it: a NaN or
-    /// out-of-range ratio is clamped and a reversed latency range is reordered.
+    /// out-of-range ratio is clamped and a reversed range is reordered.
     pub(crate) fn from_config(config: &FleetConfig) -> Self {
-        let fail_ratio = if config.fail_ratio.is_nan() {
-            0.0
-        } else {
-            config.fail_ratio.clamp(0.0, 1.0)
-        };
-        let (a, b) = config.latency_ms;
         Self {
             connect: config.connect,
-            fail_ratio,
-            latency_ms: (a.min(b), a.max(b)),
+            fail_ratio: probability(config.fail_ratio),
+            latency_ms: ordered(config.latency_ms),
             duplicate_results: config.duplicate_results,
+            drop_ratio: probability(config.drop_ratio),
+            churn_ms: config.churn_ms.map(ordered),
         }
     }
+}
+
+fn probability(ratio: f64) -> f64 {
+    if ratio.is_nan() {
+        0.0
+    } else {
+        ratio.clamp(0.0, 1.0)
+    }
+}
+
+fn ordered((a, b): (u64, u64)) -> (u64, u64) {
+    (a.min(b), a.max(b))
 }
 
 /// A device and everything it keeps between connections.
@@ -144,8 +159,7 @@ impl Device {
 
     /// A framed connection, `None` on shutdown.
     async fn connect(&self, shutdown: &CancellationToken) -> std::io::Result<Option<Connection>> {
-        let attempt =
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.behaviour.connect));
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.behaviour.connect));
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             result = attempt => result.map_err(|_| std::io::ErrorKind::TimedOut)??,
@@ -161,9 +175,8 @@ impl Device {
         // Counted before the HELLO goes out, so whoever reads the HELLO also sees the connect.
         self.counters.set_connected(true);
         tracing::info!(addr = %self.behaviour.connect, "connected");
-        let hello = Frame::Hello {
-            device_id: self.id.clone(),
-        };
+        let churn_at = self.churn_deadline();
+        let hello = Frame::Hello { device_id: self.id.clone() };
         if let Err(end) = send(&mut conn, hello, shutdown).await {
             return end;
         }
@@ -171,24 +184,39 @@ impl Device {
             if let Err(end) = self.answer_queued_duplicates(&mut conn, shutdown).await {
                 return end;
             }
-            if let Err(end) = self.next_event(&mut conn, shutdown).await {
+            if let Err(end) = self.next_event(&mut conn, churn_at, shutdown).await {
                 return end;
             }
         }
     }
 
-    /// Waits for one thing to happen: a frame, the running command finishing, or shutdown.
+    /// When this connection is to be dropped on purpose, if churn is on.
+    fn churn_deadline(&mut self) -> Option<Instant> {
+        let (min, max) = self.behaviour.churn_ms?;
+        let after = Duration::from_millis(self.rng.gen_range(min..=max));
+        Some(Instant::now() + after)
+    }
+
+    /// Waits for one thing to happen: a frame, the running command finishing,
+    /// the churn deadline, or shutdown.
     async fn next_event(
         &mut self,
         conn: &mut Connection,
+        churn_at: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         let room = self.queue.len() < MAX_QUEUED_COMMANDS;
         let done_at = self.in_flight.as_ref().map(|f| f.done_at);
-        // Both waits are cancel-safe: `next()` keeps partial frames in the codec
-        // buffer, and the deadline lives in `self.in_flight`, not in the future.
+        // The waits are cancel-safe: `next()` keeps partial frames in the codec
+        // buffer, and the deadlines live in `self.in_flight` and the caller, not
+        // in the futures. A churn only ends the connection between events, so a
+        // finished command is always remembered before its RESULT is sent.
         tokio::select! {
             _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
+            _ = sleep_until(churn_at) => {
+                self.counters.update(|s| s.churns += 1);
+                Err(SessionEnd::Churn)
+            }
             item = conn.next(), if room => match item {
                 None => Err(SessionEnd::Closed),
                 Some(Err(error)) => Err(SessionEnd::Read(error)),
@@ -210,9 +238,7 @@ impl Device {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         match item {
-            Ok(Frame::Command { id, name, payload }) => {
-                self.queue.push_back(Incoming { id, name, payload })
-            }
+            Ok(Frame::Command { id, name, payload }) => self.queue.push_back(Incoming { id, name, payload }),
             Ok(Frame::Ping) => send(conn, Frame::Pong, shutdown).await?,
             Ok(other) => self.bad_frame(&format!("unexpected {other:?}")),
             Err(error) => self.bad_frame(&error.to_string()),
@@ -226,7 +252,9 @@ impl Device {
     }
 
     /// Takes queued commands in order while the device is idle: repeats are
-    /// answered from memory, the first new id starts executing.
+    /// answered from memory, a new id is lost at `drop_ratio` or else starts
+    /// executing. Deciding here rather than on arrival means a repeat of the
+    /// running command is never "new": it waits for, and gets, its answer.
     async fn answer_queued_duplicates(
         &mut self,
         conn: &mut Connection,
@@ -242,10 +270,18 @@ impl Device {
                     self.counters.update(|s| s.duplicates += 1);
                     self.send_result(conn, command.id, answer, shutdown).await?;
                 }
+                None if self.rng.gen_bool(self.behaviour.drop_ratio) => self.lose(&command),
                 None => self.start(command),
             }
         }
         Ok(())
+    }
+
+    /// Loses a command with a new id, as the line would: it is not run, not
+    /// remembered and not answered, so a re-send is new again.
+    fn lose(&self, command: &Incoming) {
+        tracing::info!(command_id = %command.id, "command dropped (drop ratio)");
+        self.counters.update(|s| s.dropped += 1);
     }
 
     fn start(&mut self, command: Incoming) {
@@ -281,11 +317,7 @@ impl Device {
         answer: Answer,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        let frame = Frame::Result {
-            id,
-            code: answer.code,
-            payload: answer.payload,
-        };
+        let frame = Frame::Result { id, code: answer.code, payload: answer.payload };
         if self.behaviour.duplicate_results {
             send(conn, frame.clone(), shutdown).await?;
         }
@@ -313,11 +345,7 @@ impl Device {
 
 /// Sends one frame, giving up on shutdown (a receiver that stopped reading
 /// must not keep the fleet from stopping).
-async fn send(
-    conn: &mut Connection,
-    frame: Frame,
-    shutdown: &CancellationToken,
-) -> Result<(), SessionEnd> {
+async fn send(conn: &mut Connection, frame: Frame, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
     tokio::select! {
         _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
         result = conn.send(frame) => Ok(result?),
@@ -341,9 +369,7 @@ struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            next: INITIAL_BACKOFF,
-        }
+        Self { next: INITIAL_BACKOFF }
     }
 }
 
@@ -371,10 +397,7 @@ mod tests {
         for base in bases {
             let delay = backoff.next_delay(&mut rng);
             let base = Duration::from_millis(base);
-            assert!(
-                delay >= base / 2 && delay <= base,
-                "{delay:?} outside {base:?}/2..={base:?}"
-            );
+            assert!(delay >= base / 2 && delay <= base, "{delay:?} outside {base:?}/2..={base:?}");
         }
         backoff.reset();
         assert!(backoff.next_delay(&mut rng) <= INITIAL_BACKOFF);
@@ -382,18 +405,19 @@ mod tests {
 
     #[test]
     fn behaviour_never_panics_on_odd_config() {
-        let config = FleetConfig {
-            fail_ratio: f64::NAN,
-            latency_ms: (9, 3),
-            ..FleetConfig::default()
-        };
+        let config = FleetConfig { fail_ratio: f64::NAN, latency_ms: (9, 3), ..FleetConfig::default() };
         let behaviour = Behaviour::from_config(&config);
         assert_eq!(behaviour.fail_ratio, 0.0);
         assert_eq!(behaviour.latency_ms, (3, 9));
         let config = FleetConfig {
             fail_ratio: 4.0,
+            drop_ratio: f64::NAN,
+            churn_ms: Some((80, 50)),
             ..FleetConfig::default()
         };
-        assert_eq!(Behaviour::from_config(&config).fail_ratio, 1.0);
+        let behaviour = Behaviour::from_config(&config);
+        assert_eq!(behaviour.fail_ratio, 1.0);
+        assert_eq!(behaviour.drop_ratio, 0.0);
+        assert_eq!(behaviour.churn_ms, Some((50, 80)));
     }
 }

@@ -22,12 +22,7 @@ const MAX_REQUESTED_DELAY: Duration = Duration::from_secs(600);
 
 /// The answer to command `name` on device `device_id`. `random_failure` is the
 /// outcome of the `--fail-ratio` draw; a `fail` command ignores it.
-pub(crate) fn execute(
-    device_id: &str,
-    name: &str,
-    payload: &Bytes,
-    random_failure: bool,
-) -> Answer {
+pub(crate) fn execute(device_id: &str, name: &str, payload: &Bytes, random_failure: bool) -> Answer {
     if name == FAIL_COMMAND {
         let code = json_field(payload, "code")
             .and_then(|v| v.as_i64())
@@ -39,10 +34,7 @@ pub(crate) fn execute(
         return json_answer(RANDOM_FAIL_CODE, json!({"error": "simulated failure"}));
     }
     if name == ECHO_COMMAND {
-        return Answer {
-            code: 0,
-            payload: payload.clone(),
-        };
+        return Answer { code: 0, payload: payload.clone() };
     }
     json_answer(0, json!({"ok": true, "device": device_id, "command": name}))
 }
@@ -67,10 +59,7 @@ fn json_field(payload: &[u8], field: &str) -> Option<Value> {
 }
 
 fn json_answer(code: i32, body: Value) -> Answer {
-    Answer {
-        code,
-        payload: Bytes::from(body.to_string()),
-    }
+    Answer { code, payload: Bytes::from(body.to_string()) }
 }
 
 #[cfg(test)]
@@ -86,18 +75,9 @@ mod tests {
         let answer = execute("d", "fail", &Bytes::new(), false);
         assert_eq!(answer.code, 2);
         assert_eq!(json_of(&answer), json!({"error": "requested failure"}));
-        assert_eq!(
-            execute("d", "fail", &Bytes::from(r#"{"code":7}"#), false).code,
-            7
-        );
-        assert_eq!(
-            execute("d", "fail", &Bytes::from(r#"{"code":"7"}"#), false).code,
-            2
-        );
-        assert_eq!(
-            execute("d", "fail", &Bytes::from(r#"{"code":1e20}"#), false).code,
-            2
-        );
+        assert_eq!(execute("d", "fail", &Bytes::from(r#"{"code":7}"#), false).code, 7);
+        assert_eq!(execute("d", "fail", &Bytes::from(r#"{"code":"7"}"#), false).code, 2);
+        assert_eq!(execute("d", "fail", &Bytes::from(r#"{"code":1e20}"#), false).code, 2);
     }
 
     #[test]
@@ -111,10 +91,7 @@ mod tests {
     fn other_commands_report_ok_with_device_and_name() {
         let answer = execute("dev-0001", "reboot", &Bytes::new(), false);
         assert_eq!(answer.code, 0);
-        assert_eq!(
-            json_of(&answer),
-            json!({"ok": true, "device": "dev-0001", "command": "reboot"})
-        );
+        assert_eq!(json_of(&answer), json!({"ok": true, "device": "dev-0001", "command": "reboot"}));
     }
 
     #[test]
@@ -127,17 +104,11 @@ mod tests {
 
     #[test]
     fn delay_comes_from_a_numeric_delay_ms_field() {
-        assert_eq!(
-            requested_delay(br#"{"delay_ms":250}"#),
-            Duration::from_millis(250)
-        );
+        assert_eq!(requested_delay(br#"{"delay_ms":250}"#), Duration::from_millis(250));
         assert_eq!(requested_delay(br#"{"delay_ms":"250"}"#), Duration::ZERO);
         assert_eq!(requested_delay(br#"{"delay_ms":-5}"#), Duration::ZERO);
         assert_eq!(requested_delay(b"[1,2]"), Duration::ZERO);
         assert_eq!(requested_delay(b"garbage"), Duration::ZERO);
-        assert_eq!(
-            requested_delay(br#"{"delay_ms":1e12}"#),
-            MAX_REQUESTED_DELAY
-        );
+        assert_eq!(requested_delay(br#"{"delay_ms":1e12}"#), MAX_REQUESTED_DELAY);
     }
 }

@@ -40,12 +40,7 @@ impl Fleet {
         }
         tasks.close();
         let connected = stats.watch_connected();
-        Fleet {
-            stats,
-            connected,
-            tasks,
-            stats_file: config.stats_file,
-        }
+        Fleet { stats, connected, tasks, stats_file: config.stats_file }
     }
 
     /// The device ids, in index order.
@@ -62,9 +57,7 @@ impl Fleet {
     pub async fn wait_connected(&self, n: usize, timeout: Duration) -> bool {
         let mut connected = self.connected.clone();
         let reached = async { connected.wait_for(|count| *count >= n).await.is_ok() };
-        tokio::time::timeout(timeout, reached)
-            .await
-            .unwrap_or(false)
+        tokio::time::timeout(timeout, reached).await.unwrap_or(false)
     }
 
     /// Waits for every task to end (they do once the shutdown token is

@@ -23,6 +23,8 @@ mod fleet;
 mod memory;
 pub mod stats;
 
-pub use config::{device_id, parse_fail_ratio, parse_latency_ms, ConfigError, FleetConfig};
+pub use config::{
+    device_id, parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, ConfigError, FleetConfig,
+};
 pub use fleet::Fleet;
 pub use stats::{DeviceStats, FleetStats, Totals};

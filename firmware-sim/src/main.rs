@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use firmware_sim::{parse_fail_ratio, parse_latency_ms, Fleet, FleetConfig};
+use firmware_sim::{
+    parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, Fleet, FleetConfig,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -38,6 +40,14 @@ struct Cli {
     /// Send every RESULT frame twice.
     #[arg(long, env = "FIRMWARE_SIM_DUPLICATE_RESULTS")]
     duplicate_results: bool,
+    /// Probability (0.0..=1.0) that a command with a new id is ignored, as if
+    /// lost on the line: not run, not remembered, not answered.
+    #[arg(long, env = "FIRMWARE_SIM_DROP_RATIO", default_value = "0", value_parser = parse_drop_ratio)]
+    drop_ratio: f64,
+    /// Each device drops its connection MIN..MAX ms (inclusive; or a single
+    /// number) after connecting, then reconnects. Off by default.
+    #[arg(long, env = "FIRMWARE_SIM_CHURN_MS", value_parser = parse_churn_ms)]
+    churn_ms: Option<(u64, u64)>,
 }
 
 impl Cli {
@@ -51,6 +61,8 @@ impl Cli {
             latency_ms: self.latency_ms,
             stats_file: self.stats_file,
             duplicate_results: self.duplicate_results,
+            drop_ratio: self.drop_ratio,
+            churn_ms: self.churn_ms,
         }
     }
 }
@@ -60,9 +72,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Cli::parse().into_config();
     config.validate()?;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     tracing::info!(devices = config.devices, connect = %config.connect, "starting fleet");

@@ -36,12 +36,7 @@ impl Default for CommandMemory {
 
 impl CommandMemory {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Self {
-            capacity,
-            answers: HashMap::new(),
-            order: VecDeque::new(),
-            executed_ever: HashSet::new(),
-        }
+        Self { capacity, answers: HashMap::new(), order: VecDeque::new(), executed_ever: HashSet::new() }
     }
 
     /// The stored answer for `id`, if it is still remembered.
@@ -70,10 +65,7 @@ mod tests {
     use super::*;
 
     fn answer(code: i32) -> Answer {
-        Answer {
-            code,
-            payload: Bytes::from_static(b"{}"),
-        }
+        Answer { code, payload: Bytes::from_static(b"{}") }
     }
 
     #[test]
@@ -95,9 +87,6 @@ mod tests {
         assert!(!memory.remember(a, answer(0)));
         assert!(!memory.remember(b, answer(0)));
         assert!(memory.answer(&a).is_none());
-        assert!(
-            memory.remember(a, answer(0)),
-            "a ran twice and must be counted"
-        );
+        assert!(memory.remember(a, answer(0)), "a ran twice and must be counted");
     }
 }

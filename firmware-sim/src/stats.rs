@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 /// How often the stats file is rewritten while the fleet runs.
 pub const STATS_FILE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One device's counters. They survive reconnects.
+/// One device's counters. They survive reconnects. Counters added after the
+/// first release default to 0 when read, so older stats files still parse.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeviceStats {
     /// Commands with an id new to the device.
@@ -30,8 +31,14 @@ pub struct DeviceStats {
     pub executed_ids_repeated: u64,
     /// Undecodable input and frames a device does not expect.
     pub bad_frames: u64,
+    /// Commands with a new id ignored by `--drop-ratio`; not in `received`.
+    #[serde(default)]
+    pub dropped: u64,
     /// Successful TCP connects.
     pub connects: u64,
+    /// Connections the device dropped itself because of `--churn-ms`.
+    #[serde(default)]
+    pub churns: u64,
     /// Whether the device has a connection right now.
     pub connected: bool,
 }
@@ -45,6 +52,10 @@ pub struct Totals {
     pub failed: u64,
     pub executed_ids_repeated: u64,
     pub bad_frames: u64,
+    #[serde(default)]
+    pub dropped: u64,
+    #[serde(default)]
+    pub churns: u64,
     pub connected: u64,
 }
 
@@ -65,6 +76,8 @@ impl FleetStats {
             totals.failed += s.failed;
             totals.executed_ids_repeated += s.executed_ids_repeated;
             totals.bad_frames += s.bad_frames;
+            totals.dropped += s.dropped;
+            totals.churns += s.churns;
             totals.connected += u64::from(s.connected);
         }
         Self { devices, totals }
@@ -86,11 +99,7 @@ impl SharedStats {
     pub(crate) fn new(ids: Vec<String>) -> Arc<Self> {
         let devices = Mutex::new(vec![DeviceStats::default(); ids.len()]);
         let (connected, _) = watch::channel(0);
-        Arc::new(Self {
-            ids,
-            devices,
-            connected,
-        })
+        Arc::new(Self { ids, devices, connected })
     }
 
     pub(crate) fn ids(&self) -> &[String] {
@@ -140,19 +149,13 @@ impl DeviceCounters {
         });
         // The lock is released before waking waiters, who will take it to read.
         if was != now {
-            self.shared
-                .connected
-                .send_modify(|n| *n = if now { *n + 1 } else { n.saturating_sub(1) });
+            self.shared.connected.send_modify(|n| *n = if now { *n + 1 } else { n.saturating_sub(1) });
         }
     }
 }
 
 /// Rewrites `path` every [`STATS_FILE_INTERVAL`] until `shutdown`.
-pub(crate) async fn write_periodically(
-    shared: Arc<SharedStats>,
-    path: PathBuf,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn write_periodically(shared: Arc<SharedStats>, path: PathBuf, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(STATS_FILE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,15 +194,15 @@ mod tests {
     #[test]
     fn totals_sum_counters_and_count_connected_devices() {
         let shared = SharedStats::new(vec!["a".into(), "b".into()]);
-        let (a, b) = (
-            DeviceCounters::new(shared.clone(), 0),
-            DeviceCounters::new(shared.clone(), 1),
-        );
+        let (a, b) = (DeviceCounters::new(shared.clone(), 0), DeviceCounters::new(shared.clone(), 1));
         a.update(|s| s.executed = 2);
         b.update(|s| s.executed = 3);
+        a.update(|s| s.dropped = 1);
+        b.update(|s| s.churns = 4);
         a.set_connected(true);
         let snap = shared.snapshot();
         assert_eq!(snap.totals.executed, 5);
+        assert_eq!((snap.totals.dropped, snap.totals.churns), (1, 4));
         assert_eq!(snap.totals.connected, 1);
         assert_eq!(*shared.watch_connected().borrow(), 1);
         a.set_connected(false);

@@ -30,28 +30,18 @@ struct Harness {
 impl Harness {
     async fn start(configure: impl FnOnce(&mut FleetConfig)) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut config = FleetConfig {
-            connect: listener.local_addr().unwrap(),
-            ..FleetConfig::default()
-        };
+        let mut config = FleetConfig { connect: listener.local_addr().unwrap(), ..FleetConfig::default() };
         configure(&mut config);
         let shutdown = CancellationToken::new();
         let fleet = Fleet::start(config, shutdown.clone());
         let _stop_on_drop = shutdown.clone().drop_guard();
-        Self {
-            listener,
-            fleet,
-            shutdown,
-            _stop_on_drop,
-        }
+        Self { listener, fleet, shutdown, _stop_on_drop }
     }
 
     /// Accepts the next device connection and returns it with its HELLO id.
     async fn accept(&self) -> (Conn, String) {
-        let (stream, _) = tokio::time::timeout(WAIT, self.listener.accept())
-            .await
-            .expect("a device connects")
-            .unwrap();
+        let (stream, _) =
+            tokio::time::timeout(WAIT, self.listener.accept()).await.expect("a device connects").unwrap();
         let mut conn = Framed::new(stream, FrameCodec::default());
         match next_frame(&mut conn).await {
             Frame::Hello { device_id } => (conn, device_id),
@@ -65,33 +55,44 @@ impl Harness {
 }
 
 async fn next_frame(conn: &mut Conn) -> Frame {
-    let item = tokio::time::timeout(WAIT, conn.next())
-        .await
-        .expect("a frame in time");
-    item.expect("connection open")
-        .unwrap()
-        .expect("a valid frame")
+    let item = tokio::time::timeout(WAIT, conn.next()).await.expect("a frame in time");
+    item.expect("connection open").unwrap().expect("a valid frame")
 }
 
 async fn send_command(conn: &mut Conn, id: Uuid, name: &str, payload: &[u8]) {
-    let frame = Frame::Command {
-        id,
-        name: name.to_owned(),
-        payload: Bytes::copy_from_slice(payload),
-    };
+    let frame = Frame::Command { id, name: name.to_owned(), payload: Bytes::copy_from_slice(payload) };
     conn.send(frame).await.unwrap();
 }
 
 /// The next frame, which must be the RESULT of `id`: (code, payload).
 async fn expect_result(conn: &mut Conn, id: Uuid) -> (i32, Bytes) {
     match next_frame(conn).await {
-        Frame::Result {
-            id: got,
-            code,
-            payload,
-        } if got == id => (code, payload),
+        Frame::Result { id: got, code, payload } if got == id => (code, payload),
         other => panic!("expected RESULT for {id}, got {other:?}"),
     }
+}
+
+/// The device closes `conn` in time, without sending anything first.
+async fn expect_closed(conn: &mut Conn) {
+    let item = tokio::time::timeout(WAIT, conn.next()).await.expect("the device hangs up in time");
+    if let Some(Ok(item)) = item {
+        panic!("expected the connection to close, got {item:?}");
+    }
+}
+
+/// Nothing arrives on `conn` for `quiet`: only for testing an absence.
+async fn expect_silence(conn: &mut Conn, quiet: Duration) {
+    if let Ok(item) = tokio::time::timeout(quiet, conn.next()).await {
+        panic!("expected nothing for {quiet:?}, got {item:?}");
+    }
+}
+
+/// PING, then the PONG. A device takes frames in order and decides on a
+/// queued command before reading the next frame, so after the PONG every
+/// command sent before it has been dropped or started.
+async fn ping(conn: &mut Conn) {
+    conn.send(Frame::Ping).await.unwrap();
+    assert_eq!(next_frame(conn).await, Frame::Pong);
 }
 
 async fn call(conn: &mut Conn, name: &str, payload: &[u8]) -> (i32, Value) {
@@ -117,17 +118,11 @@ async fn devices_say_hello_with_their_ids_and_run_commands() {
 
     let (code, body) = call(&mut a, "reboot", b"").await;
     assert_eq!(code, 0);
-    assert_eq!(
-        body,
-        json!({"ok": true, "device": id_a, "command": "reboot"})
-    );
+    assert_eq!(body, json!({"ok": true, "device": id_a, "command": "reboot"}));
 
     let id = Uuid::now_v7();
     send_command(&mut a, id, "echo", b"\x00raw\xff").await;
-    assert_eq!(
-        expect_result(&mut a, id).await,
-        (0, Bytes::from_static(b"\x00raw\xff"))
-    );
+    assert_eq!(expect_result(&mut a, id).await, (0, Bytes::from_static(b"\x00raw\xff")));
 
     let stats = h.device(&id_a);
     assert_eq!((stats.received, stats.executed, stats.failed), (2, 2, 0));
@@ -147,10 +142,7 @@ async fn a_repeated_id_is_answered_again_but_not_executed() {
     assert_eq!(first, second);
 
     let stats = h.device(&device);
-    assert_eq!(
-        (stats.received, stats.executed, stats.duplicates),
-        (1, 1, 1)
-    );
+    assert_eq!((stats.received, stats.executed, stats.duplicates), (1, 1, 1));
     assert_eq!(stats.executed_ids_repeated, 0);
 }
 
@@ -174,10 +166,7 @@ async fn a_repeat_arriving_during_execution_waits_for_the_answer_and_pings_are_n
 async fn fail_answers_the_requested_code() {
     let h = Harness::start(|_| {}).await;
     let (mut conn, device) = h.accept().await;
-    assert_eq!(
-        call(&mut conn, "fail", b"").await,
-        (2, json!({"error": "requested failure"}))
-    );
+    assert_eq!(call(&mut conn, "fail", b"").await, (2, json!({"error": "requested failure"})));
     assert_eq!(call(&mut conn, "fail", br#"{"code":7}"#).await.0, 7);
     let stats = h.device(&device);
     assert_eq!((stats.executed, stats.failed), (2, 2));
@@ -187,10 +176,7 @@ async fn fail_answers_the_requested_code() {
 async fn fail_ratio_one_fails_everything() {
     let h = Harness::start(|c| c.fail_ratio = 1.0).await;
     let (mut conn, _) = h.accept().await;
-    assert_eq!(
-        call(&mut conn, "echo", b"{}").await,
-        (1, json!({"error": "simulated failure"}))
-    );
+    assert_eq!(call(&mut conn, "echo", b"{}").await, (1, json!({"error": "simulated failure"})));
 }
 
 #[tokio::test]
@@ -200,23 +186,13 @@ async fn ping_gets_pong_and_garbage_is_counted_not_fatal() {
     conn.send(Frame::Ping).await.unwrap();
     assert_eq!(next_frame(&mut conn).await, Frame::Pong);
 
-    conn.get_mut()
-        .write_all(b"this is not a frame")
-        .await
-        .unwrap();
-    conn.send(Frame::Hello {
-        device_id: "confused-receiver".into(),
-    })
-    .await
-    .unwrap();
+    conn.get_mut().write_all(b"this is not a frame").await.unwrap();
+    conn.send(Frame::Hello { device_id: "confused-receiver".into() }).await.unwrap();
     conn.send(Frame::Ping).await.unwrap();
     assert_eq!(next_frame(&mut conn).await, Frame::Pong);
 
     let stats = h.device(&device);
-    assert!(
-        stats.bad_frames >= 2,
-        "garbage and an unexpected HELLO: {stats:?}"
-    );
+    assert!(stats.bad_frames >= 2, "garbage and an unexpected HELLO: {stats:?}");
     assert_eq!(stats.connects, 1, "the connection was kept");
 }
 
@@ -248,14 +224,7 @@ async fn memory_survives_a_reconnect() {
     send_command(&mut conn, id, "reboot", b"").await;
     assert_eq!(expect_result(&mut conn, id).await, first);
     let stats = h.device(&device);
-    assert_eq!(
-        (
-            stats.executed,
-            stats.duplicates,
-            stats.executed_ids_repeated
-        ),
-        (1, 1, 0)
-    );
+    assert_eq!((stats.executed, stats.duplicates, stats.executed_ids_repeated), (1, 1, 0));
 }
 
 #[tokio::test]
@@ -269,18 +238,10 @@ async fn wait_connected_wakes_on_connect_and_times_out_without_receiver() {
         listener.local_addr().unwrap()
     };
     let shutdown = CancellationToken::new();
-    let fleet = Fleet::start(
-        FleetConfig {
-            connect: closed,
-            ..FleetConfig::default()
-        },
-        shutdown.clone(),
-    );
+    let fleet = Fleet::start(FleetConfig { connect: closed, ..FleetConfig::default() }, shutdown.clone());
     assert!(!fleet.wait_connected(1, Duration::from_millis(300)).await);
     shutdown.cancel();
-    tokio::time::timeout(WAIT, fleet.stopped())
-        .await
-        .expect("stops promptly");
+    tokio::time::timeout(WAIT, fleet.stopped()).await.expect("stops promptly");
 }
 
 #[tokio::test]
@@ -293,17 +254,115 @@ async fn stopped_writes_the_stats_file_a_last_time() {
     call(&mut conn, "reboot", b"").await;
 
     h.shutdown.cancel();
-    tokio::time::timeout(WAIT, h.fleet.stopped())
-        .await
-        .expect("stops promptly");
+    tokio::time::timeout(WAIT, h.fleet.stopped()).await.expect("stops promptly");
     let stats: FleetStats = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let expected = DeviceStats {
-        received: 1,
-        executed: 1,
-        connects: 1,
-        ..DeviceStats::default()
-    };
+    let expected = DeviceStats { received: 1, executed: 1, connects: 1, ..DeviceStats::default() };
     assert_eq!(stats.devices[&device], expected);
     assert_eq!(stats.totals.connected, 0);
     assert!(!dir.path().join("stats.json.tmp").exists());
+}
+
+#[tokio::test]
+async fn drop_ratio_one_never_answers_a_new_command_even_when_sent_again() {
+    let h = Harness::start(|c| c.drop_ratio = 1.0).await;
+    let (mut conn, device) = h.accept().await;
+    let id = Uuid::now_v7();
+    send_command(&mut conn, id, "reboot", b"").await;
+    ping(&mut conn).await;
+    expect_silence(&mut conn, Duration::from_millis(300)).await;
+    let stats = h.device(&device);
+    assert_eq!((stats.dropped, stats.received, stats.executed), (1, 0, 0));
+
+    send_command(&mut conn, id, "reboot", b"").await;
+    ping(&mut conn).await;
+    expect_silence(&mut conn, Duration::from_millis(300)).await;
+    let stats = h.device(&device);
+    assert_eq!((stats.dropped, stats.executed, stats.duplicates), (2, 0, 0));
+    assert_eq!(h.fleet.stats().totals.dropped, 2);
+}
+
+#[tokio::test]
+async fn a_dropped_command_is_new_when_sent_again_and_once_run_is_never_run_twice() {
+    let h = Harness::start(|c| c.drop_ratio = 0.5).await;
+    let (mut conn, device) = h.accept().await;
+    let id = Uuid::now_v7();
+    let mut sends = 0;
+    let answer = loop {
+        sends += 1;
+        assert!(sends <= 64, "64 sends at drop ratio 0.5 were all dropped");
+        send_command(&mut conn, id, "reboot", b"").await;
+        // The RESULT and the PONG may come in either order; `received`
+        // tells whether there is a RESULT to wait for.
+        conn.send(Frame::Ping).await.unwrap();
+        let first = next_frame(&mut conn).await;
+        if h.device(&device).received == 1 {
+            let result = match first {
+                Frame::Pong => next_frame(&mut conn).await,
+                result => {
+                    assert_eq!(next_frame(&mut conn).await, Frame::Pong);
+                    result
+                }
+            };
+            break result;
+        }
+        assert_eq!(first, Frame::Pong);
+    };
+    assert!(matches!(answer, Frame::Result { id: got, .. } if got == id));
+
+    // Executed now, so a repeat is answered from memory, never dropped.
+    for _ in 0..8 {
+        send_command(&mut conn, id, "reboot", b"").await;
+        assert_eq!(next_frame(&mut conn).await, answer);
+    }
+    let stats = h.device(&device);
+    assert_eq!((stats.executed, stats.dropped, stats.duplicates), (1, sends - 1, 8));
+    assert_eq!(stats.executed_ids_repeated, 0);
+}
+
+#[tokio::test]
+async fn churn_hangs_up_and_the_device_comes_back() {
+    let h = Harness::start(|c| c.churn_ms = Some((50, 80))).await;
+    let (mut first, device) = h.accept().await;
+    expect_closed(&mut first).await;
+    let (mut second, again) = h.accept().await;
+    assert_eq!(again, device);
+    let stats = h.device(&device);
+    assert!(stats.connects >= 2, "{stats:?}");
+    assert!(stats.churns >= 1, "{stats:?}");
+    expect_closed(&mut second).await;
+    assert!(h.device(&device).churns >= 2);
+}
+
+#[tokio::test]
+async fn a_command_run_before_a_churn_is_answered_from_memory_after_it() {
+    let h = Harness::start(|c| c.churn_ms = Some((50, 80))).await;
+    let (mut conn, device) = h.accept().await;
+    let id = Uuid::now_v7();
+    send_command(&mut conn, id, "reboot", b"").await;
+    let first = expect_result(&mut conn, id).await;
+    expect_closed(&mut conn).await;
+
+    let (mut conn, _) = h.accept().await;
+    send_command(&mut conn, id, "reboot", b"").await;
+    assert_eq!(expect_result(&mut conn, id).await, first);
+    let stats = h.device(&device);
+    assert_eq!((stats.executed, stats.duplicates, stats.executed_ids_repeated), (1, 1, 0));
+    assert!(stats.churns >= 1);
+}
+
+#[tokio::test]
+async fn a_result_lost_to_a_churn_is_answered_from_memory_not_run_again() {
+    let h = Harness::start(|c| c.churn_ms = Some((50, 80))).await;
+    let (mut conn, device) = h.accept().await;
+    let id = Uuid::now_v7();
+    // Still running when the device hangs up; it finishes offline.
+    send_command(&mut conn, id, "slow", br#"{"delay_ms":300}"#).await;
+    expect_closed(&mut conn).await;
+
+    let (mut conn, _) = h.accept().await;
+    send_command(&mut conn, id, "slow", br#"{"delay_ms":300}"#).await;
+    assert_eq!(expect_result(&mut conn, id).await.0, 0);
+    let stats = h.device(&device);
+    assert_eq!((stats.received, stats.executed, stats.duplicates, stats.executed_ids_repeated), (1, 1, 1, 0));
+    assert!(stats.churns >= 1);
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::command::{now_ms, Command, Payload, Status};
+use crate::command::{now_ms, parse_rfc3339, Command, Payload, Status};
 use crate::config::{Config, MAX_ATTEMPTS, MAX_TTL_MS, MAX_WAIT_MS};
 use crate::store::{self, Change, Inserted, Moved, NewCommand, Store, StoreError};
 use crate::waiters::Waiters;
@@ -43,6 +43,9 @@ pub struct CommandRequest {
     pub max_attempts: Option<i64>,
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// RFC 3339; async only. Nothing is published before it.
+    #[serde(default)]
+    pub scheduled_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -132,18 +135,10 @@ impl Counters {
             ("gateway_reports_ignored_total", &self.reports_ignored),
             ("gateway_reports_unknown_total", &self.reports_unknown),
             ("gateway_reports_malformed_total", &self.reports_malformed),
-            (
-                "gateway_mqtt_submissions_dropped_total",
-                &self.mqtt_submissions_dropped,
-            ),
+            ("gateway_mqtt_submissions_dropped_total", &self.mqtt_submissions_dropped),
         ];
         rows.iter()
-            .map(|(name, c)| {
-                format!(
-                    "# TYPE {name} counter\n{name} {}\n",
-                    c.load(Ordering::Relaxed)
-                )
-            })
+            .map(|(name, c)| format!("# TYPE {name} counter\n{name} {}\n", c.load(Ordering::Relaxed)))
             .collect()
     }
 }
@@ -170,6 +165,8 @@ struct Inner {
     topics: Topics,
     waiters: Waiters,
     counters: Counters,
+    /// Wakes the sweeper before its next tick (a device came online).
+    sweep_now: tokio::sync::Notify,
 }
 
 /// Where an MQTT caller wants its answers.
@@ -190,6 +187,7 @@ impl App {
                 topics,
                 waiters: Waiters::default(),
                 counters: Counters::default(),
+                sweep_now: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -214,6 +212,11 @@ impl App {
         &self.inner.mqtt
     }
 
+    /// Resolves when someone asked the sweeper to run now.
+    pub async fn sweep_requested(&self) {
+        self.inner.sweep_now.notified().await;
+    }
+
     /// Validates, records (durably, before anything is published) and publishes
     /// a command. Returns once it is stored and handed to the broker client.
     pub async fn submit(
@@ -223,11 +226,7 @@ impl App {
         reply_to: Option<&ReplyTo>,
     ) -> Result<Submitted, ApiError> {
         let result = self.submit_inner(device_id, req, reply_to).await;
-        let counter = if result.is_ok() {
-            &self.counters().accepted
-        } else {
-            &self.counters().rejected
-        };
+        let counter = if result.is_ok() { &self.counters().accepted } else { &self.counters().rejected };
         Counters::bump(counter);
         result
     }
@@ -239,28 +238,22 @@ impl App {
         reply_to: Option<&ReplyTo>,
     ) -> Result<Submitted, ApiError> {
         let new = self.validate(device_id, req, reply_to)?;
-        let device = self.store().get_device(device_id).await?;
-        match device {
+        let device = match self.store().get_device(device_id).await? {
             None => return Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
             Some(d) if !d.enabled => {
-                return Err(ApiError::Conflict(format!(
-                    "device {device_id:?} is disabled"
-                )))
+                return Err(ApiError::Conflict(format!("device {device_id:?} is disabled")))
             }
-            Some(_) => {}
-        }
+            Some(d) => d,
+        };
         match self.store().insert_command(&new).await? {
-            Inserted::Created(command) => {
-                let command = self.publish(command).await;
-                Ok(Submitted {
-                    command,
-                    created: true,
-                })
+            // Scheduled commands, and commands for a device no receiver holds
+            // now, wait in the store: the sweeper publishes them when due.
+            Inserted::Created(command) if command.status == Status::Pending && device.online => {
+                let command = self.publish_attempt(command, "accepted").await;
+                Ok(Submitted { command, created: true })
             }
-            Inserted::Existing(command) => Ok(Submitted {
-                command,
-                created: false,
-            }),
+            Inserted::Created(command) => Ok(Submitted { command, created: true }),
+            Inserted::Existing(command) => Ok(Submitted { command, created: false }),
             Inserted::KeyConflict(existing) => Err(ApiError::Conflict(format!(
                 "idempotency key {:?} was used for command {} with a different request",
                 new.idempotency_key.unwrap_or_default(),
@@ -277,9 +270,7 @@ impl App {
     ) -> Result<NewCommand, ApiError> {
         let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
         if !protocol::topics::is_valid_device_id(device_id) {
-            return Err(ApiError::NotFound(format!(
-                "unknown device {device_id:?} (not a valid device id)"
-            )));
+            return Err(ApiError::NotFound(format!("unknown device {device_id:?} (not a valid device id)")));
         }
         if req.name.is_empty() || req.name.len() > 255 {
             return bad("name must be 1 to 255 bytes");
@@ -288,15 +279,8 @@ impl App {
             (Some(_), Some(_)) => return bad("give payload or payload_base64, not both"),
             (Some(v), None) => Payload::json(v),
             (None, Some(b)) => match BASE64.decode(b.as_bytes()) {
-                Ok(bytes) => Payload {
-                    bytes,
-                    is_json: false,
-                },
-                Err(e) => {
-                    return Err(ApiError::BadRequest(format!(
-                        "payload_base64 is not base64: {e}"
-                    )))
-                }
+                Ok(bytes) => Payload { bytes, is_json: false },
+                Err(e) => return Err(ApiError::BadRequest(format!("payload_base64 is not base64: {e}"))),
             },
             (None, None) => Payload::json(&Value::Null),
         };
@@ -308,38 +292,54 @@ impl App {
             )));
         }
         if req.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
-            return Err(ApiError::BadRequest(format!(
-                "wait_ms must be at most {MAX_WAIT_MS}"
-            )));
+            return Err(ApiError::BadRequest(format!("wait_ms must be at most {MAX_WAIT_MS}")));
         }
         let ttl = req.ttl_ms.unwrap_or(self.config().default_ttl_ms);
         if ttl == 0 || ttl > MAX_TTL_MS {
-            return Err(ApiError::BadRequest(format!(
-                "ttl_ms must be 1 to {MAX_TTL_MS}"
-            )));
+            return Err(ApiError::BadRequest(format!("ttl_ms must be 1 to {MAX_TTL_MS}")));
         }
-        let max_attempts = req
-            .max_attempts
-            .unwrap_or(self.config().default_max_attempts);
+        let max_attempts = req.max_attempts.unwrap_or(self.config().default_max_attempts);
         if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
-            return Err(ApiError::BadRequest(format!(
-                "max_attempts must be 1 to {MAX_ATTEMPTS}"
-            )));
+            return Err(ApiError::BadRequest(format!("max_attempts must be 1 to {MAX_ATTEMPTS}")));
         }
-        if req
-            .idempotency_key
-            .as_ref()
-            .is_some_and(|k| k.is_empty() || k.len() > 255)
-        {
+        if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
             return bad("idempotency_key must be 1 to 255 bytes");
         }
         let now = now_ms();
+        let expires_at = now + ttl as i64;
+        let scheduled_at = match &req.scheduled_at {
+            None => None,
+            Some(_) if req.mode != Some(Mode::Async) => {
+                return bad("scheduled_at needs \"mode\": \"async\"");
+            }
+            Some(text) => match parse_rfc3339(text) {
+                None => {
+                    return Err(ApiError::BadRequest(format!(
+                        "scheduled_at {text:?} is not an RFC 3339 time"
+                    )))
+                }
+                Some(at) if at >= expires_at => {
+                    return bad("scheduled_at is at or after the command's deadline (acceptance + ttl_ms)")
+                }
+                Some(at) => Some(at),
+            },
+        };
+        // A time in the past runs at once.
+        let status =
+            if scheduled_at.is_some_and(|at| at > now) { Status::Scheduled } else { Status::Pending };
+        // Until published, the sweeper looks at it when scheduled, or after the
+        // ack timeout (the immediate publish failed, or the device is offline).
+        let next_attempt_at = match status {
+            Status::Scheduled => scheduled_at.unwrap_or(now),
+            _ => now + self.config().ack_timeout_ms as i64,
+        };
         let hash = store::request_hash(&[
             req.name.as_bytes(),
             &payload.bytes,
             &[u8::from(payload.is_json)],
             &ttl.to_be_bytes(),
             &max_attempts.to_be_bytes(),
+            req.scheduled_at.as_deref().unwrap_or_default().as_bytes(),
         ]);
         Ok(NewCommand {
             id: Uuid::now_v7(),
@@ -347,9 +347,11 @@ impl App {
             name: req.name.clone(),
             payload,
             max_attempts,
+            status,
             created_at: now,
-            expires_at: now + ttl as i64,
-            next_attempt_at: now,
+            scheduled_at,
+            expires_at,
+            next_attempt_at,
             idempotency_key: req.idempotency_key.clone(),
             request_hash: hash,
             reply_to: reply_to.map(|r| r.topic.clone()),
@@ -357,27 +359,28 @@ impl App {
         })
     }
 
-    /// Claims the next attempt in the store (`sent`, attempts + 1), then hands
-    /// the command to the broker client. Claim first: a crash between the two
-    /// leaves a `sent` command with no delivery, which the ack timeout re-sends;
-    /// the reverse order would let a fast delivery report overtake the claim.
-    pub async fn publish(&self, command: Command) -> Command {
+    /// Claims the next attempt in the store (`sent`, attempts + 1, next look
+    /// after the ack timeout plus back-off), then hands the command to the
+    /// broker client. Claim first: a crash between the two leaves a `sent`
+    /// command with no delivery, which the ack timeout re-sends; the reverse
+    /// order would let a fast delivery report overtake the claim. Returns the
+    /// command as it stands (unchanged if another writer moved it first).
+    pub async fn publish_attempt(&self, command: Command, why: &str) -> Command {
+        let attempt = command.attempts + 1;
+        let due = now_ms() + self.config().ack_timeout_ms as i64 + self.backoff_ms(command.attempts);
         let change = Change {
             bump_attempts: true,
-            next_attempt_at: Some(now_ms() + self.config().ack_timeout_ms as i64),
+            next_attempt_at: Some(due),
+            detail: Some(format!("attempt {attempt}: {why}")),
             ..Change::default()
         };
-        let command = match self
-            .store()
-            .transition(command.id, Status::Sent, &change)
-            .await
-        {
+        let command = match self.store().transition(command.id, Status::Sent, &change).await {
             Ok(Moved::Yes { command, .. }) => command,
             Ok(Moved::Refused(c)) => return c,
             Ok(Moved::NotFound) => return command,
             Err(e) => {
-                // Stored as pending: it is accepted, and the sweeper publishes it.
-                tracing::warn!(command_id = %command.id, error = %e, "could not claim the first attempt");
+                // Still stored: the sweeper publishes it after the ack timeout.
+                tracing::warn!(command_id = %command.id, error = %e, "could not claim an attempt");
                 Counters::bump(&self.counters().publish_failed);
                 return command;
             }
@@ -392,15 +395,50 @@ impl App {
         };
         let body = serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail");
         let topic = self.topics().device_commands(&command.device_id);
-        if let Err(e) = self
-            .mqtt()
-            .publish(topic, QoS::AtLeastOnce, false, body)
-            .await
-        {
+        if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
             tracing::warn!(command_id = %command.id, error = %e, "publish failed; the ack timeout will re-send");
             Counters::bump(&self.counters().publish_failed);
         }
         command
+    }
+
+    /// Extra wait after attempt `done` (0 for the first): base × 2^(done-1),
+    /// capped, with jitter down to half, so re-sends of many commands spread out.
+    fn backoff_ms(&self, done: i64) -> i64 {
+        if done <= 0 {
+            return 0;
+        }
+        let base = self.config().retry_base_ms.max(1);
+        let full = base.saturating_mul(1 << (done - 1).min(20)).min(self.config().retry_cap_ms.max(base));
+        rand::Rng::gen_range(&mut rand::thread_rng(), full / 2..=full) as i64
+    }
+
+    /// Cancels a command that is not final. If it was already published, the
+    /// receivers are told, and drop it unless it has reached the device.
+    pub async fn cancel(&self, id: Uuid) -> Result<Command, ApiError> {
+        let change = Change {
+            error: Some(("canceled".to_owned(), "canceled by the caller".to_owned())),
+            detail: Some("canceled by the caller".to_owned()),
+            ..Change::default()
+        };
+        match self.store().transition(id, Status::Canceled, &change).await? {
+            Moved::Yes { from, command } => {
+                if matches!(from, Status::Sent | Status::Delivered) {
+                    let notice =
+                        protocol::envelope::Cancel { command_id: id, device_id: command.device_id.clone() };
+                    let body = serde_json::to_vec(&notice).expect("serialisable");
+                    if let Err(e) =
+                        self.mqtt().publish(self.topics().cancels(), QoS::AtLeastOnce, false, body).await
+                    {
+                        tracing::warn!(command_id = %id, error = %e, "could not tell receivers of a cancel");
+                    }
+                }
+                self.on_final(&command).await;
+                Ok(command)
+            }
+            Moved::Refused(c) => Err(ApiError::Conflict(format!("command {id} is already {}", c.status))),
+            Moved::NotFound => Err(ApiError::NotFound(format!("no command {id}"))),
+        }
     }
 
     /// Waits until the command is final or `wait` has passed, and returns it as it stands.
@@ -429,18 +467,16 @@ impl App {
                 Status::Delivered,
                 Change {
                     delivered: true,
+                    next_attempt_at: Some(now_ms() + self.config().result_timeout_ms as i64),
                     detail: Some(format!("receiver {}", report.receiver_id)),
                     ..Change::default()
                 },
             ),
-            ReportKind::Result {
-                code,
-                payload_base64,
-            } => result_change(*code, payload_base64, &report.receiver_id),
+            ReportKind::Result { code, payload_base64 } => {
+                result_change(*code, payload_base64, &report.receiver_id)
+            }
             ReportKind::Undeliverable { reason } => {
-                return self
-                    .note_undeliverable(id, reason, &report.receiver_id)
-                    .await;
+                return self.note_undeliverable(id, reason, &report.receiver_id).await;
             }
         };
         match self.store().transition(id, to, &change).await? {
@@ -453,14 +489,9 @@ impl App {
             Moved::Refused(current) => {
                 Counters::bump(&self.counters().reports_ignored);
                 tracing::debug!(command_id = %id, status = %current.status, report = ?report.kind, "report changes nothing");
-                if matches!(report.kind, ReportKind::Result { .. })
-                    && current.status == Status::Canceled
-                {
-                    let detail =
-                        format!("result after cancel: {}", change.detail.unwrap_or_default());
-                    self.store()
-                        .note(id, current.status, current.attempts, &detail)
-                        .await?;
+                if matches!(report.kind, ReportKind::Result { .. }) && current.status == Status::Canceled {
+                    let detail = format!("result after cancel: {}", change.detail.unwrap_or_default());
+                    self.store().note(id, current.status, current.attempts, &detail).await?;
                 }
             }
             Moved::NotFound => {
@@ -471,20 +502,13 @@ impl App {
         Ok(())
     }
 
-    async fn note_undeliverable(
-        &self,
-        id: Uuid,
-        reason: &str,
-        receiver: &str,
-    ) -> Result<(), StoreError> {
+    async fn note_undeliverable(&self, id: Uuid, reason: &str, receiver: &str) -> Result<(), StoreError> {
         let Some(command) = self.store().get_command(id).await? else {
             Counters::bump(&self.counters().reports_unknown);
             return Ok(());
         };
         let detail = format!("undeliverable at receiver {receiver}: {reason}");
-        self.store()
-            .note(id, command.status, command.attempts, &detail)
-            .await
+        self.store().note(id, command.status, command.attempts, &detail).await
     }
 
     /// A command just became final: wake sync callers and long-polls, answer MQTT callers.
@@ -492,10 +516,7 @@ impl App {
         self.inner.waiters.notify(command.id);
         match self.store().get_command_row(command.id).await {
             Ok(Some((_, Some(reply)))) => {
-                let reply = ReplyTo {
-                    topic: reply.0,
-                    correlation_id: reply.1,
-                };
+                let reply = ReplyTo { topic: reply.0, correlation_id: reply.1 };
                 self.reply(&reply, "final", command.to_json()).await;
             }
             Ok(_) => {}
@@ -512,21 +533,17 @@ impl App {
             obj.insert("event".into(), event.into());
         }
         let bytes = serde_json::to_vec(&body).expect("a Value always serialises");
-        if let Err(e) = self
-            .mqtt()
-            .publish(reply.topic.clone(), QoS::AtLeastOnce, false, bytes)
-            .await
-        {
+        if let Err(e) = self.mqtt().publish(reply.topic.clone(), QoS::AtLeastOnce, false, bytes).await {
             tracing::warn!(topic = %reply.topic, error = %e, "could not publish a reply");
         }
     }
 
     pub async fn apply_presence(&self, p: &Presence) -> Result<(), StoreError> {
-        let known = self
-            .store()
-            .set_presence(&p.device_id, &p.receiver_id, p.online)
-            .await?;
-        tracing::info!(device_id = %p.device_id, receiver = %p.receiver_id, online = p.online, known, "presence");
+        self.store().set_presence(&p.device_id, &p.receiver_id, p.online).await?;
+        tracing::info!(device_id = %p.device_id, receiver = %p.receiver_id, online = p.online, "presence");
+        if p.online && self.store().wake_device(&p.device_id, now_ms()).await? > 0 {
+            self.inner.sweep_now.notify_one();
+        }
         Ok(())
     }
 
@@ -543,27 +560,9 @@ fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) 
     let detail = Some(format!("code {code} via receiver {receiver}"));
     let result = Some((i64::from(code), payload.to_vec(), None));
     if code == 0 {
-        (
-            Status::Succeeded,
-            Change {
-                result,
-                detail,
-                ..Change::default()
-            },
-        )
+        (Status::Succeeded, Change { result, detail, ..Change::default() })
     } else {
-        let error = Some((
-            "device_error".to_owned(),
-            format!("the device answered with error code {code}"),
-        ));
-        (
-            Status::Failed,
-            Change {
-                result,
-                error,
-                detail,
-                ..Change::default()
-            },
-        )
+        let error = Some(("device_error".to_owned(), format!("the device answered with error code {code}")));
+        (Status::Failed, Change { result, error, detail, ..Change::default() })
     }
 }

@@ -48,8 +48,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let payload = Value::String("x".repeat(args.payload_bytes));
     run_calls(&system, 20, 1, &payload).await?;
     let started = Instant::now();
-    let mut latencies =
-        run_calls(&system, args.commands, args.concurrency.max(1), &payload).await?;
+    let mut latencies = run_calls(&system, args.commands, args.concurrency.max(1), &payload).await?;
     let elapsed = started.elapsed();
     latencies.sort_unstable();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
@@ -89,12 +88,8 @@ async fn run_calls(
     let next = Arc::new(AtomicUsize::new(0));
     let mut callers = Vec::new();
     for _ in 0..concurrency {
-        let (next, http, base, payload) = (
-            next.clone(),
-            system.http.clone(),
-            system.base.clone(),
-            payload.clone(),
-        );
+        let (next, http, base, payload) =
+            (next.clone(), system.http.clone(), system.base.clone(), payload.clone());
         let devices = system.fleet.device_ids().to_vec();
         callers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();

@@ -24,11 +24,7 @@ pub enum BrokerError {
          (env GATEWAY_MQTT_LISTEN), or use the broker that is already there with \
          --broker mqtt://HOST:{port} (env GATEWAY_BROKER)"
     )]
-    PortTaken {
-        addr: SocketAddr,
-        port: u16,
-        source: std::io::Error,
-    },
+    PortTaken { addr: SocketAddr, port: u16, source: std::io::Error },
     #[error("the embedded broker did not start listening on {0} within 10 s (see its log above)")]
     NotListening(SocketAddr),
 }
@@ -64,13 +60,8 @@ fn config(listen: SocketAddr, max_payload: usize) -> Config {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+    let server =
+        ServerSettings { name: "v4".into(), listen, tls: None, next_connection_delay_ms: 0, connections };
     Config {
         id: 0,
         router: RouterConfig {
@@ -116,11 +107,7 @@ fn set_nodelay_on_listener(port: u16) -> std::io::Result<bool> {
         let is_socket = std::fs::read_link(entry.path())
             .map(|target| target.to_string_lossy().starts_with("socket:"))
             .unwrap_or(false);
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
         if !is_socket || !is_listener_on(fd, port) {
@@ -192,10 +179,7 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         let err = start_embedded(addr, 1024).unwrap_err().to_string();
         assert!(err.contains(&addr.port().to_string()), "{err}");
-        assert!(
-            err.contains("--mqtt-listen") && err.contains("--broker"),
-            "{err}"
-        );
+        assert!(err.contains("--mqtt-listen") && err.contains("--broker"), "{err}");
     }
 
     #[test]

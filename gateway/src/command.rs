@@ -55,10 +55,7 @@ impl Status {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Status::Succeeded | Status::Failed | Status::Expired | Status::Canceled
-        )
+        matches!(self, Status::Succeeded | Status::Failed | Status::Expired | Status::Canceled)
     }
 
     /// Whether `self → to` is a legal move. Statuses only move forward: a late
@@ -80,10 +77,7 @@ impl Status {
 
     /// Statuses from which `to` may be reached.
     pub fn sources_of(to: Status) -> Vec<Status> {
-        Status::ALL
-            .into_iter()
-            .filter(|from| from.can_move_to(to))
-            .collect()
+        Status::ALL.into_iter().filter(|from| from.can_move_to(to)).collect()
     }
 }
 
@@ -103,18 +97,12 @@ pub struct Payload {
 
 impl Payload {
     pub fn json(value: &Value) -> Payload {
-        Payload {
-            bytes: serde_json::to_vec(value).expect("a Value always serialises"),
-            is_json: true,
-        }
+        Payload { bytes: serde_json::to_vec(value).expect("a Value always serialises"), is_json: true }
     }
 
     /// Writes `payload` (if JSON) or `payload_base64` into `obj`.
     fn render_into(bytes: &[u8], as_json: bool, obj: &mut serde_json::Map<String, Value>) {
-        match as_json
-            .then(|| serde_json::from_slice::<Value>(bytes).ok())
-            .flatten()
-        {
+        match as_json.then(|| serde_json::from_slice::<Value>(bytes).ok()).flatten() {
             Some(v) => obj.insert("payload".into(), v),
             None => obj.insert("payload_base64".into(), Value::String(BASE64.encode(bytes))),
         };
@@ -127,10 +115,7 @@ pub fn render_result(code: i64, payload: &[u8], message: Option<&str>) -> Value 
     let mut obj = serde_json::Map::new();
     obj.insert("code".into(), code.into());
     Payload::render_into(payload, true, &mut obj);
-    obj.insert(
-        "message".into(),
-        message.map_or(Value::Null, |m| Value::String(m.into())),
-    );
+    obj.insert("message".into(), message.map_or(Value::Null, |m| Value::String(m.into())));
     Value::Object(obj)
 }
 
@@ -148,6 +133,8 @@ pub struct Command {
     pub updated_at: i64,
     pub scheduled_at: Option<i64>,
     pub expires_at: i64,
+    /// When the sweeper looks at it next (re-send, expiry); `None` once final.
+    pub next_attempt_at: Option<i64>,
     pub delivered_at: Option<i64>,
     pub completed_at: Option<i64>,
     pub result_code: Option<i64>,
@@ -174,6 +161,7 @@ impl Command {
         put("updated_at", rfc3339(self.updated_at).into());
         put("scheduled_at", opt_time(self.scheduled_at));
         put("expires_at", rfc3339(self.expires_at).into());
+        put("next_attempt_at", opt_time(self.next_attempt_at));
         put("delivered_at", opt_time(self.delivered_at));
         put("completed_at", opt_time(self.completed_at));
         let result = match self.result_code {
@@ -190,12 +178,7 @@ impl Command {
             None => Value::Null,
         };
         put("error", error);
-        put(
-            "idempotency_key",
-            self.idempotency_key
-                .clone()
-                .map_or(Value::Null, Value::String),
-        );
+        put("idempotency_key", self.idempotency_key.clone().map_or(Value::Null, Value::String));
         Payload::render_into(&self.payload.bytes, self.payload.is_json, &mut obj);
         Value::Object(obj)
     }
@@ -223,9 +206,7 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 
 /// Now, in milliseconds since the epoch.
 pub fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     d.as_millis() as i64
 }
 
@@ -246,10 +227,7 @@ mod tests {
     fn a_late_delivery_report_cannot_undo_a_result() {
         assert!(Status::Sent.can_move_to(Status::Delivered));
         assert!(!Status::Succeeded.can_move_to(Status::Delivered));
-        assert_eq!(
-            Status::sources_of(Status::Delivered),
-            vec![Status::Pending, Status::Sent]
-        );
+        assert_eq!(Status::sources_of(Status::Delivered), vec![Status::Pending, Status::Sent]);
     }
 
     #[test]
@@ -273,9 +251,6 @@ mod tests {
     fn times_are_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(parse_rfc3339("1970-01-01T00:00:01.5Z"), Some(1500));
-        assert_eq!(
-            parse_rfc3339(&rfc3339(1_764_000_000_123)),
-            Some(1_764_000_000_123)
-        );
+        assert_eq!(parse_rfc3339(&rfc3339(1_764_000_000_123)), Some(1_764_000_000_123));
     }
 }

@@ -9,11 +9,7 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Database: `sqlite:PATH` (embedded default) or `mysql://USER:PASS@HOST:PORT/DB` (MySQL/MariaDB).
-    #[arg(
-        long,
-        env = "GATEWAY_DATABASE_URL",
-        default_value = "sqlite:gateway.db"
-    )]
+    #[arg(long, env = "GATEWAY_DATABASE_URL", default_value = "sqlite:gateway.db")]
     pub database_url: String,
 
     /// HTTP API listen address.
@@ -55,6 +51,31 @@ pub struct Config {
     /// A `sent` command with no delivery report after this long is due for a re-send.
     #[arg(long, env = "GATEWAY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
     pub ack_timeout_ms: u64,
+
+    /// A `delivered` command with no result after this long is due for a re-send
+    /// (the device answers a repeat from memory, it does not run it twice).
+    #[arg(long, env = "GATEWAY_RESULT_TIMEOUT_MS", default_value_t = 15_000)]
+    pub result_timeout_ms: u64,
+
+    /// Back-off before re-send n+1 grows from this (doubling, with jitter)...
+    #[arg(long, env = "GATEWAY_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub retry_base_ms: u64,
+
+    /// ...up to this.
+    #[arg(long, env = "GATEWAY_RETRY_CAP_MS", default_value_t = 30_000)]
+    pub retry_cap_ms: u64,
+
+    /// How often the sweeper looks for due work (it also runs when a device comes online).
+    #[arg(long, env = "GATEWAY_SWEEP_INTERVAL_MS", default_value_t = 500)]
+    pub sweep_interval_ms: u64,
+
+    /// Commands the sweeper claims per query.
+    #[arg(long, env = "GATEWAY_SWEEP_BATCH", default_value_t = 200)]
+    pub sweep_batch: i64,
+
+    /// How long a sweeper's claim keeps other gateway instances off a command.
+    #[arg(long, env = "GATEWAY_CLAIM_LEASE_MS", default_value_t = 30_000)]
+    pub claim_lease_ms: u64,
 }
 
 /// Longest a caller may ask to wait (sync `wait_ms`, long-poll `wait_ms`).
@@ -66,11 +87,7 @@ pub const MAX_ATTEMPTS: i64 = 100;
 
 impl Config {
     /// Defaults for tests and the demo: everything on loopback, nothing fixed.
-    pub fn for_local(
-        database_url: String,
-        http_listen: SocketAddr,
-        mqtt_listen: SocketAddr,
-    ) -> Config {
+    pub fn for_local(database_url: String, http_listen: SocketAddr, mqtt_listen: SocketAddr) -> Config {
         Config {
             database_url,
             http_listen,
@@ -83,6 +100,12 @@ impl Config {
             default_ttl_ms: 60_000,
             default_max_attempts: 5,
             ack_timeout_ms: 5_000,
+            result_timeout_ms: 15_000,
+            retry_base_ms: 1_000,
+            retry_cap_ms: 30_000,
+            sweep_interval_ms: 500,
+            sweep_batch: 200,
+            claim_lease_ms: 30_000,
         }
     }
 }

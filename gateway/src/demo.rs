@@ -39,30 +39,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })
     .await?;
     let (gw, rx) = (&system.gateway, &system.receiver);
-    println!(
-        "gateway   {}  (embedded MQTT broker at mqtt://{}:{})",
-        system.base, gw.broker.0, gw.broker.1
-    );
+    println!("gateway   {}  (embedded MQTT broker at mqtt://{}:{})", system.base, gw.broker.0, gw.broker.1);
     println!("database  {}", system.database_url);
     println!("receiver  devices connect to {}", rx.tcp_addr);
     println!("fleet     {} devices connected and online\n", args.devices);
-    let outcome = send_mix(
-        &system.http,
-        &system.base,
-        system.fleet.device_ids(),
-        args.commands,
-    )
-    .await;
+    let outcome = send_mix(&system.http, &system.base, system.fleet.device_ids(), args.commands).await;
     let t = system.fleet.stats().totals;
     println!(
         "\ndevices: received {}, executed {}, duplicates answered from memory {}, executed twice {}",
         t.received, t.executed, t.duplicates, t.executed_ids_repeated
     );
     if args.keep_running {
-        println!(
-            "\nstill running; try: curl {}/v1/commands?limit=5   (Ctrl-C to stop)",
-            system.base
-        );
+        println!("\nstill running; try: curl {}/v1/commands?limit=5   (Ctrl-C to stop)", system.base);
         tokio::signal::ctrl_c().await?;
     }
     system.stop().await;
@@ -70,28 +58,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Sends the demo's commands and prints a line for each; errs if any ends badly.
-async fn send_mix(
-    http: &reqwest::Client,
-    base: &str,
-    ids: &[String],
-    n: usize,
-) -> anyhow::Result<()> {
+async fn send_mix(http: &reqwest::Client, base: &str, ids: &[String], n: usize) -> anyhow::Result<()> {
     let mut sync_ms = Vec::new();
     let mut async_ids = Vec::new();
-    println!(
-        "{:<7} {:<10} {:<10} {:>6} {:>11}  detail",
-        "mode", "device", "command", "http", "status"
-    );
+    println!("{:<7} {:<10} {:<10} {:>6} {:>11}  detail", "mode", "device", "command", "http", "status");
     for i in 0..n {
         let device = &ids[i % ids.len()];
         let mode = if i % 3 == 2 { "async" } else { "sync" };
         let body = json!({"name": "set_temp", "payload": {"celsius": 18 + (i % 8)}, "mode": mode});
         let started = Instant::now();
-        let r = http
-            .post(format!("{base}/v1/devices/{device}/commands"))
-            .json(&body)
-            .send()
-            .await?;
+        let r = http.post(format!("{base}/v1/devices/{device}/commands")).json(&body).send().await?;
         let code = r.status().as_u16();
         let v: Value = r.json().await?;
         if mode == "sync" {
@@ -103,28 +79,16 @@ async fn send_mix(
     }
     // Edge cases a caller meets.
     let slow = json!({"name": "calibrate", "payload": {"delay_ms": 400}, "wait_ms": 100});
-    let r = http
-        .post(format!("{base}/v1/devices/{}/commands", ids[0]))
-        .json(&slow)
-        .send()
-        .await?;
+    let r = http.post(format!("{base}/v1/devices/{}/commands", ids[0])).json(&slow).send().await?;
     let code = r.status().as_u16();
     let v: Value = r.json().await?;
     print_line("sync", &ids[0], "calibrate", code, &v);
     let id = v["id"].as_str().unwrap_or_default();
-    let polled: Value = http
-        .get(format!("{base}/v1/commands/{id}?wait_ms=5000"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let polled: Value =
+        http.get(format!("{base}/v1/commands/{id}?wait_ms=5000")).send().await?.json().await?;
     print_line("poll", &ids[0], "calibrate", 200, &polled);
     let fail = json!({"name": "fail", "payload": {"code": 42}});
-    let r = http
-        .post(format!("{base}/v1/devices/{}/commands", ids[0]))
-        .json(&fail)
-        .send()
-        .await?;
+    let r = http.post(format!("{base}/v1/devices/{}/commands", ids[0])).json(&fail).send().await?;
     let code = r.status().as_u16();
     print_line("sync", &ids[0], "fail", code, &r.json().await?);
     let r = http
@@ -137,15 +101,9 @@ async fn send_mix(
 
     let mut finals = std::collections::BTreeMap::<String, usize>::new();
     for id in &async_ids {
-        let v: Value = http
-            .get(format!("{base}/v1/commands/{id}?wait_ms=10000"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        *finals
-            .entry(v["status"].as_str().unwrap_or("?").to_owned())
-            .or_default() += 1;
+        let v: Value =
+            http.get(format!("{base}/v1/commands/{id}?wait_ms=10000")).send().await?.json().await?;
+        *finals.entry(v["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
     }
     sync_ms.sort_by(f64::total_cmp);
     let median = sync_ms.get(sync_ms.len() / 2).copied().unwrap_or_default();
@@ -155,28 +113,15 @@ async fn send_mix(
         sync_ms.len()
     );
     println!("async commands polled to final: {finals:?}");
-    let pending = finals
-        .iter()
-        .filter(|(s, _)| !matches!(s.as_str(), "succeeded" | "failed"))
-        .count();
-    anyhow::ensure!(
-        pending == 0,
-        "some async commands did not finish: {finals:?}"
-    );
+    let pending = finals.iter().filter(|(s, _)| !matches!(s.as_str(), "succeeded" | "failed")).count();
+    anyhow::ensure!(pending == 0, "some async commands did not finish: {finals:?}");
     Ok(())
 }
 
 fn print_line(mode: &str, device: &str, name: &str, http: u16, v: &Value) {
-    let status = v["status"]
-        .as_str()
-        .or(v["error"]["kind"].as_str())
-        .unwrap_or("-");
+    let status = v["status"].as_str().or(v["error"]["kind"].as_str()).unwrap_or("-");
     let detail = if let Some(r) = v.get("result").filter(|r| !r.is_null()) {
-        format!(
-            "code {} {}",
-            r["code"],
-            r.get("payload").map(Value::to_string).unwrap_or_default()
-        )
+        format!("code {} {}", r["code"], r.get("payload").map(Value::to_string).unwrap_or_default())
     } else if let Some(m) = v["error"]["message"].as_str() {
         m.to_owned()
     } else {

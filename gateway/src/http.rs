@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -32,10 +33,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/commands", get(list_commands))
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/commands/{id}/events", get(command_events))
-        .route(
-            "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
+        .route("/v1/commands/{id}/cancel", post(cancel))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -49,18 +48,33 @@ pub fn router(app: App) -> Router {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.to_json())).into_response()
     }
 }
 
-/// Reads and parses a JSON body; the size cap leaves room for base64 and the other fields.
+/// Reads and parses a JSON body; the size cap leaves room for base64 and the
+/// other fields. An oversized body is still read (up to `DRAIN_FACTOR` times
+/// the cap) so the client, still writing, can read our 413 instead of a reset.
 async fn json_body<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+    const DRAIN_FACTOR: usize = 64;
     let limit = app.config().max_payload_bytes * 2 + 64 * 1024;
-    let bytes = to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::TooLarge(format!("request body over {limit} bytes")))?;
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        total += chunk.len();
+        if total > limit.saturating_mul(DRAIN_FACTOR) {
+            break;
+        }
+        if total <= limit {
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    if total > limit {
+        return Err(ApiError::TooLarge(format!("request body over {limit} bytes")));
+    }
     serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
 }
 
@@ -79,8 +93,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no command {id:?}")))
+    id.parse().map_err(|_| ApiError::NotFound(format!("no command {id:?}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,22 +133,13 @@ async fn put_device(
         ));
     }
     let body: DeviceBody = json_body(&app, req.into_body()).await?;
-    let (device, created) = app
-        .store()
-        .upsert_device(&device_id, body.enabled, &Value::Object(body.labels))
-        .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let (device, created) =
+        app.store().upsert_device(&device_id, body.enabled, &Value::Object(body.labels)).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(device_json(&device))).into_response())
 }
 
-async fn get_device(
-    State(app): State<App>,
-    Path(device_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn get_device(State(app): State<App>, Path(device_id): Path<String>) -> Result<Json<Value>, ApiError> {
     match app.store().get_device(&device_id).await? {
         Some(d) => Ok(Json(device_json(&d))),
         None => Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
@@ -154,9 +158,7 @@ async fn list_devices(
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit)?;
     let devices = app.store().list_devices(q.after.as_deref(), limit).await?;
-    let next = (devices.len() as i64 == limit)
-        .then(|| devices.last().map(|d| d.id.clone()))
-        .flatten();
+    let next = (devices.len() as i64 == limit).then(|| devices.last().map(|d| d.id.clone())).flatten();
     let items: Vec<Value> = devices.iter().map(device_json).collect();
     Ok(Json(json!({"items": items, "next_after": next})))
 }
@@ -180,11 +182,7 @@ async fn submit(
 
 /// 200 with a final command, 202 with one still under way.
 fn command_response(command: &crate::command::Command) -> Response {
-    let status = if command.status.is_final() {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
+    let status = if command.status.is_final() { StatusCode::OK } else { StatusCode::ACCEPTED };
     (status, Json(command.to_json())).into_response()
 }
 
@@ -201,9 +199,7 @@ async fn get_command(
     let id = parse_id(&id)?;
     let wait = q.wait_ms.unwrap_or(0);
     if wait > MAX_WAIT_MS {
-        return Err(ApiError::BadRequest(format!(
-            "wait_ms must be at most {MAX_WAIT_MS}"
-        )));
+        return Err(ApiError::BadRequest(format!("wait_ms must be at most {MAX_WAIT_MS}")));
     }
     let command = app.wait_final(id, Duration::from_millis(wait)).await?;
     let command = command.ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
@@ -228,36 +224,23 @@ async fn list_commands(
 ) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(
-            Status::parse(s)
-                .ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))?,
-        ),
+        Some(s) => {
+            Some(Status::parse(s).ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))?)
+        }
     };
     let before = match q.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(
-            c.parse()
-                .map_err(|_| ApiError::BadRequest(format!("bad cursor {c:?}")))?,
-        ),
+        Some(c) => Some(c.parse().map_err(|_| ApiError::BadRequest(format!("bad cursor {c:?}")))?),
     };
-    let filter = CommandFilter {
-        device_id: q.device_id,
-        status,
-        before,
-        limit: page_limit(q.limit)?,
-    };
+    let filter = CommandFilter { device_id: q.device_id, status, before, limit: page_limit(q.limit)? };
     let commands = app.store().list_commands(&filter).await?;
-    let next = (commands.len() as i64 == filter.limit)
-        .then(|| commands.last().map(|c| c.id.to_string()))
-        .flatten();
+    let next =
+        (commands.len() as i64 == filter.limit).then(|| commands.last().map(|c| c.id.to_string())).flatten();
     let items: Vec<Value> = commands.iter().map(|c| c.to_json()).collect();
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
-async fn command_events(
-    State(app): State<App>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn command_events(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     if app.store().get_command(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no command {id}")));
@@ -270,18 +253,18 @@ async fn command_events(
     Ok(Json(json!({"command_id": id.to_string(), "items": items})))
 }
 
+async fn cancel(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let command = app.cancel(parse_id(&id)?).await?;
+    Ok(Json(command.to_json()))
+}
+
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.counters().render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.counters().render())
 }
 
 fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit.unwrap_or(DEFAULT_PAGE) {
         l @ 1..=MAX_PAGE => Ok(l),
-        _ => Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_PAGE}"
-        ))),
+        _ => Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_PAGE}"))),
     }
 }

@@ -8,6 +8,8 @@
 //!   [`mqtt`] feeds them to [`app::App::apply_report`], which moves the command
 //!   forward (never back) and, when it is final, wakes [`waiters`] (sync calls,
 //!   long-polls) and answers MQTT callers on their `reply_to`.
+//! - [`sweeper`] finds what the database says is due — scheduled commands,
+//!   lost publications and results, deadlines — re-sends or expires it.
 //! - [`broker`] embeds rumqttd when no external broker is given.
 //! - [`command`] is the pure domain: statuses, transitions, JSON view.
 //! - [`server`] wires the parts and owns shutdown; [`demo`] runs a whole system
@@ -24,6 +26,7 @@ pub mod local;
 pub mod mqtt;
 pub mod server;
 pub mod store;
+pub mod sweeper;
 pub mod waiters;
 
 pub use config::Config;

@@ -49,25 +49,16 @@ impl LocalSystem {
         let (database_url, temp_dir) = match opts.database_url {
             Some(url) => (url, None),
             None => {
-                let dir =
-                    std::env::temp_dir().join(format!("gateway-local-{}", std::process::id()));
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                (
-                    format!("sqlite:{}", dir.join("gateway.db").display()),
-                    Some(dir),
-                )
+                let dir = std::env::temp_dir().join(format!("gateway-local-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                (format!("sqlite:{}", dir.join("gateway.db").display()), Some(dir))
             }
         };
         let mut config = Config::for_local(database_url.clone(), free_port()?, free_port()?);
         config.broker = opts.broker;
         let gateway = crate::start(config, shutdown.clone()).await?;
         let broker = format!("mqtt://{}:{}", gateway.broker.0, gateway.broker.1);
-        let receiver = receiver::start(
-            receiver::Config::new(broker, free_port()?),
-            shutdown.clone(),
-        )
-        .await?;
+        let receiver = receiver::start(receiver::Config::new(broker, free_port()?), shutdown.clone()).await?;
         let fleet_config = firmware_sim::FleetConfig {
             connect: receiver.tcp_addr,
             devices: opts.devices,
@@ -94,12 +85,7 @@ impl LocalSystem {
     async fn register_fleet(&self) -> anyhow::Result<()> {
         for id in self.fleet.device_ids() {
             let url = format!("{}/v1/devices/{id}", self.base);
-            let r = self
-                .http
-                .put(url)
-                .json(&json!({"labels": {"fleet": "simulated"}}))
-                .send()
-                .await?;
+            let r = self.http.put(url).json(&json!({"labels": {"fleet": "simulated"}})).send().await?;
             anyhow::ensure!(r.status().is_success(), "registering {id}: {}", r.status());
         }
         let n = self.fleet.device_ids().len();
@@ -118,13 +104,7 @@ impl LocalSystem {
     }
 
     async fn online(&self, id: &str) -> anyhow::Result<bool> {
-        let d: Value = self
-            .http
-            .get(format!("{}/v1/devices/{id}", self.base))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let d: Value = self.http.get(format!("{}/v1/devices/{id}", self.base)).send().await?.json().await?;
         Ok(d["online"] == true)
     }
 

@@ -4,10 +4,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "Delivers commands to IoT devices and tells the caller what happened"
-)]
+#[command(version, about = "Delivers commands to IoT devices and tells the caller what happened")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -33,8 +30,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();

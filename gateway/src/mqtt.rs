@@ -63,26 +63,11 @@ pub fn spawn(
         },
     );
     let (tx, rx) = mpsc::channel(REPORT_QUEUE);
-    let filters = vec![
-        app.topics().submit(),
-        app.topics().presence_filter(),
-        app.topics().receiver_status_filter(),
-    ];
-    tasks.spawn(poll(
-        main_loop,
-        app.mqtt().clone(),
-        filters,
-        Incoming::Main(app.clone()),
-        shutdown.clone(),
-    ));
+    let filters =
+        vec![app.topics().submit(), app.topics().presence_filter(), app.topics().receiver_status_filter()];
+    tasks.spawn(poll(main_loop, app.mqtt().clone(), filters, Incoming::Main(app.clone()), shutdown.clone()));
     let filters = vec![app.topics().reports()];
-    tasks.spawn(poll(
-        reports_loop,
-        reports_client.clone(),
-        filters,
-        Incoming::Reports(tx),
-        shutdown.clone(),
-    ));
+    tasks.spawn(poll(reports_loop, reports_client.clone(), filters, Incoming::Reports(tx), shutdown.clone()));
     tasks.spawn(apply_reports(app, reports_client, rx, shutdown.clone()));
 }
 
@@ -190,10 +175,7 @@ async fn handle_submission(app: &App, payload: &[u8]) {
         Some(other) => other.to_string(),
         None => String::new(),
     };
-    let reply = ReplyTo {
-        topic,
-        correlation_id,
-    };
+    let reply = ReplyTo { topic, correlation_id };
     let device_id = match fields.remove("device_id") {
         Some(Value::String(s)) => s,
         _ => String::new(),

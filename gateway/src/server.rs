@@ -38,48 +38,28 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         None => {
             // Topic payloads carry base64 and JSON around the command payload.
             broker::start_embedded(config.mqtt_listen, config.max_payload_bytes * 2 + 64 * 1024)?;
-            (
-                config.mqtt_listen.ip().to_string(),
-                config.mqtt_listen.port(),
-            )
+            (config.mqtt_listen.ip().to_string(), config.mqtt_listen.port())
         }
     };
     let listener = TcpListener::bind(config.http_listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen for HTTP on {}: {e} (use --http-listen)",
-            config.http_listen
-        )
+        anyhow::anyhow!("cannot listen for HTTP on {}: {e} (use --http-listen)", config.http_listen)
     })?;
     let http_addr = listener.local_addr()?;
     let (client, eventloop) = mqtt::main_client(&broker.0, broker.1, &config.instance_id);
     let app = App::new(config, store, client);
     let tasks = TaskTracker::new();
-    mqtt::spawn(
-        app.clone(),
-        eventloop,
-        &broker.0,
-        broker.1,
-        &shutdown,
-        &tasks,
-    );
+    mqtt::spawn(app.clone(), eventloop, &broker.0, broker.1, &shutdown, &tasks);
+    tasks.spawn(crate::sweeper::run(app.clone(), shutdown.clone()));
     let router = http::router(app.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
+        let served = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
     tracing::info!(%http_addr, broker = %format!("{}:{}", broker.0, broker.1), "gateway started");
-    Ok(Running {
-        app,
-        http_addr,
-        broker,
-        shutdown,
-        tasks,
-    })
+    Ok(Running { app, http_addr, broker, shutdown, tasks })
 }
 
 impl Running {

@@ -65,9 +65,13 @@ pub struct NewCommand {
     pub name: String,
     pub payload: Payload,
     pub max_attempts: i64,
+    /// `Pending`, or `Scheduled` with `scheduled_at` in the future.
+    pub status: Status,
     pub created_at: i64,
+    pub scheduled_at: Option<i64>,
     pub expires_at: i64,
-    /// When the first publication is due (now for immediate commands).
+    /// When the sweeper first looks at it: the scheduled time, or a grace
+    /// period after which an unpublished command is published by the sweeper.
     pub next_attempt_at: i64,
     pub idempotency_key: Option<String>,
     /// Digest of everything the caller asked for, to tell a retry from a different request.
@@ -142,7 +146,7 @@ const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.created_at, d.u
     p.online, p.receiver_id, p.seen_at FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
 
 const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
-    max_attempts, created_at, scheduled_at, expires_at, updated_at, delivered_at, completed_at, \
+    max_attempts, created_at, scheduled_at, expires_at, next_attempt_at, updated_at, delivered_at, completed_at, \
     result_code, result_payload, result_message, error_kind, error_message, idempotency_key, \
     request_hash, reply_to, correlation_id";
 
@@ -151,9 +155,8 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let (backend, url) = normalise_url(url)?;
-        let mut options = AnyPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(3))
-            .max_connections(match backend {
+        let mut options =
+            AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3)).max_connections(match backend {
                 Backend::Sqlite => 4,
                 Backend::MySql => 16,
             });
@@ -188,22 +191,16 @@ impl Store {
     // ---- devices ----
 
     /// Creates or updates a device; `true` when it was created.
-    pub async fn upsert_device(
-        &self,
-        id: &str,
-        enabled: bool,
-        labels: &Value,
-    ) -> Result<(Device, bool)> {
+    pub async fn upsert_device(&self, id: &str, enabled: bool, labels: &Value) -> Result<(Device, bool)> {
         let now = now_ms();
         let labels_text = labels.to_string();
-        let updated =
-            sqlx::query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
-                .bind(i64::from(enabled))
-                .bind(&labels_text)
-                .bind(now)
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
+        let updated = sqlx::query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
+            .bind(i64::from(enabled))
+            .bind(&labels_text)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         let mut created = false;
         if updated.rows_affected() == 0 {
             let inserted = sqlx::query(
@@ -234,57 +231,51 @@ impl Store {
 
     pub async fn get_device(&self, id: &str) -> Result<Option<Device>> {
         let sql = format!("{DEVICE_SELECT} WHERE d.id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
     /// Devices in id order, after `after` (the previous page's last id).
     pub async fn list_devices(&self, after: Option<&str>, limit: i64) -> Result<Vec<Device>> {
         let sql = format!("{DEVICE_SELECT} WHERE d.id > ? ORDER BY d.id LIMIT ?");
-        let rows = sqlx::query(&sql)
-            .bind(after.unwrap_or(""))
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&sql).bind(after.unwrap_or("")).bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(device_from_row).collect()
     }
 
     /// Records that a receiver gained or lost a device (registered or not yet).
     /// An offline report from a receiver the device has since left is ignored.
-    pub async fn set_presence(
-        &self,
-        device_id: &str,
-        receiver_id: &str,
-        online: bool,
-    ) -> Result<bool> {
+    pub async fn set_presence(&self, device_id: &str, receiver_id: &str, online: bool) -> Result<bool> {
         let now = now_ms();
         let done = if online {
-            sqlx::query("UPDATE device_presence SET online = 1, receiver_id = ?, seen_at = ? WHERE device_id = ?")
-                .bind(receiver_id)
-                .bind(now)
-                .bind(device_id)
-                .execute(&self.pool)
-                .await?
+            sqlx::query(
+                "UPDATE device_presence SET online = 1, receiver_id = ?, seen_at = ? WHERE device_id = ?",
+            )
+            .bind(receiver_id)
+            .bind(now)
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?
         } else {
-            sqlx::query("UPDATE device_presence SET online = 0, seen_at = ? WHERE device_id = ? AND receiver_id = ?")
-                .bind(now)
-                .bind(device_id)
-                .bind(receiver_id)
-                .execute(&self.pool)
-                .await?
+            sqlx::query(
+                "UPDATE device_presence SET online = 0, seen_at = ? WHERE device_id = ? AND receiver_id = ?",
+            )
+            .bind(now)
+            .bind(device_id)
+            .bind(receiver_id)
+            .execute(&self.pool)
+            .await?
         };
         if done.rows_affected() > 0 || !online {
             return Ok(done.rows_affected() > 0);
         }
-        let inserted = sqlx::query("INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)")
-            .bind(device_id)
-            .bind(receiver_id)
-            .bind(now)
-            .execute(&self.pool)
-            .await;
+        let inserted = sqlx::query(
+            "INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)",
+        )
+        .bind(device_id)
+        .bind(receiver_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
         match inserted {
             Ok(_) => Ok(true),
             Err(e) if is_unique_violation(&e) => {
@@ -296,11 +287,13 @@ impl Store {
 
     /// Marks every device of a receiver offline (the receiver went away).
     pub async fn receiver_gone(&self, receiver_id: &str) -> Result<u64> {
-        let done = sqlx::query("UPDATE device_presence SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1")
-            .bind(now_ms())
-            .bind(receiver_id)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE device_presence SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1",
+        )
+        .bind(now_ms())
+        .bind(receiver_id)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -311,18 +304,19 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let insert = sqlx::query(
             "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
-             max_attempts, created_at, expires_at, updated_at, next_attempt_at, idempotency_key, \
-             request_hash, reply_to, correlation_id) \
-             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             max_attempts, created_at, scheduled_at, expires_at, updated_at, next_attempt_at, \
+             idempotency_key, request_hash, reply_to, correlation_id) \
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(new.id.to_string())
         .bind(&new.device_id)
         .bind(&new.name)
         .bind(new.payload.bytes.clone())
         .bind(i64::from(new.payload.is_json))
-        .bind(Status::Pending.as_str())
+        .bind(new.status.as_str())
         .bind(new.max_attempts)
         .bind(new.created_at)
+        .bind(new.scheduled_at)
         .bind(new.expires_at)
         .bind(new.created_at)
         .bind(new.next_attempt_at)
@@ -340,40 +334,26 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
-        insert_event(
-            &mut tx,
-            new.id,
-            new.created_at,
-            None,
-            Status::Pending,
-            0,
-            None,
-        )
-        .await?;
+        insert_event(&mut tx, new.id, new.created_at, None, Status::Pending, 0, None).await?;
         tx.commit().await?;
-        let command = self.get_command(new.id).await?.ok_or_else(|| {
-            StoreError::Corrupt(format!("command {} vanished after insert", new.id))
-        })?;
+        let command = self
+            .get_command(new.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("command {} vanished after insert", new.id)))?;
         Ok(Inserted::Created(command))
     }
 
     async fn existing_for_key(&self, new: &NewCommand) -> Result<Inserted> {
-        let sql = format!(
-            "SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND idempotency_key = ?"
-        );
+        let sql =
+            format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND idempotency_key = ?");
         let row = sqlx::query(&sql)
             .bind(&new.device_id)
             .bind(new.idempotency_key.clone())
             .fetch_one(&self.pool)
             .await?;
-        let same =
-            row.try_get::<Option<String>, _>("request_hash")?.as_deref() == Some(&new.request_hash);
+        let same = row.try_get::<Option<String>, _>("request_hash")?.as_deref() == Some(&new.request_hash);
         let command = command_from_row(&row)?;
-        Ok(if same {
-            Inserted::Existing(command)
-        } else {
-            Inserted::KeyConflict(command)
-        })
+        Ok(if same { Inserted::Existing(command) } else { Inserted::KeyConflict(command) })
     }
 
     pub async fn get_command(&self, id: Uuid) -> Result<Option<Command>> {
@@ -381,22 +361,13 @@ impl Store {
     }
 
     /// The command and, for MQTT submissions, its (reply_to, correlation_id).
-    pub async fn get_command_row(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(Command, Option<(String, String)>)>> {
+    pub async fn get_command_row(&self, id: Uuid) -> Result<Option<(Command, Option<(String, String)>)>> {
         let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
         row.map(|row| {
             let reply_to: Option<String> = row.try_get("reply_to")?;
             let correlation: Option<String> = row.try_get("correlation_id")?;
-            Ok((
-                command_from_row(&row)?,
-                reply_to.map(|r| (r, correlation.unwrap_or_default())),
-            ))
+            Ok((command_from_row(&row)?, reply_to.map(|r| (r, correlation.unwrap_or_default()))))
         })
         .transpose()
     }
@@ -452,18 +423,102 @@ impl Store {
     /// (e.g. a result that arrived after the command was final).
     pub async fn note(&self, id: Uuid, status: Status, attempt: i64, detail: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        insert_event(
-            &mut tx,
-            id,
-            now_ms(),
-            Some(status),
-            status,
-            attempt,
-            Some(detail),
-        )
-        .await?;
+        insert_event(&mut tx, id, now_ms(), Some(status), status, attempt, Some(detail)).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Claims up to `limit` commands that are due (`next_attempt_at <= now`) by
+    /// pushing their `next_attempt_at` to `lease_until`, so that another
+    /// gateway's sweeper skips them while this one works on them. Returns their
+    /// ids in acceptance order. A claim is only a lease: what the sweeper then
+    /// does to each command is a compare-and-set of its own, so two sweepers
+    /// holding one row (a lease expired, or an engine that ignores SKIP LOCKED)
+    /// still cannot both take the same attempt.
+    pub async fn claim_due(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {
+        let ids: Vec<String> = match self.backend {
+            Backend::Sqlite => {
+                let rows = sqlx::query(
+                    "UPDATE commands SET next_attempt_at = ? WHERE id IN \
+                     (SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?) \
+                     RETURNING id",
+                )
+                .bind(lease_until)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?
+            }
+            Backend::MySql => {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(
+                    "SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ? \
+                     FOR UPDATE SKIP LOCKED",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                let ids: Vec<String> = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+                if !ids.is_empty() {
+                    let marks = vec!["?"; ids.len()].join(", ");
+                    let sql = format!("UPDATE commands SET next_attempt_at = ? WHERE id IN ({marks})");
+                    let mut q = sqlx::query(&sql).bind(lease_until);
+                    for id in &ids {
+                        q = q.bind(id.clone());
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                ids
+            }
+        };
+        let mut ids: Vec<Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Moves the sweeper's next look at a command to `until` without another
+    /// change, if it still stands as `current` (e.g. its device is offline).
+    pub async fn postpone(&self, current: &Command, until: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ?",
+        )
+        .bind(until.min(current.expires_at))
+        .bind(current.id.to_string())
+        .bind(current.status.as_str())
+        .bind(current.attempts)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A device came online: its commands waiting for it, or published while
+    /// it was away, are due now.
+    pub async fn wake_device(&self, device_id: &str, now: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE commands SET next_attempt_at = ? WHERE device_id = ? AND status IN ('pending', 'sent') \
+             AND next_attempt_at > ?",
+        )
+        .bind(now)
+        .bind(device_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether a receiver reports the device connected now.
+    pub async fn is_online(&self, device_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT online FROM device_presence WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<i64, _>("online")? != 0,
+            None => false,
+        })
     }
 
     /// Moves a command to `to` if that is legal from where it stands, applying
@@ -478,23 +533,13 @@ impl Store {
             }
             let next = apply(&current, to, change, now_ms());
             if self.compare_and_set(&current, &next, change).await? {
-                return Ok(Moved::Yes {
-                    from: current.status,
-                    command: next,
-                });
+                return Ok(Moved::Yes { from: current.status, command: next });
             }
         }
-        Err(StoreError::Corrupt(format!(
-            "command {id} kept changing under {CAS_RETRIES} attempts"
-        )))
+        Err(StoreError::Corrupt(format!("command {id} kept changing under {CAS_RETRIES} attempts")))
     }
 
-    async fn compare_and_set(
-        &self,
-        current: &Command,
-        next: &Command,
-        change: &Change,
-    ) -> Result<bool> {
+    async fn compare_and_set(&self, current: &Command, next: &Command, change: &Change) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE commands SET status = ?, attempts = ?, updated_at = ?, delivered_at = ?, \
@@ -512,11 +557,7 @@ impl Store {
         .bind(next.result_message.clone())
         .bind(next.error_kind.clone())
         .bind(next.error_message.clone())
-        .bind(if next.status.is_final() {
-            None
-        } else {
-            change.next_attempt_at
-        })
+        .bind(if next.status.is_final() { None } else { change.next_attempt_at })
         .bind(current.id.to_string())
         .bind(current.status.as_str())
         .bind(current.attempts)
@@ -563,6 +604,11 @@ fn apply(current: &Command, to: Status, change: &Change, now: i64) -> Command {
     }
     if to.is_final() {
         next.completed_at = Some(now);
+        next.next_attempt_at = None;
+    } else {
+        // Never later than the deadline, so the sweeper sees every expiry in time.
+        let due = change.next_attempt_at.or(current.next_attempt_at).unwrap_or(now);
+        next.next_attempt_at = Some(due.min(current.expires_at));
     }
     next
 }
@@ -612,10 +658,7 @@ fn normalise_url(url: &str) -> Result<(Backend, String)> {
     if url.starts_with("mysql://") || url.starts_with("mariadb://") {
         return Ok((Backend::MySql, url.replacen("mariadb://", "mysql://", 1)));
     }
-    let Some(path) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    else {
+    let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else {
         return Err(StoreError::BadUrl(url.to_owned()));
     };
     let url = if path.contains("mode=") {
@@ -629,8 +672,7 @@ fn normalise_url(url: &str) -> Result<(Backend, String)> {
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation())
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
 }
 
 fn device_from_row(row: &AnyRow) -> Result<Device> {
@@ -651,9 +693,7 @@ fn command_from_row(row: &AnyRow) -> Result<Command> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     Ok(Command {
-        id: id
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("bad command id {id:?}")))?,
+        id: id.parse().map_err(|_| StoreError::Corrupt(format!("bad command id {id:?}")))?,
         device_id: row.try_get("device_id")?,
         name: row.try_get("name")?,
         payload: Payload {
@@ -668,6 +708,7 @@ fn command_from_row(row: &AnyRow) -> Result<Command> {
         updated_at: row.try_get("updated_at")?,
         scheduled_at: row.try_get("scheduled_at")?,
         expires_at: row.try_get("expires_at")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
         delivered_at: row.try_get("delivered_at")?,
         completed_at: row.try_get("completed_at")?,
         result_code: row.try_get("result_code")?,
@@ -689,10 +730,7 @@ mod tests {
             normalise_url("sqlite:gw.db").unwrap(),
             (Backend::Sqlite, "sqlite://gw.db?mode=rwc".into())
         );
-        assert_eq!(
-            normalise_url("mariadb://root@h/db").unwrap().0,
-            Backend::MySql
-        );
+        assert_eq!(normalise_url("mariadb://root@h/db").unwrap().0, Backend::MySql);
         assert!(normalise_url("postgres://x").is_err());
     }
 

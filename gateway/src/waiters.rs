@@ -21,15 +21,8 @@ impl Waiters {
     /// state, so a final result landing in between is not missed.
     pub fn register(&self, id: Uuid) -> Waiter {
         let mut map = self.inner.lock().expect("waiters lock poisoned");
-        let rx = map
-            .entry(id)
-            .or_insert_with(|| watch::channel(false).0)
-            .subscribe();
-        Waiter {
-            id,
-            rx,
-            waiters: self.clone(),
-        }
+        let rx = map.entry(id).or_insert_with(|| watch::channel(false).0).subscribe();
+        Waiter { id, rx, waiters: self.clone() }
     }
 
     /// Wakes everyone waiting on `id` (the command just became final).

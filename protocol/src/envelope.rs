@@ -19,6 +19,14 @@ pub struct CommandMessage {
     pub expires_at_ms: i64,
 }
 
+/// Gateway → receivers on `Topics::cancels`, QoS 1: drop this command if it
+/// has not been written to its device yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub command_id: Uuid,
+    pub device_id: String,
+}
+
 /// Receiver → gateway on `Topics::reports`, QoS 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
@@ -72,9 +80,7 @@ mod b64 {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD
-            .decode(text.as_bytes())
-            .map_err(serde::de::Error::custom)
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
     }
 }
 
@@ -88,10 +94,7 @@ mod tests {
             command_id: Uuid::nil(),
             device_id: "d".into(),
             receiver_id: "r".into(),
-            kind: ReportKind::Result {
-                code: 3,
-                payload_base64: b"hi".to_vec(),
-            },
+            kind: ReportKind::Result { code: 3, payload_base64: b"hi".to_vec() },
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["kind"], "result");

@@ -69,19 +69,9 @@ impl FrameType {
 /// A decoded, valid frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello {
-        device_id: String,
-    },
-    Command {
-        id: Uuid,
-        name: String,
-        payload: Bytes,
-    },
-    Result {
-        id: Uuid,
-        code: i32,
-        payload: Bytes,
-    },
+    Hello { device_id: String },
+    Command { id: Uuid, name: String, payload: Bytes },
+    Result { id: Uuid, code: i32, payload: Bytes },
     Ping,
     Pong,
 }
@@ -246,12 +236,7 @@ fn decode_one(src: &mut BytesMut, max_body: usize) -> Option<Result<Frame, Frame
         return None;
     }
     let crc_at = HEADER_LEN + body_len;
-    let expected = u32::from_be_bytes([
-        src[crc_at],
-        src[crc_at + 1],
-        src[crc_at + 2],
-        src[crc_at + 3],
-    ]);
+    let expected = u32::from_be_bytes([src[crc_at], src[crc_at + 1], src[crc_at + 2], src[crc_at + 3]]);
     if CRC32C.checksum(&src[MAGIC.len()..crc_at]) != expected {
         src.advance(MAGIC.len());
         return Some(Err(FrameError::BadCrc));
@@ -289,36 +274,23 @@ fn parse_checked(frame: &Bytes, body_len: usize) -> Result<Frame, FrameError> {
             }
             let device_id = std::str::from_utf8(&body)
                 .map_err(|_| FrameError::Malformed(kind, "device id is not UTF-8"))?;
-            Ok(Frame::Hello {
-                device_id: device_id.to_owned(),
-            })
+            Ok(Frame::Hello { device_id: device_id.to_owned() })
         }
         FrameType::Command => {
-            let name_len = *body
-                .first()
-                .ok_or(FrameError::Malformed(kind, "empty body"))?
-                as usize;
+            let name_len = *body.first().ok_or(FrameError::Malformed(kind, "empty body"))? as usize;
             if body.len() < 1 + name_len {
                 return Err(FrameError::Malformed(kind, "name longer than body"));
             }
             let name = std::str::from_utf8(&body[1..1 + name_len])
                 .map_err(|_| FrameError::Malformed(kind, "name is not UTF-8"))?;
-            Ok(Frame::Command {
-                id,
-                name: name.to_owned(),
-                payload: body.slice(1 + name_len..),
-            })
+            Ok(Frame::Command { id, name: name.to_owned(), payload: body.slice(1 + name_len..) })
         }
         FrameType::Result => {
             if body.len() < 4 {
                 return Err(FrameError::Malformed(kind, "body shorter than the code"));
             }
             let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-            Ok(Frame::Result {
-                id,
-                code,
-                payload: body.slice(4..),
-            })
+            Ok(Frame::Result { id, code, payload: body.slice(4..) })
         }
         FrameType::Ping if body.is_empty() => Ok(Frame::Ping),
         FrameType::Pong if body.is_empty() => Ok(Frame::Pong),
@@ -351,13 +323,12 @@ mod tests {
         let payload = proptest::collection::vec(any::<u8>(), 0..512).prop_map(Bytes::from);
         prop_oneof![
             "[a-zA-Z0-9_.-]{1,128}".prop_map(|device_id| Frame::Hello { device_id }),
-            (id.clone(), "[a-z_]{0,40}", payload.clone())
-                .prop_map(|(id, name, payload)| Frame::Command { id, name, payload }),
-            (id, any::<i32>(), payload).prop_map(|(id, code, payload)| Frame::Result {
+            (id.clone(), "[a-z_]{0,40}", payload.clone()).prop_map(|(id, name, payload)| Frame::Command {
                 id,
-                code,
+                name,
                 payload
             }),
+            (id, any::<i32>(), payload).prop_map(|(id, code, payload)| Frame::Result { id, code, payload }),
             Just(Frame::Ping),
             Just(Frame::Pong),
         ]
@@ -410,11 +381,8 @@ mod tests {
 
     #[test]
     fn partial_frame_waits_for_more_bytes() {
-        let full = enc(&Frame::Result {
-            id: Uuid::from_u128(7),
-            code: -3,
-            payload: Bytes::from_static(b"oops"),
-        });
+        let full =
+            enc(&Frame::Result { id: Uuid::from_u128(7), code: -3, payload: Bytes::from_static(b"oops") });
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         for (i, b) in full.iter().enumerate() {
@@ -434,10 +402,7 @@ mod tests {
         bytes[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
         bytes.extend_from_slice(&enc(&Frame::Pong));
         let items = decode_all(&mut bytes);
-        assert_eq!(
-            items.first(),
-            Some(&Err(FrameError::Oversized(u32::MAX as usize)))
-        );
+        assert_eq!(items.first(), Some(&Err(FrameError::Oversized(u32::MAX as usize))));
         assert_eq!(items.last(), Some(&Ok(Frame::Pong)));
     }
 
@@ -447,10 +412,7 @@ mod tests {
         bytes[3] = 0x7F;
         let crc = CRC32C.checksum(&bytes[2..HEADER_LEN]);
         bytes[HEADER_LEN..].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(
-            decode_all(&mut bytes),
-            vec![Err(FrameError::UnknownType(0x7F))]
-        );
+        assert_eq!(decode_all(&mut bytes), vec![Err(FrameError::UnknownType(0x7F))]);
     }
 
     #[test]
@@ -466,10 +428,7 @@ mod tests {
         raw.put_u32(crc);
         assert_eq!(
             decode_all(&mut raw),
-            vec![Err(FrameError::Malformed(
-                FrameType::Command,
-                "name longer than body"
-            ))]
+            vec![Err(FrameError::Malformed(FrameType::Command, "name longer than body"))]
         );
     }
 
@@ -477,22 +436,10 @@ mod tests {
     fn encoder_rejects_what_the_format_cannot_hold() {
         let mut b = BytesMut::new();
         let long = "n".repeat(256);
-        let cmd = Frame::Command {
-            id: Uuid::nil(),
-            name: long,
-            payload: Bytes::new(),
-        };
-        assert!(matches!(
-            encode(&cmd, &mut b, DEFAULT_MAX_BODY),
-            Err(EncodeError::NameTooLong)
-        ));
-        let hello = Frame::Hello {
-            device_id: String::new(),
-        };
-        assert!(matches!(
-            encode(&hello, &mut b, DEFAULT_MAX_BODY),
-            Err(EncodeError::BadDeviceId)
-        ));
+        let cmd = Frame::Command { id: Uuid::nil(), name: long, payload: Bytes::new() };
+        assert!(matches!(encode(&cmd, &mut b, DEFAULT_MAX_BODY), Err(EncodeError::NameTooLong)));
+        let hello = Frame::Hello { device_id: String::new() };
+        assert!(matches!(encode(&hello, &mut b, DEFAULT_MAX_BODY), Err(EncodeError::BadDeviceId)));
         assert!(b.is_empty(), "nothing written on error");
     }
 }

@@ -20,9 +20,7 @@ impl Default for Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into().trim_end_matches('/').to_owned(),
-        }
+        Self { prefix: prefix.into().trim_end_matches('/').to_owned() }
     }
 
     pub fn prefix(&self) -> &str {
@@ -42,6 +40,11 @@ impl Topics {
     /// Receiver → gateway: delivery reports and results (`envelope::Report`).
     pub fn reports(&self) -> String {
         format!("{}/reports", self.prefix)
+    }
+
+    /// Gateway → every receiver: a published command was canceled (`envelope::Cancel`).
+    pub fn cancels(&self) -> String {
+        format!("{}/cancels", self.prefix)
     }
 
     /// Receiver → gateway: one device came or went (`envelope::Presence`).
@@ -71,9 +74,7 @@ impl Topics {
 pub fn is_valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= crate::frame::MAX_DEVICE_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 #[cfg(test)]

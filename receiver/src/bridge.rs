@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::mqtt::{client, ClientSpec};
 use crate::{Config, Counters};
-use protocol::envelope::{CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
+use protocol::envelope::{Cancel, CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
 use protocol::Topics;
 
 /// Commands queued for one device while its connection writes earlier ones.
@@ -36,6 +36,30 @@ struct Inner {
     /// Connected devices. A std mutex: held for map lookups only, never across `.await`.
     devices: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
+    /// Recently canceled command ids, so queued copies are not written.
+    canceled: Mutex<Recent>,
+}
+
+/// Canceled ids remembered, oldest forgotten first.
+const CANCELED_MEMORY: usize = 4096;
+
+#[derive(Debug, Default)]
+struct Recent {
+    set: std::collections::HashSet<Uuid>,
+    order: std::collections::VecDeque<Uuid>,
+}
+
+impl Recent {
+    fn insert(&mut self, id: Uuid) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > CANCELED_MEMORY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -61,10 +85,7 @@ impl Bridge {
         tasks: &TaskTracker,
     ) -> Bridge {
         let topics = Topics::new(config.topic_prefix.clone());
-        let gone = ReceiverStatus {
-            receiver_id: config.receiver_id.clone(),
-            online: false,
-        };
+        let gone = ReceiverStatus { receiver_id: config.receiver_id.clone(), online: false };
         let will = LastWill::new(
             topics.receiver_status(&config.receiver_id),
             serde_json::to_vec(&gone).expect("serialisable"),
@@ -86,6 +107,7 @@ impl Bridge {
                 counters,
                 devices: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
+                canceled: Mutex::new(Recent::default()),
             }),
         };
         tasks.spawn(bridge.clone().poll(eventloop, shutdown.clone()));
@@ -94,13 +116,7 @@ impl Bridge {
 
     /// Ids of the devices connected now.
     pub fn connected(&self) -> Vec<String> {
-        self.inner
-            .devices
-            .lock()
-            .expect("devices lock")
-            .keys()
-            .cloned()
-            .collect()
+        self.inner.devices.lock().expect("devices lock").keys().cloned().collect()
     }
 
     /// Registers a device's connection (replacing an older one of the same
@@ -109,12 +125,8 @@ impl Bridge {
         let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         // Dropping the old slot's sender tells the older connection task to end.
-        let old = self
-            .inner
-            .devices
-            .lock()
-            .expect("devices lock")
-            .insert(device_id.to_owned(), Slot { conn, tx });
+        let old =
+            self.inner.devices.lock().expect("devices lock").insert(device_id.to_owned(), Slot { conn, tx });
         if old.is_none() {
             self.subscribe(device_id).await;
         }
@@ -130,16 +142,17 @@ impl Bridge {
             current && devices.remove(device_id).is_some()
         };
         if removed {
-            if let Err(e) = self
-                .inner
-                .client
-                .unsubscribe(self.inner.topics.device_commands(device_id))
-                .await
+            if let Err(e) = self.inner.client.unsubscribe(self.inner.topics.device_commands(device_id)).await
             {
                 tracing::warn!(%device_id, error = %e, "unsubscribe failed");
             }
             self.presence(device_id, false).await;
         }
+    }
+
+    /// Whether the gateway canceled this command (then it must not be written).
+    pub fn is_canceled(&self, id: Uuid) -> bool {
+        self.inner.canceled.lock().expect("canceled lock").set.contains(&id)
     }
 
     /// Publishes a report about a command to the gateway.
@@ -151,11 +164,8 @@ impl Bridge {
             kind,
         };
         let body = serde_json::to_vec(&report).expect("serialisable");
-        if let Err(e) = self
-            .inner
-            .client
-            .publish(self.inner.topics.reports(), QoS::AtLeastOnce, false, body)
-            .await
+        if let Err(e) =
+            self.inner.client.publish(self.inner.topics.reports(), QoS::AtLeastOnce, false, body).await
         {
             tracing::warn!(%command_id, error = %e, "could not publish a report");
         }
@@ -169,21 +179,13 @@ impl Bridge {
     }
 
     async fn presence(&self, device_id: &str, online: bool) {
-        let p = Presence {
-            device_id: device_id.to_owned(),
-            receiver_id: self.inner.receiver_id.clone(),
-            online,
-        };
+        let p =
+            Presence { device_id: device_id.to_owned(), receiver_id: self.inner.receiver_id.clone(), online };
         let body = serde_json::to_vec(&p).expect("serialisable");
         if let Err(e) = self
             .inner
             .client
-            .publish(
-                self.inner.topics.presence(device_id),
-                QoS::AtLeastOnce,
-                false,
-                body,
-            )
+            .publish(self.inner.topics.presence(device_id), QoS::AtLeastOnce, false, body)
             .await
         {
             tracing::warn!(%device_id, error = %e, "could not publish presence");
@@ -193,19 +195,14 @@ impl Bridge {
     /// After every (re)connect: say we are here, re-subscribe every device and
     /// re-announce it (a clean session forgets subscriptions).
     async fn announce(self) {
-        let status = ReceiverStatus {
-            receiver_id: self.inner.receiver_id.clone(),
-            online: true,
-        };
+        let status = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: true };
         let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
         let body = serde_json::to_vec(&status).expect("serialisable");
-        if let Err(e) = self
-            .inner
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, body)
-            .await
-        {
+        if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
             tracing::warn!(error = %e, "could not publish receiver status");
+        }
+        if let Err(e) = self.inner.client.subscribe(self.inner.topics.cancels(), QoS::AtLeastOnce).await {
+            tracing::warn!(error = %e, "subscribe to cancels failed");
         }
         for device_id in self.connected() {
             self.subscribe(&device_id).await;
@@ -222,9 +219,7 @@ impl Bridge {
                 Some(slot) => match slot.tx.try_send(msg) {
                     Ok(()) => None,
                     Err(mpsc::error::TrySendError::Full(msg)) => Some((msg, "device queue full")),
-                    Err(mpsc::error::TrySendError::Closed(msg)) => {
-                        Some((msg, "device connection closing"))
-                    }
+                    Err(mpsc::error::TrySendError::Closed(msg)) => Some((msg, "device connection closing")),
                 },
             }
         };
@@ -233,11 +228,23 @@ impl Bridge {
             let bridge = self.clone();
             // Not from the polling task: a full request channel would deadlock it.
             tokio::spawn(async move {
-                let kind = ReportKind::Undeliverable {
-                    reason: reason.into(),
-                };
+                let kind = ReportKind::Undeliverable { reason: reason.into() };
                 bridge.report(msg.id, &msg.device_id, kind).await;
             });
+        }
+    }
+
+    fn on_publish(&self, p: &rumqttc::Publish) {
+        if p.topic == self.inner.topics.cancels() {
+            match serde_json::from_slice::<Cancel>(&p.payload) {
+                Ok(c) => self.inner.canceled.lock().expect("canceled lock").insert(c.command_id),
+                Err(e) => tracing::warn!(error = %e, "malformed cancel dropped"),
+            }
+            return;
+        }
+        match serde_json::from_slice::<CommandMessage>(&p.payload) {
+            Ok(msg) => self.route(msg),
+            Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped"),
         }
     }
 
@@ -252,14 +259,7 @@ impl Bridge {
                     tracing::info!("connected to the broker");
                     tokio::spawn(self.clone().announce());
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    match serde_json::from_slice::<CommandMessage>(&p.payload) {
-                        Ok(msg) => self.route(msg),
-                        Err(e) => {
-                            tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped")
-                        }
-                    }
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&p),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "MQTT connection error; reconnecting");

@@ -86,29 +86,15 @@ pub struct Running {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let (host, port) = mqtt::parse_broker_url(&config.broker)?;
     let listener = TcpListener::bind(config.tcp_listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen for devices on {}: {e} (use --tcp-listen)",
-            config.tcp_listen
-        )
+        anyhow::anyhow!("cannot listen for devices on {}: {e} (use --tcp-listen)", config.tcp_listen)
     })?;
     let tcp_addr = listener.local_addr()?;
     let counters = Arc::new(Counters::default());
     let tasks = TaskTracker::new();
     let bridge = bridge::Bridge::start(&config, &host, port, counters.clone(), &shutdown, &tasks);
-    tasks.spawn(tcp::serve(
-        listener,
-        bridge.clone(),
-        counters.clone(),
-        shutdown.clone(),
-        tasks.clone(),
-    ));
+    tasks.spawn(tcp::serve(listener, bridge.clone(), counters.clone(), shutdown.clone(), tasks.clone()));
     tracing::info!(%tcp_addr, broker = %config.broker, receiver_id = %config.receiver_id, "receiver started");
-    Ok(Running {
-        tcp_addr,
-        counters,
-        bridge,
-        tasks,
-    })
+    Ok(Running { tcp_addr, counters, bridge, tasks })
 }
 
 impl Running {

@@ -4,10 +4,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "Bridges MQTT command topics to devices connected over TCP"
-)]
+#[command(version, about = "Bridges MQTT command topics to devices connected over TCP")]
 struct Cli {
     #[command(flatten)]
     config: receiver::Config,
@@ -32,8 +29,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -73,18 +73,9 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
-        );
-        assert_eq!(
-            parse_broker_url("localhost").unwrap(),
-            ("localhost".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker_url("mqtt://[::1]:1883").unwrap(),
-            ("::1".into(), 1883)
-        );
+        assert_eq!(parse_broker_url("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".into(), 1884));
+        assert_eq!(parse_broker_url("localhost").unwrap(), ("localhost".into(), 1883));
+        assert_eq!(parse_broker_url("mqtt://[::1]:1883").unwrap(), ("::1".into(), 1883));
         assert!(parse_broker_url("mqtt://h:notaport").is_err());
         assert!(parse_broker_url("http://h:1/x").is_err());
     }

@@ -43,10 +43,7 @@ pub(crate) async fn serve(
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                let conn = Connection {
-                    bridge: bridge.clone(),
-                    counters: counters.clone(),
-                };
+                let conn = Connection { bridge: bridge.clone(), counters: counters.clone() };
                 tasks.spawn(conn.run(socket, peer, shutdown.clone()));
             }
             Err(e) => {
@@ -79,8 +76,7 @@ impl Connection {
             tracing::info!("device connected");
             let attached = self.bridge.attach(&device_id).await;
             let conn = attached.conn;
-            self.serve(&device_id, framed, attached.commands, shutdown.clone())
-                .await;
+            self.serve(&device_id, framed, attached.commands, shutdown.clone()).await;
             // At shutdown the bridge says goodbye for every device at once.
             if !shutdown.is_cancelled() {
                 self.bridge.detach(&device_id, conn).await;
@@ -96,9 +92,7 @@ impl Connection {
         let mut bad = 0;
         while let Some(item) = framed.next().await {
             match item.ok()? {
-                Ok(Frame::Hello { device_id })
-                    if protocol::topics::is_valid_device_id(&device_id) =>
-                {
+                Ok(Frame::Hello { device_id }) if protocol::topics::is_valid_device_id(&device_id) => {
                     return Some(device_id)
                 }
                 _ => {
@@ -160,25 +154,23 @@ impl Connection {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or_default();
-        if cmd.expires_at_ms <= now {
+        if self.bridge.is_canceled(cmd.id) {
             Counters::bump(&self.counters.undeliverable);
-            let kind = ReportKind::Undeliverable {
-                reason: "deadline passed before delivery".into(),
-            };
+            let kind = ReportKind::Undeliverable { reason: "canceled before delivery".into() };
             self.bridge.report(cmd.id, device_id, kind).await;
             return true;
         }
-        let frame = Frame::Command {
-            id: cmd.id,
-            name: cmd.name,
-            payload: cmd.payload_base64.into(),
-        };
+        if cmd.expires_at_ms <= now {
+            Counters::bump(&self.counters.undeliverable);
+            let kind = ReportKind::Undeliverable { reason: "deadline passed before delivery".into() };
+            self.bridge.report(cmd.id, device_id, kind).await;
+            return true;
+        }
+        let frame = Frame::Command { id: cmd.id, name: cmd.name, payload: cmd.payload_base64.into() };
         match framed.send(&frame).await {
             Ok(()) => {
                 Counters::bump(&self.counters.commands_written);
-                self.bridge
-                    .report(cmd.id, device_id, ReportKind::Delivered)
-                    .await;
+                self.bridge.report(cmd.id, device_id, ReportKind::Delivered).await;
                 true
             }
             Err(protocol::frame::EncodeError::Io(e)) => {
@@ -187,9 +179,7 @@ impl Connection {
             }
             Err(e) => {
                 Counters::bump(&self.counters.undeliverable);
-                let kind = ReportKind::Undeliverable {
-                    reason: format!("cannot frame the command: {e}"),
-                };
+                let kind = ReportKind::Undeliverable { reason: format!("cannot frame the command: {e}") };
                 self.bridge.report(cmd.id, device_id, kind).await;
                 true
             }
@@ -212,10 +202,7 @@ impl Connection {
                     return true;
                 }
                 Counters::bump(&self.counters.results_forwarded);
-                let kind = ReportKind::Result {
-                    code,
-                    payload_base64: payload.to_vec(),
-                };
+                let kind = ReportKind::Result { code, payload_base64: payload.to_vec() };
                 self.bridge.report(id, device_id, kind).await;
                 true
             }

@@ -31,10 +31,7 @@ pub enum Broker {
 }
 
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 fn unique(prefix: &str) -> String {
@@ -57,11 +54,7 @@ impl TestDb {
             Db::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite:{}", dir.path().join("gw.db").display());
-                Some(TestDb {
-                    url,
-                    mysql_name: None,
-                    _dir: Some(dir),
-                })
+                Some(TestDb { url, mysql_name: None, _dir: Some(dir) })
             }
             Db::Mysql => {
                 use sqlx::Connection;
@@ -73,20 +66,15 @@ impl TestDb {
                         panic!("MySQL at {server} is required in CI: {e}")
                     }
                     Err(e) => {
-                        eprintln!("SKIPPED: MySQL at {server} unreachable ({e}); set CI=true to make this fatal");
+                        eprintln!(
+                            "SKIPPED: MySQL at {server} unreachable ({e}); set CI=true to make this fatal"
+                        );
                         return None;
                     }
                 };
                 let name = unique("gwtest_");
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                Some(TestDb {
-                    url: format!("{server}/{name}"),
-                    mysql_name: Some(name),
-                    _dir: None,
-                })
+                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+                Some(TestDb { url: format!("{server}/{name}"), mysql_name: Some(name), _dir: None })
             }
         }
     }
@@ -94,12 +82,8 @@ impl TestDb {
     pub async fn cleanup(&self) {
         use sqlx::Connection;
         if let Some(name) = &self.mysql_name {
-            if let Ok(mut conn) =
-                sqlx::MySqlConnection::connect(&format!("{}/mysql", mysql_server())).await
-            {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-                    .execute(&mut conn)
-                    .await;
+            if let Ok(mut conn) = sqlx::MySqlConnection::connect(&format!("{}/mysql", mysql_server())).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut conn).await;
             }
         }
     }
@@ -116,12 +100,7 @@ pub struct Spec {
 
 impl Spec {
     pub fn new(db: Db) -> Spec {
-        Spec {
-            db,
-            broker: Broker::Embedded,
-            devices: 2,
-            fleet: firmware_sim::FleetConfig::default(),
-        }
+        Spec { db, broker: Broker::Embedded, devices: 2, fleet: firmware_sim::FleetConfig::default() }
     }
 }
 
@@ -153,55 +132,27 @@ impl System {
         if spec.broker == Broker::Mosquitto {
             config.broker = Some(format!("mqtt://{}", mosquitto_addr()));
         }
-        let gateway = gateway::start(config, shutdown.clone())
-            .await
-            .expect("gateway starts");
+        let gateway = gateway::start(config, shutdown.clone()).await.expect("gateway starts");
         let broker = gateway.broker.clone();
-        let mut rconfig =
-            receiver::Config::new(format!("mqtt://{}:{}", broker.0, broker.1), free_port());
+        let mut rconfig = receiver::Config::new(format!("mqtt://{}:{}", broker.0, broker.1), free_port());
         rconfig.topic_prefix = topic_prefix.clone();
         rconfig.receiver_id = unique("rx");
-        let receiver = receiver::start(rconfig, shutdown.clone())
-            .await
-            .expect("receiver starts");
+        let receiver = receiver::start(rconfig, shutdown.clone()).await.expect("receiver starts");
         let http = reqwest::Client::new();
         let base = format!("http://{}", gateway.http_addr);
-        let fleet_config = firmware_sim::FleetConfig {
-            connect: receiver.tcp_addr,
-            devices: spec.devices,
-            ..spec.fleet
-        };
+        let fleet_config =
+            firmware_sim::FleetConfig { connect: receiver.tcp_addr, devices: spec.devices, ..spec.fleet };
         let device_ids: Vec<String> = (0..spec.devices)
             .map(|i| firmware_sim::device_id(&fleet_config.id_prefix, fleet_config.id_start + i))
             .collect();
         for id in &device_ids {
-            let r = http
-                .put(format!("{base}/v1/devices/{id}"))
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap();
+            let r = http.put(format!("{base}/v1/devices/{id}")).json(&json!({})).send().await.unwrap();
             assert!(r.status().is_success(), "registering {id}");
         }
         let fleet = firmware_sim::Fleet::start(fleet_config, shutdown.clone());
-        assert!(
-            fleet
-                .wait_connected(spec.devices, Duration::from_secs(20))
-                .await,
-            "devices connect"
-        );
-        let system = System {
-            base,
-            http,
-            gateway,
-            receiver,
-            fleet,
-            broker,
-            topic_prefix,
-            device_ids,
-            db,
-            shutdown,
-        };
+        assert!(fleet.wait_connected(spec.devices, Duration::from_secs(20)).await, "devices connect");
+        let system =
+            System { base, http, gateway, receiver, fleet, broker, topic_prefix, device_ids, db, shutdown };
         for id in &system.device_ids {
             eventually("device online", || system.device_online(id)).await;
         }
@@ -232,8 +183,7 @@ impl System {
     }
 
     pub async fn send(&self, device: &str, body: Value) -> (u16, Value) {
-        self.post_raw(&format!("/v1/devices/{device}/commands"), body.to_string())
-            .await
+        self.post_raw(&format!("/v1/devices/{device}/commands"), body.to_string()).await
     }
 
     pub async fn command(&self, id: &str) -> Value {
@@ -246,12 +196,7 @@ impl System {
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| {
-                (
-                    e["from"].as_str().map(str::to_owned),
-                    e["to"].as_str().unwrap().to_owned(),
-                )
-            })
+            .map(|e| (e["from"].as_str().map(str::to_owned), e["to"].as_str().unwrap().to_owned()))
             .collect()
     }
 
@@ -282,10 +227,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

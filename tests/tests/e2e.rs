@@ -44,9 +44,7 @@ async fn start(db: Db) -> Option<System> {
 async fn sync_command_succeeds_with_full_event_log(db: Db) {
     let Some(s) = start(db).await else { return };
     let dev = &s.device_ids[0];
-    let (status, cmd) = s
-        .send(dev, json!({"name": "echo", "payload": {"t": 21.5}}))
-        .await;
+    let (status, cmd) = s.send(dev, json!({"name": "echo", "payload": {"t": 21.5}})).await;
     assert_eq!(status, 200, "{cmd}");
     assert_eq!(cmd["status"], "succeeded");
     assert_eq!(cmd["result"]["code"], 0);
@@ -60,10 +58,7 @@ async fn sync_command_succeeds_with_full_event_log(db: Db) {
         (Some("sent"), "delivered"),
         (Some("delivered"), "succeeded"),
     ];
-    let expected: Vec<_> = expected
-        .iter()
-        .map(|(f, t)| (f.map(str::to_owned), (*t).to_owned()))
-        .collect();
+    let expected: Vec<_> = expected.iter().map(|(f, t)| (f.map(str::to_owned), (*t).to_owned())).collect();
     assert_eq!(events, expected);
     s.stop().await;
 }
@@ -71,12 +66,8 @@ async fn sync_command_succeeds_with_full_event_log(db: Db) {
 async fn sync_slower_than_wait_answers_202_then_final_by_polling(db: Db) {
     let Some(s) = start(db).await else { return };
     let dev = &s.device_ids[0];
-    let (status, cmd) = s
-        .send(
-            dev,
-            json!({"name": "slow", "payload": {"delay_ms": 1500}, "wait_ms": 50}),
-        )
-        .await;
+    let (status, cmd) =
+        s.send(dev, json!({"name": "slow", "payload": {"delay_ms": 1500}, "wait_ms": 50})).await;
     assert_eq!(status, 202, "{cmd}");
     assert!(!["succeeded", "failed", "expired"].contains(&cmd["status"].as_str().unwrap()));
     let id = cmd["id"].as_str().unwrap();
@@ -89,9 +80,7 @@ async fn sync_slower_than_wait_answers_202_then_final_by_polling(db: Db) {
 async fn async_command_then_long_poll(db: Db) {
     let Some(s) = start(db).await else { return };
     let dev = &s.device_ids[1];
-    let (status, accepted) = s
-        .send(dev, json!({"name": "reboot", "mode": "async"}))
-        .await;
+    let (status, accepted) = s.send(dev, json!({"name": "reboot", "mode": "async"})).await;
     assert_eq!(status, 202);
     let id = accepted["id"].as_str().unwrap().to_owned();
     assert!(accepted["status"].is_string());
@@ -105,12 +94,7 @@ async fn async_command_then_long_poll(db: Db) {
 
 async fn device_error_becomes_failed_with_its_code(db: Db) {
     let Some(s) = start(db).await else { return };
-    let (status, cmd) = s
-        .send(
-            &s.device_ids[0],
-            json!({"name": "fail", "payload": {"code": 7}}),
-        )
-        .await;
+    let (status, cmd) = s.send(&s.device_ids[0], json!({"name": "fail", "payload": {"code": 7}})).await;
     assert_eq!(status, 200);
     assert_eq!(cmd["status"], "failed");
     assert_eq!(cmd["result"]["code"], 7);
@@ -122,35 +106,20 @@ async fn rejected_requests_store_nothing(db: Db) {
     let Some(s) = start(db).await else { return };
     let dev = s.device_ids[0].clone();
     let (status, body) = s.send("nope", json!({"name": "x"})).await;
-    assert_eq!(
-        (status, body["error"]["kind"].as_str()),
-        (404, Some("not_found"))
-    );
-    let (status, body) = s
-        .post_raw(&format!("/v1/devices/{dev}/commands"), "{not json")
-        .await;
-    assert_eq!(
-        (status, body["error"]["kind"].as_str()),
-        (400, Some("bad_request"))
-    );
+    assert_eq!((status, body["error"]["kind"].as_str()), (404, Some("not_found")));
+    let (status, body) = s.post_raw(&format!("/v1/devices/{dev}/commands"), "{not json").await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (400, Some("bad_request")));
     let (status, _) = s.send(&dev, json!({"name": "x", "colour": "red"})).await;
     assert_eq!(status, 400, "unknown fields are refused");
     let (status, _) = s.send(&dev, json!({"name": ""})).await;
     assert_eq!(status, 400);
-    let (status, _) = s
-        .send(&dev, json!({"name": "x", "payload_base64": "%%%"}))
-        .await;
+    let (status, _) = s.send(&dev, json!({"name": "x", "payload_base64": "%%%"})).await;
     assert_eq!(status, 400);
     let big = "a".repeat(64 * 1024 + 1);
     let (status, body) = s.send(&dev, json!({"name": "x", "payload": big})).await;
-    assert_eq!(
-        (status, body["error"]["kind"].as_str()),
-        (413, Some("payload_too_large"))
-    );
+    assert_eq!((status, body["error"]["kind"].as_str()), (413, Some("payload_too_large")));
     let huge = vec![b' '; 8 * 1024 * 1024];
-    let (status, _) = s
-        .post_raw(&format!("/v1/devices/{dev}/commands"), huge)
-        .await;
+    let (status, _) = s.post_raw(&format!("/v1/devices/{dev}/commands"), huge).await;
     assert_eq!(status, 413);
     let r = s
         .http
@@ -161,14 +130,8 @@ async fn rejected_requests_store_nothing(db: Db) {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let (status, body) = s.send(&dev, json!({"name": "x"})).await;
-    assert_eq!(
-        (status, body["error"]["kind"].as_str()),
-        (409, Some("conflict"))
-    );
-    assert!(
-        s.all_commands().await.is_empty(),
-        "nothing stored for rejected requests"
-    );
+    assert_eq!((status, body["error"]["kind"].as_str()), (409, Some("conflict")));
+    assert!(s.all_commands().await.is_empty(), "nothing stored for rejected requests");
     s.stop().await;
 }
 
@@ -176,10 +139,7 @@ async fn mqtt_submission_gets_accepted_and_final_replies(db: Db) {
     let Some(s) = start(db).await else { return };
     let (client, mut eventloop) = mqtt_client(&s.broker).await;
     let reply_to = format!("{}-replies/caller-1", s.topic_prefix);
-    client
-        .subscribe(reply_to.clone(), QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    client.subscribe(reply_to.clone(), QoS::AtLeastOnce).await.unwrap();
     let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel::<Value>();
     tokio::spawn(async move {
         while let Ok(ev) = eventloop.poll().await {
@@ -194,35 +154,16 @@ async fn mqtt_submission_gets_accepted_and_final_replies(db: Db) {
     assert_eq!(next(&mut replies).await["event"], "suback");
     let submit = s.gateway.app.topics().submit();
     // Garbage and a request without reply_to are dropped without harm.
+    client.publish(submit.clone(), QoS::AtLeastOnce, false, &b"\xff not json"[..]).await.unwrap();
     client
-        .publish(
-            submit.clone(),
-            QoS::AtLeastOnce,
-            false,
-            &b"\xff not json"[..],
-        )
-        .await
-        .unwrap();
-    client
-        .publish(
-            submit.clone(),
-            QoS::AtLeastOnce,
-            false,
-            json!({"device_id": "x", "name": "y"}).to_string(),
-        )
+        .publish(submit.clone(), QoS::AtLeastOnce, false, json!({"device_id": "x", "name": "y"}).to_string())
         .await
         .unwrap();
     let req = json!({"device_id": s.device_ids[0], "name": "echo", "payload": [1, 2], "reply_to": reply_to, "correlation_id": "c-1"});
-    client
-        .publish(submit.clone(), QoS::AtLeastOnce, false, req.to_string())
-        .await
-        .unwrap();
+    client.publish(submit.clone(), QoS::AtLeastOnce, false, req.to_string()).await.unwrap();
     let accepted = next(&mut replies).await;
     assert_eq!(
-        (
-            accepted["event"].as_str(),
-            accepted["correlation_id"].as_str()
-        ),
+        (accepted["event"].as_str(), accepted["correlation_id"].as_str()),
         (Some("accepted"), Some("c-1"))
     );
     let final_ = next(&mut replies).await;
@@ -231,22 +172,12 @@ async fn mqtt_submission_gets_accepted_and_final_replies(db: Db) {
     assert_eq!(final_["result"]["payload"], json!([1, 2]));
     assert_eq!(final_["id"], accepted["id"]);
     let bad = json!({"device_id": "ghost", "name": "echo", "reply_to": reply_to, "correlation_id": "c-2"});
-    client
-        .publish(submit, QoS::AtLeastOnce, false, bad.to_string())
-        .await
-        .unwrap();
+    client.publish(submit, QoS::AtLeastOnce, false, bad.to_string()).await.unwrap();
     let rejected = next(&mut replies).await;
-    assert_eq!(
-        (rejected["event"].as_str(), rejected["status_code"].as_u64()),
-        (Some("rejected"), Some(404))
-    );
+    assert_eq!((rejected["event"].as_str(), rejected["status_code"].as_u64()), (Some("rejected"), Some(404)));
     assert_eq!(rejected["correlation_id"], "c-2");
-    let dropped = s
-        .gateway
-        .app
-        .counters()
-        .mqtt_submissions_dropped
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let dropped =
+        s.gateway.app.counters().mqtt_submissions_dropped.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dropped, 2);
     s.stop().await;
 }
@@ -258,16 +189,10 @@ async fn duplicate_result_frames_make_one_result(db: Db) {
         return;
     };
     for i in 0..5 {
-        let (status, cmd) = s
-            .send(&s.device_ids[i % 2], json!({"name": "echo", "payload": i}))
-            .await;
+        let (status, cmd) = s.send(&s.device_ids[i % 2], json!({"name": "echo", "payload": i})).await;
         assert_eq!((status, cmd["status"].as_str()), (200, Some("succeeded")));
         let events = s.events(cmd["id"].as_str().unwrap()).await;
-        assert_eq!(
-            events.iter().filter(|(_, to)| to == "succeeded").count(),
-            1,
-            "{events:?}"
-        );
+        assert_eq!(events.iter().filter(|(_, to)| to == "succeeded").count(), 1, "{events:?}");
         assert_eq!(events.len(), 4, "{events:?}");
     }
     let receiver_dups = &s.receiver.counters.duplicate_results;
@@ -286,16 +211,9 @@ async fn idempotency_key_returns_the_same_command(db: Db) {
     assert_eq!(status, 200);
     let (status, again) = s.send(dev, body).await;
     assert_eq!((status, &again["id"]), (200, &first["id"]));
-    let (status, err) = s
-        .send(
-            dev,
-            json!({"name": "set", "payload": {"v": 2}, "idempotency_key": "k-1"}),
-        )
-        .await;
-    assert_eq!(
-        (status, err["error"]["kind"].as_str()),
-        (409, Some("conflict"))
-    );
+    let (status, err) =
+        s.send(dev, json!({"name": "set", "payload": {"v": 2}, "idempotency_key": "k-1"})).await;
+    assert_eq!((status, err["error"]["kind"].as_str()), (409, Some("conflict")));
     assert_eq!(s.all_commands().await.len(), 1);
     assert_eq!(s.fleet.stats().totals.executed, 1);
     s.stop().await;
@@ -319,10 +237,7 @@ async fn device_presence_follows_the_connection(db: Db) {
     );
     assert!(late.wait_connected(1, Duration::from_secs(20)).await);
     eventually("late device reported", || async {
-        s.receiver
-            .bridge
-            .connected()
-            .contains(&"late-0000".to_owned())
+        s.receiver.bridge.connected().contains(&"late-0000".to_owned())
     })
     .await;
     let r = s
@@ -343,32 +258,17 @@ async fn listing_pages_newest_first(db: Db) {
     let Some(s) = start(db).await else { return };
     let mut ids = Vec::new();
     for i in 0..5 {
-        let (_, c) = s
-            .send(
-                &s.device_ids[0],
-                json!({"name": "n", "payload": i, "mode": "async"}),
-            )
-            .await;
+        let (_, c) = s.send(&s.device_ids[0], json!({"name": "n", "payload": i, "mode": "async"})).await;
         ids.push(c["id"].as_str().unwrap().to_owned());
     }
     let (_, page1) = s.get("/v1/commands?limit=3").await;
-    let got: Vec<&str> = page1["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
+    let got: Vec<&str> =
+        page1["items"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
     assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str(), ids[2].as_str()]);
     let cursor = page1["next_cursor"].as_str().unwrap();
-    let (_, page2) = s
-        .get(&format!("/v1/commands?limit=3&cursor={cursor}"))
-        .await;
-    let got: Vec<&str> = page2["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
+    let (_, page2) = s.get(&format!("/v1/commands?limit=3&cursor={cursor}")).await;
+    let got: Vec<&str> =
+        page2["items"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
     assert_eq!(got, vec![ids[1].as_str(), ids[0].as_str()]);
     assert!(page2["next_cursor"].is_null());
     let (status, _) = s.get("/v1/commands?status=bogus").await;
@@ -386,10 +286,7 @@ async fn listing_pages_newest_first(db: Db) {
 }
 
 async fn next(r: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
-    tokio::time::timeout(Duration::from_secs(20), r.recv())
-        .await
-        .expect("reply in time")
-        .unwrap()
+    tokio::time::timeout(Duration::from_secs(20), r.recv()).await.expect("reply in time").unwrap()
 }
 
 /// External broker mode: the same pipeline through Mosquitto (127.0.0.1:1883).
@@ -400,21 +297,11 @@ async fn through_mosquitto() {
     let s = System::start(spec).await.expect("sqlite never skips");
     assert_eq!(
         s.broker.1,
-        system_tests::mosquitto_addr()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse::<u16>()
-            .unwrap()
+        system_tests::mosquitto_addr().rsplit(':').next().unwrap().parse::<u16>().unwrap()
     );
     for i in 0..10 {
         let mode = if i % 2 == 0 { "sync" } else { "async" };
-        let (_, c) = s
-            .send(
-                &s.device_ids[i % 2],
-                json!({"name": "echo", "payload": i, "mode": mode}),
-            )
-            .await;
+        let (_, c) = s.send(&s.device_ids[i % 2], json!({"name": "echo", "payload": i, "mode": mode})).await;
         let id = c["id"].as_str().unwrap();
         let (status, done) = s.get(&format!("/v1/commands/{id}?wait_ms=20000")).await;
         assert_eq!((status, done["status"].as_str()), (200, Some("succeeded")));
