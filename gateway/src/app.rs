@@ -371,7 +371,7 @@ impl App {
         let change = Change {
             bump_attempts: true,
             next_attempt_at: Some(due),
-            detail: Some(format!("attempt {attempt}: {why}")),
+            detail: Some(format!("attempt {attempt} by {}: {why}", self.config().instance_id)),
             ..Change::default()
         };
         let command = match self.store().transition(command.id, Status::Sent, &change).await {

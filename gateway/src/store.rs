@@ -334,7 +334,7 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
-        insert_event(&mut tx, new.id, new.created_at, None, Status::Pending, 0, None).await?;
+        insert_event(&mut tx, new.id, new.created_at, None, new.status, 0, None).await?;
         tx.commit().await?;
         let command = self
             .get_command(new.id)

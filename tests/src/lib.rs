@@ -96,12 +96,29 @@ pub struct Spec {
     pub broker: Broker,
     pub devices: usize,
     pub fleet: firmware_sim::FleetConfig,
+    /// Adjusts the gateway's configuration (after the test defaults below).
+    pub tune: fn(&mut gateway::Config),
 }
 
 impl Spec {
     pub fn new(db: Db) -> Spec {
-        Spec { db, broker: Broker::Embedded, devices: 2, fleet: firmware_sim::FleetConfig::default() }
+        Spec {
+            db,
+            broker: Broker::Embedded,
+            devices: 2,
+            fleet: firmware_sim::FleetConfig::default(),
+            tune: |_| {},
+        }
     }
+}
+
+/// Timeouts short enough for tests, long enough for a loaded 2-core machine.
+pub fn test_timeouts(config: &mut gateway::Config) {
+    config.ack_timeout_ms = 1_500;
+    config.result_timeout_ms = 3_000;
+    config.retry_base_ms = 100;
+    config.retry_cap_ms = 400;
+    config.sweep_interval_ms = 100;
 }
 
 /// A running system.
@@ -115,7 +132,8 @@ pub struct System {
     pub topic_prefix: String,
     pub device_ids: Vec<String>,
     pub db: TestDb,
-    shutdown: CancellationToken,
+    pub shutdown: CancellationToken,
+    tune: fn(&mut gateway::Config),
 }
 
 impl System {
@@ -132,6 +150,8 @@ impl System {
         if spec.broker == Broker::Mosquitto {
             config.broker = Some(format!("mqtt://{}", mosquitto_addr()));
         }
+        test_timeouts(&mut config);
+        (spec.tune)(&mut config);
         let gateway = gateway::start(config, shutdown.clone()).await.expect("gateway starts");
         let broker = gateway.broker.clone();
         let mut rconfig = receiver::Config::new(format!("mqtt://{}:{}", broker.0, broker.1), free_port());
@@ -151,8 +171,19 @@ impl System {
         }
         let fleet = firmware_sim::Fleet::start(fleet_config, shutdown.clone());
         assert!(fleet.wait_connected(spec.devices, Duration::from_secs(20)).await, "devices connect");
-        let system =
-            System { base, http, gateway, receiver, fleet, broker, topic_prefix, device_ids, db, shutdown };
+        let system = System {
+            base,
+            http,
+            gateway,
+            receiver,
+            fleet,
+            broker,
+            topic_prefix,
+            device_ids,
+            db,
+            shutdown,
+            tune: spec.tune,
+        };
         for id in &system.device_ids {
             eventually("device online", || system.device_online(id)).await;
         }
@@ -190,6 +221,12 @@ impl System {
         self.get(&format!("/v1/commands/{id}")).await.1
     }
 
+    /// The `detail` of each of a command's events.
+    pub async fn event_details(&self, id: &str) -> Vec<String> {
+        let (_, v) = self.get(&format!("/v1/commands/{id}/events")).await;
+        v["items"].as_array().unwrap().iter().map(|e| e["detail"].as_str().unwrap_or("").to_owned()).collect()
+    }
+
     pub async fn events(&self, id: &str) -> Vec<(Option<String>, String)> {
         let (_, v) = self.get(&format!("/v1/commands/{id}/events")).await;
         v["items"]
@@ -207,6 +244,35 @@ impl System {
 
     pub async fn device_online(&self, id: &str) -> bool {
         self.get(&format!("/v1/devices/{id}")).await.1["online"] == true
+    }
+
+    /// Starts another gateway instance on the same database and broker.
+    pub async fn second_gateway(&self) -> gateway::Running {
+        let mut config = gateway::Config::for_local(self.db.url.clone(), free_port(), free_port());
+        config.topic_prefix = self.topic_prefix.clone();
+        config.instance_id = unique("gw");
+        config.broker = Some(format!("mqtt://{}:{}", self.broker.0, self.broker.1));
+        test_timeouts(&mut config);
+        (self.tune)(&mut config);
+        gateway::start(config, self.shutdown.clone()).await.expect("second gateway starts")
+    }
+
+    /// Registers a device (no simulated device behind it unless started separately).
+    pub async fn register(&self, id: &str) {
+        let r = self.http.put(self.url(&format!("/v1/devices/{id}"))).json(&json!({})).send().await.unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Long-polls a command until final (panics if it is not final within 30 s).
+    pub async fn final_state(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, c) = self.get(&format!("/v1/commands/{id}?wait_ms=5000")).await;
+            if ["succeeded", "failed", "expired", "canceled"].contains(&c["status"].as_str().unwrap_or("")) {
+                return c;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "command {id} not final: {c}");
+        }
     }
 
     /// Stops everything and drops the test database.
