@@ -237,7 +237,7 @@ impl App {
         req: &CommandRequest,
         reply_to: Option<&ReplyTo>,
     ) -> Result<Submitted, ApiError> {
-        let new = self.validate(device_id, req, reply_to)?;
+        let mut new = self.validate(device_id, req, reply_to)?;
         let device = match self.store().get_device(device_id).await? {
             None => return Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
             Some(d) if !d.enabled => {
@@ -245,14 +245,21 @@ impl App {
             }
             Some(d) => d,
         };
+        // Scheduled commands, and commands for a device no receiver holds now,
+        // wait in the store: the sweeper publishes them when due. Otherwise the
+        // first attempt is claimed in the same transaction as the insert and
+        // published right after the commit (a crash in between: the ack timeout re-sends).
+        if new.status == Status::Pending && device.online {
+            new.status = Status::Sent;
+            new.first_attempt_detail = Some(format!("attempt 1 by {}: accepted", self.config().instance_id));
+        }
         match self.store().insert_command(&new).await? {
-            // Scheduled commands, and commands for a device no receiver holds
-            // now, wait in the store: the sweeper publishes them when due.
-            Inserted::Created(command) if command.status == Status::Pending && device.online => {
-                let command = self.publish_attempt(command, "accepted").await;
+            Inserted::Created(command) => {
+                if command.status == Status::Sent {
+                    self.send_to_receivers(&command).await;
+                }
                 Ok(Submitted { command, created: true })
             }
-            Inserted::Created(command) => Ok(Submitted { command, created: true }),
             Inserted::Existing(command) => Ok(Submitted { command, created: false }),
             Inserted::KeyConflict(existing) => Err(ApiError::Conflict(format!(
                 "idempotency key {:?} was used for command {} with a different request",
@@ -348,6 +355,7 @@ impl App {
             payload,
             max_attempts,
             status,
+            first_attempt_detail: None,
             created_at: now,
             scheduled_at,
             expires_at,
@@ -385,6 +393,12 @@ impl App {
                 return command;
             }
         };
+        self.send_to_receivers(&command).await;
+        command
+    }
+
+    /// Publishes a command whose attempt is claimed, on its device's topic.
+    async fn send_to_receivers(&self, command: &Command) {
         let message = CommandMessage {
             id: command.id,
             device_id: command.device_id.clone(),
@@ -399,7 +413,6 @@ impl App {
             tracing::warn!(command_id = %command.id, error = %e, "publish failed; the ack timeout will re-send");
             Counters::bump(&self.counters().publish_failed);
         }
-        command
     }
 
     /// Extra wait after attempt `done` (0 for the first): base × 2^(done-1),
@@ -458,28 +471,54 @@ impl App {
         }
     }
 
-    /// Applies one receiver report. Errors are store errors only: the caller
-    /// retries (the report is acknowledged to the broker only after this succeeds).
-    pub async fn apply_report(&self, report: &Report) -> Result<(), StoreError> {
-        let id = report.command_id;
-        let (to, change) = match &report.kind {
-            ReportKind::Delivered => (
-                Status::Delivered,
-                Change {
-                    delivered: true,
-                    next_attempt_at: Some(now_ms() + self.config().result_timeout_ms as i64),
-                    detail: Some(format!("receiver {}", report.receiver_id)),
-                    ..Change::default()
-                },
-            ),
-            ReportKind::Result { code, payload_base64 } => {
-                result_change(*code, payload_base64, &report.receiver_id)
+    /// Applies receiver reports, in order, in one store transaction. Errors are
+    /// store errors only: the caller retries the whole batch (the reports are
+    /// acknowledged to the broker only after this succeeds; applying one twice
+    /// changes nothing).
+    pub async fn apply_reports(&self, reports: &[Report]) -> Result<(), StoreError> {
+        let mut moves = Vec::with_capacity(reports.len());
+        let mut kinds = Vec::with_capacity(reports.len());
+        for report in reports {
+            let id = report.command_id;
+            match &report.kind {
+                ReportKind::Delivered => {
+                    let change = Change {
+                        delivered: true,
+                        next_attempt_at: Some(now_ms() + self.config().result_timeout_ms as i64),
+                        detail: Some(format!("receiver {}", report.receiver_id)),
+                        ..Change::default()
+                    };
+                    moves.push((id, Status::Delivered, change));
+                    kinds.push(&report.kind);
+                }
+                ReportKind::Result { code, payload_base64 } => {
+                    let (to, change) = result_change(*code, payload_base64, &report.receiver_id);
+                    moves.push((id, to, change));
+                    kinds.push(&report.kind);
+                }
+                ReportKind::Undeliverable { reason } => {
+                    self.note_undeliverable(id, reason, &report.receiver_id).await?;
+                }
             }
-            ReportKind::Undeliverable { reason } => {
-                return self.note_undeliverable(id, reason, &report.receiver_id).await;
-            }
-        };
-        match self.store().transition(id, to, &change).await? {
+        }
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let outcomes = self.store().transition_many(&moves).await?;
+        for (((id, _, change), kind), outcome) in moves.iter().zip(kinds).zip(outcomes) {
+            self.after_report(*id, kind, change, outcome).await?;
+        }
+        Ok(())
+    }
+
+    async fn after_report(
+        &self,
+        id: Uuid,
+        kind: &ReportKind,
+        change: &Change,
+        outcome: Moved,
+    ) -> Result<(), StoreError> {
+        match outcome {
             Moved::Yes { command, .. } => {
                 Counters::bump(&self.counters().reports_applied);
                 if command.status.is_final() {
@@ -488,9 +527,10 @@ impl App {
             }
             Moved::Refused(current) => {
                 Counters::bump(&self.counters().reports_ignored);
-                tracing::debug!(command_id = %id, status = %current.status, report = ?report.kind, "report changes nothing");
-                if matches!(report.kind, ReportKind::Result { .. }) && current.status == Status::Canceled {
-                    let detail = format!("result after cancel: {}", change.detail.unwrap_or_default());
+                tracing::debug!(command_id = %id, status = %current.status, report = ?kind, "report changes nothing");
+                if matches!(kind, ReportKind::Result { .. }) && current.status == Status::Canceled {
+                    let detail =
+                        format!("result after cancel: {}", change.detail.clone().unwrap_or_default());
                     self.store().note(id, current.status, current.attempts, &detail).await?;
                 }
             }
@@ -514,15 +554,9 @@ impl App {
     /// A command just became final: wake sync callers and long-polls, answer MQTT callers.
     pub async fn on_final(&self, command: &Command) {
         self.inner.waiters.notify(command.id);
-        match self.store().get_command_row(command.id).await {
-            Ok(Some((_, Some(reply)))) => {
-                let reply = ReplyTo { topic: reply.0, correlation_id: reply.1 };
-                self.reply(&reply, "final", command.to_json()).await;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(command_id = %command.id, error = %e, "could not look up reply_to")
-            }
+        if let Some((topic, correlation_id)) = &command.reply_to {
+            let reply = ReplyTo { topic: topic.clone(), correlation_id: correlation_id.clone() };
+            self.reply(&reply, "final", command.to_json()).await;
         }
     }
 

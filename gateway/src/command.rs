@@ -143,6 +143,8 @@ pub struct Command {
     pub error_kind: Option<String>,
     pub error_message: Option<String>,
     pub idempotency_key: Option<String>,
+    /// MQTT callers: the topic and correlation id of the final answer (not shown in JSON).
+    pub reply_to: Option<(String, String)>,
 }
 
 impl Command {

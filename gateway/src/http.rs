@@ -259,7 +259,12 @@ async fn cancel(State(app): State<App>, Path(id): Path<String>) -> Result<Json<V
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.counters().render())
+    let mut text = app.counters().render();
+    let statements = app.store().statements();
+    text.push_str(&format!(
+        "# TYPE gateway_db_statements_total counter\ngateway_db_statements_total {statements}\n"
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {

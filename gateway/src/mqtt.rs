@@ -202,42 +202,62 @@ async fn handle_submission(app: &App, payload: &[u8]) {
     }
 }
 
-/// Applies reports in arrival order, acknowledging each only after it is committed.
+/// Reports applied per store transaction at most.
+const REPORT_BATCH: usize = 256;
+
+/// Applies reports in arrival order, in batches of what has arrived (one store
+/// transaction each), acknowledging each only after its batch is committed.
 async fn apply_reports(
     app: App,
     client: AsyncClient,
     mut rx: mpsc::Receiver<Publish>,
     shutdown: CancellationToken,
 ) {
-    while let Some(publish) = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        p = rx.recv() => p,
-    } {
-        match serde_json::from_slice::<Report>(&publish.payload) {
-            Ok(report) => {
-                if !apply_until_committed(&app, &report, &shutdown).await {
-                    return; // shutting down: not acked, so the broker redelivers it
-                }
-            }
-            Err(e) => {
-                Counters::bump(&app.counters().reports_malformed);
-                tracing::warn!(error = %e, "malformed report dropped");
+    let mut batch = Vec::with_capacity(REPORT_BATCH);
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = rx.recv() => p,
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < REPORT_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
             }
         }
-        if let Err(e) = client.ack(&publish).await {
-            tracing::warn!(error = %e, "could not ack a report; the broker will redeliver it");
+        let reports: Vec<Report> = batch
+            .iter()
+            .filter_map(|p| match serde_json::from_slice::<Report>(&p.payload) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    Counters::bump(&app.counters().reports_malformed);
+                    tracing::warn!(error = %e, "malformed report dropped");
+                    None
+                }
+            })
+            .collect();
+        if !apply_until_committed(&app, &reports, &shutdown).await {
+            return; // shutting down: not acked, so the broker redelivers them
+        }
+        // Acks go in the order the reports came (rumqttd disconnects on out-of-order acks).
+        for publish in batch.drain(..) {
+            if let Err(e) = client.ack(&publish).await {
+                tracing::warn!(error = %e, "could not ack a report; the broker will redeliver it");
+            }
         }
     }
 }
 
-/// Retries a report's store write until it succeeds; false if shut down first.
-async fn apply_until_committed(app: &App, report: &Report, shutdown: &CancellationToken) -> bool {
+/// Retries a batch's store write until it succeeds; false if shut down first.
+async fn apply_until_committed(app: &App, reports: &[Report], shutdown: &CancellationToken) -> bool {
     let mut pause = Duration::from_millis(100);
     loop {
-        match app.apply_report(report).await {
+        match app.apply_reports(reports).await {
             Ok(()) => return true,
             Err(e) => {
-                tracing::warn!(command_id = %report.command_id, error = %e, "report not applied yet; retrying");
+                tracing::warn!(reports = reports.len(), error = %e, "reports not applied yet; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return false,
                     _ = tokio::time::sleep(pause) => {}

@@ -7,6 +7,9 @@
 //! appends its `command_events` row, so the log always says exactly which move
 //! happened, and a late or duplicate report can never move a command backwards.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -65,8 +68,11 @@ pub struct NewCommand {
     pub name: String,
     pub payload: Payload,
     pub max_attempts: i64,
-    /// `Pending`, or `Scheduled` with `scheduled_at` in the future.
+    /// `Pending`; `Scheduled` with `scheduled_at` in the future; or `Sent`:
+    /// the first attempt is claimed with the insert (device online, publish next).
     pub status: Status,
+    /// The event detail of that first attempt.
+    pub first_attempt_detail: Option<String>,
     pub created_at: i64,
     pub scheduled_at: Option<i64>,
     pub expires_at: i64,
@@ -140,6 +146,9 @@ pub struct CommandFilter {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Statements sent to the database (BEGIN and COMMIT included), for
+    /// `/metrics` and the benchmark's statements-per-command figure.
+    statements: Arc<AtomicU64>,
 }
 
 const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
@@ -177,11 +186,27 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::MySql => MYSQL_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, statements: Arc::default() })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Statements sent so far by this process.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    fn query<'q>(&self, sql: &'q str) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        sqlx::query(sql)
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        // BEGIN now, COMMIT later.
+        self.statements.fetch_add(2, Ordering::Relaxed);
+        Ok(self.pool.begin().await?)
     }
 
     pub async fn close(&self) {
@@ -194,7 +219,8 @@ impl Store {
     pub async fn upsert_device(&self, id: &str, enabled: bool, labels: &Value) -> Result<(Device, bool)> {
         let now = now_ms();
         let labels_text = labels.to_string();
-        let updated = sqlx::query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
+        let updated = self
+            .query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
             .bind(i64::from(enabled))
             .bind(&labels_text)
             .bind(now)
@@ -203,7 +229,7 @@ impl Store {
             .await?;
         let mut created = false;
         if updated.rows_affected() == 0 {
-            let inserted = sqlx::query(
+            let inserted = self.query(
                 "INSERT INTO devices (id, enabled, labels, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
             )
             .bind(id)
@@ -231,14 +257,14 @@ impl Store {
 
     pub async fn get_device(&self, id: &str) -> Result<Option<Device>> {
         let sql = format!("{DEVICE_SELECT} WHERE d.id = ?");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = self.query(&sql).bind(id).fetch_optional(&self.pool).await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
     /// Devices in id order, after `after` (the previous page's last id).
     pub async fn list_devices(&self, after: Option<&str>, limit: i64) -> Result<Vec<Device>> {
         let sql = format!("{DEVICE_SELECT} WHERE d.id > ? ORDER BY d.id LIMIT ?");
-        let rows = sqlx::query(&sql).bind(after.unwrap_or("")).bind(limit).fetch_all(&self.pool).await?;
+        let rows = self.query(&sql).bind(after.unwrap_or("")).bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(device_from_row).collect()
     }
 
@@ -247,7 +273,7 @@ impl Store {
     pub async fn set_presence(&self, device_id: &str, receiver_id: &str, online: bool) -> Result<bool> {
         let now = now_ms();
         let done = if online {
-            sqlx::query(
+            self.query(
                 "UPDATE device_presence SET online = 1, receiver_id = ?, seen_at = ? WHERE device_id = ?",
             )
             .bind(receiver_id)
@@ -256,7 +282,7 @@ impl Store {
             .execute(&self.pool)
             .await?
         } else {
-            sqlx::query(
+            self.query(
                 "UPDATE device_presence SET online = 0, seen_at = ? WHERE device_id = ? AND receiver_id = ?",
             )
             .bind(now)
@@ -268,14 +294,15 @@ impl Store {
         if done.rows_affected() > 0 || !online {
             return Ok(done.rows_affected() > 0);
         }
-        let inserted = sqlx::query(
-            "INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)",
-        )
-        .bind(device_id)
-        .bind(receiver_id)
-        .bind(now)
-        .execute(&self.pool)
-        .await;
+        let inserted = self
+            .query(
+                "INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)",
+            )
+            .bind(device_id)
+            .bind(receiver_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await;
         match inserted {
             Ok(_) => Ok(true),
             Err(e) if is_unique_violation(&e) => {
@@ -287,45 +314,50 @@ impl Store {
 
     /// Marks every device of a receiver offline (the receiver went away).
     pub async fn receiver_gone(&self, receiver_id: &str) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE device_presence SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1",
-        )
-        .bind(now_ms())
-        .bind(receiver_id)
-        .execute(&self.pool)
-        .await?;
+        let done = self
+            .query("UPDATE device_presence SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1")
+            .bind(now_ms())
+            .bind(receiver_id)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
     // ---- commands ----
 
-    /// Stores a new command as `pending` with its first event, in one transaction.
+    /// Stores a new command with its first event(s), in one transaction. With
+    /// `new.status == Sent` the first attempt is claimed in the same
+    /// transaction (two events: `→ pending`, `pending → sent`); the caller
+    /// publishes after the commit.
     pub async fn insert_command(&self, new: &NewCommand) -> Result<Inserted> {
-        let mut tx = self.pool.begin().await?;
-        let insert = sqlx::query(
-            "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
-             max_attempts, created_at, scheduled_at, expires_at, updated_at, next_attempt_at, \
-             idempotency_key, request_hash, reply_to, correlation_id) \
-             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(new.id.to_string())
-        .bind(&new.device_id)
-        .bind(&new.name)
-        .bind(new.payload.bytes.clone())
-        .bind(i64::from(new.payload.is_json))
-        .bind(new.status.as_str())
-        .bind(new.max_attempts)
-        .bind(new.created_at)
-        .bind(new.scheduled_at)
-        .bind(new.expires_at)
-        .bind(new.created_at)
-        .bind(new.next_attempt_at)
-        .bind(new.idempotency_key.clone())
-        .bind(&new.request_hash)
-        .bind(new.reply_to.clone())
-        .bind(new.correlation_id.clone())
-        .execute(&mut *tx)
-        .await;
+        let mut tx = self.begin().await?;
+        let attempts = i64::from(new.status == Status::Sent);
+        let insert = self
+            .query(
+                "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
+                 max_attempts, created_at, scheduled_at, expires_at, updated_at, next_attempt_at, \
+                 idempotency_key, request_hash, reply_to, correlation_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(new.id.to_string())
+            .bind(&new.device_id)
+            .bind(&new.name)
+            .bind(new.payload.bytes.clone())
+            .bind(i64::from(new.payload.is_json))
+            .bind(new.status.as_str())
+            .bind(attempts)
+            .bind(new.max_attempts)
+            .bind(new.created_at)
+            .bind(new.scheduled_at)
+            .bind(new.expires_at)
+            .bind(new.created_at)
+            .bind(new.next_attempt_at)
+            .bind(new.idempotency_key.clone())
+            .bind(&new.request_hash)
+            .bind(new.reply_to.clone())
+            .bind(new.correlation_id.clone())
+            .execute(&mut *tx)
+            .await;
         match insert {
             Ok(_) => {}
             Err(e) if is_unique_violation(&e) && new.idempotency_key.is_some() => {
@@ -334,19 +366,39 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
-        insert_event(&mut tx, new.id, new.created_at, None, new.status, 0, None).await?;
+        let at = new.created_at;
+        let mut events = Vec::with_capacity(2);
+        if new.status == Status::Sent {
+            events.push(NewEvent {
+                id: new.id,
+                at,
+                from: None,
+                to: Status::Pending,
+                attempt: 0,
+                detail: None,
+            });
+            let detail = new.first_attempt_detail.clone();
+            events.push(NewEvent {
+                id: new.id,
+                at,
+                from: Some(Status::Pending),
+                to: Status::Sent,
+                attempt: 1,
+                detail,
+            });
+        } else {
+            events.push(NewEvent { id: new.id, at, from: None, to: new.status, attempt: 0, detail: None });
+        }
+        self.insert_events(&mut tx, &events).await?;
         tx.commit().await?;
-        let command = self
-            .get_command(new.id)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("command {} vanished after insert", new.id)))?;
-        Ok(Inserted::Created(command))
+        Ok(Inserted::Created(new.to_command(attempts)))
     }
 
     async fn existing_for_key(&self, new: &NewCommand) -> Result<Inserted> {
         let sql =
             format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND idempotency_key = ?");
-        let row = sqlx::query(&sql)
+        let row = self
+            .query(&sql)
             .bind(&new.device_id)
             .bind(new.idempotency_key.clone())
             .fetch_one(&self.pool)
@@ -357,19 +409,27 @@ impl Store {
     }
 
     pub async fn get_command(&self, id: Uuid) -> Result<Option<Command>> {
-        Ok(self.get_command_row(id).await?.map(|(c, _)| c))
+        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?");
+        let row = self.query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(command_from_row).transpose()
     }
 
-    /// The command and, for MQTT submissions, its (reply_to, correlation_id).
-    pub async fn get_command_row(&self, id: Uuid) -> Result<Option<(Command, Option<(String, String)>)>> {
-        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
-        row.map(|row| {
-            let reply_to: Option<String> = row.try_get("reply_to")?;
-            let correlation: Option<String> = row.try_get("correlation_id")?;
-            Ok((command_from_row(&row)?, reply_to.map(|r| (r, correlation.unwrap_or_default()))))
-        })
-        .transpose()
+    /// Several commands at once (missing ids are simply absent).
+    pub async fn get_commands(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Command>> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id IN ({marks})");
+            let mut q = self.query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let c = command_from_row(&row)?;
+                found.insert(c.id, c);
+            }
+        }
+        Ok(found)
     }
 
     /// Newest first.
@@ -385,7 +445,7 @@ impl Store {
             sql.push_str(" AND id < ?");
         }
         sql.push_str(" ORDER BY id DESC LIMIT ?");
-        let mut q = sqlx::query(&sql);
+        let mut q = self.query(&sql);
         if let Some(d) = &filter.device_id {
             q = q.bind(d.clone());
         }
@@ -400,7 +460,7 @@ impl Store {
     }
 
     pub async fn events(&self, id: Uuid) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
+        let rows = self.query(
             "SELECT at, from_status, to_status, attempt, detail FROM command_events WHERE command_id = ? ORDER BY id",
         )
         .bind(id.to_string())
@@ -422,8 +482,16 @@ impl Store {
     /// Appends an event that records something without changing the status
     /// (e.g. a result that arrived after the command was final).
     pub async fn note(&self, id: Uuid, status: Status, attempt: i64, detail: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        insert_event(&mut tx, id, now_ms(), Some(status), status, attempt, Some(detail)).await?;
+        let mut tx = self.begin().await?;
+        let event = NewEvent {
+            id,
+            at: now_ms(),
+            from: Some(status),
+            to: status,
+            attempt,
+            detail: Some(detail.into()),
+        };
+        self.insert_events(&mut tx, &[event]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -438,7 +506,7 @@ impl Store {
     pub async fn claim_due(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {
         let ids: Vec<String> = match self.backend {
             Backend::Sqlite => {
-                let rows = sqlx::query(
+                let rows = self.query(
                     "UPDATE commands SET next_attempt_at = ? WHERE id IN \
                      (SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?) \
                      RETURNING id",
@@ -451,8 +519,8 @@ impl Store {
                 rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?
             }
             Backend::MySql => {
-                let mut tx = self.pool.begin().await?;
-                let rows = sqlx::query(
+                let mut tx = self.begin().await?;
+                let rows = self.query(
                     "SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ? \
                      FOR UPDATE SKIP LOCKED",
                 )
@@ -464,7 +532,7 @@ impl Store {
                 if !ids.is_empty() {
                     let marks = vec!["?"; ids.len()].join(", ");
                     let sql = format!("UPDATE commands SET next_attempt_at = ? WHERE id IN ({marks})");
-                    let mut q = sqlx::query(&sql).bind(lease_until);
+                    let mut q = self.query(&sql).bind(lease_until);
                     for id in &ids {
                         q = q.bind(id.clone());
                     }
@@ -482,22 +550,21 @@ impl Store {
     /// Moves the sweeper's next look at a command to `until` without another
     /// change, if it still stands as `current` (e.g. its device is offline).
     pub async fn postpone(&self, current: &Command, until: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ?",
-        )
-        .bind(until.min(current.expires_at))
-        .bind(current.id.to_string())
-        .bind(current.status.as_str())
-        .bind(current.attempts)
-        .execute(&self.pool)
-        .await?;
+        let done = self
+            .query("UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ?")
+            .bind(until.min(current.expires_at))
+            .bind(current.id.to_string())
+            .bind(current.status.as_str())
+            .bind(current.attempts)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// A device came online: its commands waiting for it, or published while
     /// it was away, are due now.
     pub async fn wake_device(&self, device_id: &str, now: i64) -> Result<u64> {
-        let done = sqlx::query(
+        let done = self.query(
             "UPDATE commands SET next_attempt_at = ? WHERE device_id = ? AND status IN ('pending', 'sent') \
              AND next_attempt_at > ?",
         )
@@ -511,7 +578,8 @@ impl Store {
 
     /// Whether a receiver reports the device connected now.
     pub async fn is_online(&self, device_id: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT online FROM device_presence WHERE device_id = ?")
+        let row = self
+            .query("SELECT online FROM device_presence WHERE device_id = ?")
             .bind(device_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -540,45 +608,168 @@ impl Store {
     }
 
     async fn compare_and_set(&self, current: &Command, next: &Command, change: &Change) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE commands SET status = ?, attempts = ?, updated_at = ?, delivered_at = ?, \
-             completed_at = ?, result_code = ?, result_payload = ?, result_message = ?, \
-             error_kind = ?, error_message = ?, next_attempt_at = ? \
-             WHERE id = ? AND status = ? AND attempts = ?",
-        )
-        .bind(next.status.as_str())
-        .bind(next.attempts)
-        .bind(next.updated_at)
-        .bind(next.delivered_at)
-        .bind(next.completed_at)
-        .bind(next.result_code)
-        .bind(next.result_payload.clone())
-        .bind(next.result_message.clone())
-        .bind(next.error_kind.clone())
-        .bind(next.error_message.clone())
-        .bind(if next.status.is_final() { None } else { change.next_attempt_at })
-        .bind(current.id.to_string())
-        .bind(current.status.as_str())
-        .bind(current.attempts)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
+        let mut tx = self.begin().await?;
+        if !self.update_if_unchanged(&mut tx, current, next).await? {
             return Ok(false);
         }
-        let detail = change.detail.as_deref();
-        insert_event(
-            &mut tx,
-            current.id,
-            next.updated_at,
-            Some(current.status),
-            next.status,
-            next.attempts,
-            detail,
-        )
-        .await?;
+        self.insert_events(&mut tx, &[NewEvent::of_move(current, next, change)]).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Applies many moves in one transaction (one commit, one multi-row event
+    /// insert): the batch form of `transition`, with the same rules. Moves are
+    /// applied in order, a later move of the same command seeing the earlier
+    /// one. A move whose compare-and-set lost to another writer is retried on
+    /// its own after the commit.
+    pub async fn transition_many(&self, moves: &[(Uuid, Status, Change)]) -> Result<Vec<Moved>> {
+        let ids: Vec<Uuid> = moves.iter().map(|(id, _, _)| *id).collect();
+        let mut current = self.get_commands(&ids).await?;
+        let mut outcomes: Vec<Option<Moved>> = Vec::with_capacity(moves.len());
+        let mut events = Vec::new();
+        let mut lost = std::collections::HashSet::new();
+        let mut tx = self.begin().await?;
+        for (id, to, change) in moves {
+            let Some(cur) = current.get(id).filter(|_| !lost.contains(id)) else {
+                outcomes.push(if lost.contains(id) { None } else { Some(Moved::NotFound) });
+                continue;
+            };
+            if !cur.status.can_move_to(*to) {
+                outcomes.push(Some(Moved::Refused(cur.clone())));
+                continue;
+            }
+            let next = apply(cur, *to, change, now_ms());
+            if self.update_if_unchanged(&mut tx, cur, &next).await? {
+                events.push(NewEvent::of_move(cur, &next, change));
+                outcomes.push(Some(Moved::Yes { from: cur.status, command: next.clone() }));
+                current.insert(*id, next);
+            } else {
+                lost.insert(*id);
+                outcomes.push(None);
+            }
+        }
+        self.insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        let mut done = Vec::with_capacity(moves.len());
+        for ((id, to, change), outcome) in moves.iter().zip(outcomes) {
+            done.push(match outcome {
+                Some(moved) => moved,
+                None => self.transition(*id, *to, change).await?,
+            });
+        }
+        Ok(done)
+    }
+
+    /// The compare-and-set itself: writes `next` if the row still has `current`'s status and attempts.
+    async fn update_if_unchanged(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        current: &Command,
+        next: &Command,
+    ) -> Result<bool> {
+        let done = self
+            .query(
+                "UPDATE commands SET status = ?, attempts = ?, updated_at = ?, delivered_at = ?, \
+                 completed_at = ?, result_code = ?, result_payload = ?, result_message = ?, \
+                 error_kind = ?, error_message = ?, next_attempt_at = ? \
+                 WHERE id = ? AND status = ? AND attempts = ?",
+            )
+            .bind(next.status.as_str())
+            .bind(next.attempts)
+            .bind(next.updated_at)
+            .bind(next.delivered_at)
+            .bind(next.completed_at)
+            .bind(next.result_code)
+            .bind(next.result_payload.clone())
+            .bind(next.result_message.clone())
+            .bind(next.error_kind.clone())
+            .bind(next.error_message.clone())
+            .bind(next.next_attempt_at)
+            .bind(current.id.to_string())
+            .bind(current.status.as_str())
+            .bind(current.attempts)
+            .execute(&mut **tx)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Appends events with one multi-row INSERT.
+    async fn insert_events(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        for chunk in events.chunks(200) {
+            let rows = vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO command_events (command_id, at, from_status, to_status, attempt, detail) VALUES {rows}"
+            );
+            let mut q = self.query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(e.id.to_string())
+                    .bind(e.at)
+                    .bind(e.from.map(Status::as_str))
+                    .bind(e.to.as_str())
+                    .bind(e.attempt)
+                    .bind(e.detail.as_deref().map(|d| truncate(d, 1000)));
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A `command_events` row to write.
+#[derive(Debug, Clone)]
+struct NewEvent {
+    id: Uuid,
+    at: i64,
+    from: Option<Status>,
+    to: Status,
+    attempt: i64,
+    detail: Option<String>,
+}
+
+impl NewEvent {
+    fn of_move(current: &Command, next: &Command, change: &Change) -> NewEvent {
+        NewEvent {
+            id: current.id,
+            at: next.updated_at,
+            from: Some(current.status),
+            to: next.status,
+            attempt: next.attempts,
+            detail: change.detail.clone(),
+        }
+    }
+}
+
+impl NewCommand {
+    /// The command as stored by `insert_command`.
+    fn to_command(&self, attempts: i64) -> Command {
+        Command {
+            id: self.id,
+            device_id: self.device_id.clone(),
+            name: self.name.clone(),
+            payload: self.payload.clone(),
+            status: self.status,
+            attempts,
+            max_attempts: self.max_attempts,
+            created_at: self.created_at,
+            updated_at: self.created_at,
+            scheduled_at: self.scheduled_at,
+            expires_at: self.expires_at,
+            next_attempt_at: Some(self.next_attempt_at),
+            delivered_at: None,
+            completed_at: None,
+            result_code: None,
+            result_payload: None,
+            result_message: None,
+            error_kind: None,
+            error_message: None,
+            idempotency_key: self.idempotency_key.clone(),
+            reply_to: self.reply_to.clone().map(|t| (t, self.correlation_id.clone().unwrap_or_default())),
+        }
     }
 }
 
@@ -611,29 +802,6 @@ fn apply(current: &Command, to: Status, change: &Change, now: i64) -> Command {
         next.next_attempt_at = Some(due.min(current.expires_at));
     }
     next
-}
-
-async fn insert_event(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    id: Uuid,
-    at: i64,
-    from: Option<Status>,
-    to: Status,
-    attempt: i64,
-    detail: Option<&str>,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO command_events (command_id, at, from_status, to_status, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(id.to_string())
-    .bind(at)
-    .bind(from.map(Status::as_str))
-    .bind(to.as_str())
-    .bind(attempt)
-    .bind(detail.map(|d| truncate(d, 1000)))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -717,6 +885,12 @@ fn command_from_row(row: &AnyRow) -> Result<Command> {
         error_kind: row.try_get("error_kind")?,
         error_message: row.try_get("error_message")?,
         idempotency_key: row.try_get("idempotency_key")?,
+        reply_to: match row.try_get::<Option<String>, _>("reply_to")? {
+            Some(topic) => {
+                Some((topic, row.try_get::<Option<String>, _>("correlation_id")?.unwrap_or_default()))
+            }
+            None => None,
+        },
     })
 }
 
