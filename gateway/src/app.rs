@@ -11,6 +11,7 @@ use base64::Engine;
 use rumqttc::{AsyncClient, QoS};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::command::{now_ms, parse_rfc3339, Command, Payload, Status};
@@ -167,6 +168,43 @@ struct Inner {
     counters: Counters,
     /// Wakes the sweeper before its next tick (a device came online).
     sweep_now: tokio::sync::Notify,
+    /// New commands on their way to the group-commit writer (`write_new_commands`).
+    inserts: mpsc::Sender<InsertRequest>,
+}
+
+/// New commands waiting for the writer. When full, submissions wait.
+const INSERT_QUEUE: usize = 1024;
+/// New commands stored per transaction at most.
+const INSERT_BATCH: usize = 128;
+
+#[derive(Debug)]
+struct InsertRequest {
+    new: NewCommand,
+    done: oneshot::Sender<Result<Inserted, String>>,
+}
+
+/// The single writer of new commands: takes whatever submissions are waiting
+/// (up to `INSERT_BATCH`), stores them in one transaction, then answers each.
+/// Under load many submissions share one commit; alone, one waits for nothing.
+/// Ends when every `App` is gone.
+async fn write_new_commands(store: Store, mut rx: mpsc::Receiver<InsertRequest>) {
+    let mut batch = Vec::with_capacity(INSERT_BATCH);
+    while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
+        let news: Vec<NewCommand> = batch.iter().map(|r| r.new.clone()).collect();
+        match store.insert_commands(&news).await {
+            Ok(done) => {
+                for (request, inserted) in batch.drain(..).zip(done) {
+                    let _ = request.done.send(Ok(inserted));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for request in batch.drain(..) {
+                    let _ = request.done.send(Err(message.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// Where an MQTT caller wants its answers.
@@ -179,6 +217,8 @@ pub struct ReplyTo {
 impl App {
     pub fn new(config: Config, store: Store, mqtt: AsyncClient) -> App {
         let topics = Topics::new(config.topic_prefix.clone());
+        let (inserts, rx) = mpsc::channel(INSERT_QUEUE);
+        tokio::spawn(write_new_commands(store.clone(), rx));
         App {
             inner: Arc::new(Inner {
                 config,
@@ -188,6 +228,7 @@ impl App {
                 waiters: Waiters::default(),
                 counters: Counters::default(),
                 sweep_now: tokio::sync::Notify::new(),
+                inserts,
             }),
         }
     }
@@ -253,7 +294,7 @@ impl App {
             new.status = Status::Sent;
             new.first_attempt_detail = Some(format!("attempt 1 by {}: accepted", self.config().instance_id));
         }
-        match self.store().insert_command(&new).await? {
+        match self.insert(new.clone()).await? {
             Inserted::Created(command) => {
                 if command.status == Status::Sent {
                     self.send_to_receivers(&command).await;
@@ -365,6 +406,20 @@ impl App {
             reply_to: reply_to.map(|r| r.topic.clone()),
             correlation_id: reply_to.map(|r| r.correlation_id.clone()),
         })
+    }
+
+    /// Stores a new command through the group-commit writer.
+    async fn insert(&self, new: NewCommand) -> Result<Inserted, ApiError> {
+        let (done, answer) = oneshot::channel();
+        let gone = || ApiError::Unavailable("the command writer stopped".into());
+        self.inner.inserts.send(InsertRequest { new, done }).await.map_err(|_| gone())?;
+        match answer.await.map_err(|_| gone())? {
+            Ok(inserted) => Ok(inserted),
+            Err(message) => {
+                tracing::warn!(error = %message, "store error");
+                Err(ApiError::Unavailable(message))
+            }
+        }
     }
 
     /// Claims the next attempt in the store (`sent`, attempts + 1, next look

@@ -95,10 +95,21 @@ async fn poll(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 // Subscribing from this task could deadlock on a full request channel.
                 let (client, filters) = (client.clone(), filters.clone());
+                let rollcall = match &incoming {
+                    Incoming::Main(app) => Some(app.topics().rollcall()),
+                    Incoming::Reports(_) => None,
+                };
                 tokio::spawn(async move {
                     for f in filters {
                         if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
                             tracing::warn!(filter = %f, error = %e, "subscribe failed");
+                        }
+                    }
+                    // After the subscriptions (same connection, so the broker sees them first):
+                    // receivers answer with the presence of every device they hold.
+                    if let Some(topic) = rollcall {
+                        if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, &b"{}"[..]).await {
+                            tracing::warn!(error = %e, "roll call failed");
                         }
                     }
                 });

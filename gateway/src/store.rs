@@ -331,67 +331,81 @@ impl Store {
     /// publishes after the commit.
     pub async fn insert_command(&self, new: &NewCommand) -> Result<Inserted> {
         let mut tx = self.begin().await?;
-        let attempts = i64::from(new.status == Status::Sent);
-        let insert = self
-            .query(
-                "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
-                 max_attempts, created_at, scheduled_at, expires_at, updated_at, next_attempt_at, \
-                 idempotency_key, request_hash, reply_to, correlation_id) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(new.id.to_string())
-            .bind(&new.device_id)
-            .bind(&new.name)
-            .bind(new.payload.bytes.clone())
-            .bind(i64::from(new.payload.is_json))
-            .bind(new.status.as_str())
-            .bind(attempts)
-            .bind(new.max_attempts)
-            .bind(new.created_at)
-            .bind(new.scheduled_at)
-            .bind(new.expires_at)
-            .bind(new.created_at)
-            .bind(new.next_attempt_at)
-            .bind(new.idempotency_key.clone())
-            .bind(&new.request_hash)
-            .bind(new.reply_to.clone())
-            .bind(new.correlation_id.clone())
-            .execute(&mut *tx)
-            .await;
-        match insert {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) && new.idempotency_key.is_some() => {
+        match self.insert_rows(&mut tx, std::slice::from_ref(new)).await {
+            Ok(()) => {}
+            Err(StoreError::Unavailable(e)) if is_unique_violation(&e) && new.idempotency_key.is_some() => {
                 drop(tx);
                 return self.existing_for_key(new).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
-        let at = new.created_at;
-        let mut events = Vec::with_capacity(2);
-        if new.status == Status::Sent {
-            events.push(NewEvent {
-                id: new.id,
-                at,
-                from: None,
-                to: Status::Pending,
-                attempt: 0,
-                detail: None,
-            });
-            let detail = new.first_attempt_detail.clone();
-            events.push(NewEvent {
-                id: new.id,
-                at,
-                from: Some(Status::Pending),
-                to: Status::Sent,
-                attempt: 1,
-                detail,
-            });
-        } else {
-            events.push(NewEvent { id: new.id, at, from: None, to: new.status, attempt: 0, detail: None });
-        }
-        self.insert_events(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(Inserted::Created(new.to_command(attempts)))
+        Ok(Inserted::Created(new.to_command()))
+    }
+
+    /// Group commit: stores many new commands in one transaction (multi-row
+    /// inserts). If any of them collides on an idempotency key, the batch is
+    /// rolled back and each is stored on its own, so the outcome per command is
+    /// exactly `insert_command`'s.
+    pub async fn insert_commands(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {
+        if news.len() == 1 {
+            return Ok(vec![self.insert_command(&news[0]).await?]);
+        }
+        let mut tx = self.begin().await?;
+        match self.insert_rows(&mut tx, news).await {
+            Ok(()) => {
+                tx.commit().await?;
+                Ok(news.iter().map(|n| Inserted::Created(n.to_command())).collect())
+            }
+            Err(StoreError::Unavailable(e)) if is_unique_violation(&e) => {
+                drop(tx);
+                let mut done = Vec::with_capacity(news.len());
+                for new in news {
+                    done.push(self.insert_command(new).await?);
+                }
+                Ok(done)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn insert_rows(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        news: &[NewCommand],
+    ) -> Result<()> {
+        for chunk in news.chunks(100) {
+            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
+                 max_attempts, created_at, scheduled_at, expires_at, updated_at, next_attempt_at, \
+                 idempotency_key, request_hash, reply_to, correlation_id) VALUES {rows}"
+            );
+            let mut q = self.query(&sql);
+            for new in chunk {
+                q = q
+                    .bind(new.id.to_string())
+                    .bind(new.device_id.clone())
+                    .bind(new.name.clone())
+                    .bind(new.payload.bytes.clone())
+                    .bind(i64::from(new.payload.is_json))
+                    .bind(new.status.as_str())
+                    .bind(new.first_attempts())
+                    .bind(new.max_attempts)
+                    .bind(new.created_at)
+                    .bind(new.scheduled_at)
+                    .bind(new.expires_at)
+                    .bind(new.created_at)
+                    .bind(new.next_attempt_at)
+                    .bind(new.idempotency_key.clone())
+                    .bind(new.request_hash.clone())
+                    .bind(new.reply_to.clone())
+                    .bind(new.correlation_id.clone());
+            }
+            q.execute(&mut **tx).await?;
+        }
+        let events: Vec<NewEvent> = news.iter().flat_map(NewCommand::first_events).collect();
+        self.insert_events(tx, &events).await
     }
 
     async fn existing_for_key(&self, new: &NewCommand) -> Result<Inserted> {
@@ -745,8 +759,28 @@ impl NewEvent {
 }
 
 impl NewCommand {
+    /// 1 when the first attempt is claimed with the insert.
+    fn first_attempts(&self) -> i64 {
+        i64::from(self.status == Status::Sent)
+    }
+
+    /// Its first event, or two when the first attempt is claimed with the insert.
+    fn first_events(&self) -> Vec<NewEvent> {
+        let (id, at) = (self.id, self.created_at);
+        if self.status == Status::Sent {
+            let detail = self.first_attempt_detail.clone();
+            vec![
+                NewEvent { id, at, from: None, to: Status::Pending, attempt: 0, detail: None },
+                NewEvent { id, at, from: Some(Status::Pending), to: Status::Sent, attempt: 1, detail },
+            ]
+        } else {
+            vec![NewEvent { id, at, from: None, to: self.status, attempt: 0, detail: None }]
+        }
+    }
+
     /// The command as stored by `insert_command`.
-    fn to_command(&self, attempts: i64) -> Command {
+    fn to_command(&self) -> Command {
+        let attempts = self.first_attempts();
         Command {
             id: self.id,
             device_id: self.device_id.clone(),

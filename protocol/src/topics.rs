@@ -47,6 +47,13 @@ impl Topics {
         format!("{}/cancels", self.prefix)
     }
 
+    /// Gateway → every receiver: "say which devices you hold" (any payload).
+    /// A gateway publishes it after each connect, so presence that receivers
+    /// published while no gateway listened is not lost.
+    pub fn rollcall(&self) -> String {
+        format!("{}/rollcall", self.prefix)
+    }
+
     /// Receiver → gateway: one device came or went (`envelope::Presence`).
     pub fn presence(&self, device_id: &str) -> String {
         format!("{}/presence/{}", self.prefix, device_id)

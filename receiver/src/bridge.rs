@@ -195,17 +195,28 @@ impl Bridge {
     /// After every (re)connect: say we are here, re-subscribe every device and
     /// re-announce it (a clean session forgets subscriptions).
     async fn announce(self) {
+        for topic in [self.inner.topics.cancels(), self.inner.topics.rollcall()] {
+            if let Err(e) = self.inner.client.subscribe(topic, QoS::AtLeastOnce).await {
+                tracing::warn!(error = %e, "subscribe failed");
+            }
+        }
+        for device_id in self.connected() {
+            self.subscribe(&device_id).await;
+        }
+        self.report_presence().await;
+    }
+
+    /// Says this receiver is here and which devices it holds (after a connect,
+    /// and whenever a gateway asks on the roll-call topic: presence published
+    /// while no gateway was subscribed is otherwise lost).
+    async fn report_presence(self) {
         let status = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: true };
         let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
         let body = serde_json::to_vec(&status).expect("serialisable");
         if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
             tracing::warn!(error = %e, "could not publish receiver status");
         }
-        if let Err(e) = self.inner.client.subscribe(self.inner.topics.cancels(), QoS::AtLeastOnce).await {
-            tracing::warn!(error = %e, "subscribe to cancels failed");
-        }
         for device_id in self.connected() {
-            self.subscribe(&device_id).await;
             self.presence(&device_id, true).await;
         }
     }
@@ -235,6 +246,11 @@ impl Bridge {
     }
 
     fn on_publish(&self, p: &rumqttc::Publish) {
+        if p.topic == self.inner.topics.rollcall() {
+            // Not from the polling task: a full request channel would deadlock it.
+            tokio::spawn(self.clone().report_presence());
+            return;
+        }
         if p.topic == self.inner.topics.cancels() {
             match serde_json::from_slice::<Cancel>(&p.payload) {
                 Ok(c) => self.inner.canceled.lock().expect("canceled lock").insert(c.command_id),

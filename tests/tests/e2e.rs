@@ -309,3 +309,40 @@ async fn through_mosquitto() {
     }
     s.stop().await;
 }
+
+/// Presence that receivers published before any gateway listened is not lost:
+/// a gateway's roll call on connect makes receivers report again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_after_its_receivers_learns_their_devices() {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let broker = format!("mqtt://{}", system_tests::mosquitto_addr());
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let mut rconfig = receiver::Config::new(broker.clone(), system_tests::free_port());
+    rconfig.topic_prefix = prefix.clone();
+    rconfig.receiver_id = format!("rx{}", uuid::Uuid::new_v4().simple());
+    let receiver = receiver::start(rconfig, shutdown.clone()).await.unwrap();
+    let fleet = firmware_sim::Fleet::start(
+        firmware_sim::FleetConfig { connect: receiver.tcp_addr, devices: 1, id_prefix: "early-".into(), ..Default::default() },
+        shutdown.clone(),
+    );
+    assert!(fleet.wait_connected(1, Duration::from_secs(20)).await);
+    eventually("receiver holds the device", || async { receiver.bridge.connected().len() == 1 }).await;
+    let db = system_tests::TestDb::create(Db::Sqlite).await.unwrap();
+    let mut config = gateway::Config::for_local(db.url.clone(), system_tests::free_port(), system_tests::free_port());
+    config.broker = Some(broker);
+    config.topic_prefix = prefix;
+    config.instance_id = format!("gw{}", uuid::Uuid::new_v4().simple());
+    let gw = gateway::start(config, shutdown.clone()).await.unwrap();
+    let base = format!("http://{}", gw.http_addr);
+    let http = reqwest::Client::new();
+    http.put(format!("{base}/v1/devices/early-0000")).json(&json!({})).send().await.unwrap();
+    eventually("device online at the late gateway", || async {
+        let d: Value = http.get(format!("{base}/v1/devices/early-0000")).send().await.unwrap().json().await.unwrap();
+        d["online"] == true
+    })
+    .await;
+    shutdown.cancel();
+    fleet.stopped().await;
+    receiver.stopped().await;
+    gw.stopped().await;
+}

@@ -191,7 +191,7 @@ async fn cancel_moves_to_canceled_and_a_late_result_changes_nothing(db: Db) {
     let Some(s) = System::start(Spec::new(db)).await else { return };
     let dev = &s.device_ids[0];
     // Scheduled, never published.
-    let (_, c) = s.send(dev, json!({"name": "x", "mode": "async", "scheduled_at": in_ms(60_000)})).await;
+    let (_, c) = s.send(dev, json!({"name": "x", "mode": "async", "scheduled_at": in_ms(30_000)})).await;
     let id = c["id"].as_str().unwrap();
     let (status, canceled) = s.post_raw(&format!("/v1/commands/{id}/cancel"), "").await;
     assert_eq!((status, canceled["status"].as_str()), (200, Some("canceled")));
