@@ -75,10 +75,10 @@ struct InFlight {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Behaviour {
     connect: std::net::SocketAddr,
-    fail_ratio: f64,
-    latency_ms: (u64, u64),
-    duplicate_results: bool,
-    drop_ratio: f64,
+    pub(crate) fail_ratio: f64,
+    pub(crate) latency_ms: (u64, u64),
+    pub(crate) duplicate_results: bool,
+    pub(crate) drop_ratio: f64,
     churn_ms: Option<(u64, u64)>,
 }
 
@@ -97,7 +97,7 @@ impl Behaviour {
     }
 }
 
-fn probability(ratio: f64) -> f64 {
+pub(crate) fn probability(ratio: f64) -> f64 {
     if ratio.is_nan() {
         0.0
     } else {

@@ -1,25 +1,39 @@
-//! `firmware-sim`: parses flags, starts a [`Fleet`], stops it on SIGINT/SIGTERM.
+//! `firmware-sim`: parses flags, starts a [`Fleet`] (TCP) or a [`Bus`] (one
+//! serial line), stops it on SIGINT/SIGTERM.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use firmware_sim::serial::parse_line;
 use firmware_sim::{
-    parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, Fleet, FleetConfig,
+    parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, Bus, Fleet, FleetConfig,
+    SerialConfig,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// A simulated fleet of devices, each a TCP connection to a receiver.
+/// A simulated fleet of devices, each a TCP connection to a receiver, or all
+/// on one serial line (--serial).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
     /// Receiver address, host:port.
-    #[arg(long, env = "FIRMWARE_SIM_CONNECT", value_parser = parse_addr)]
-    connect: SocketAddr,
-    /// Number of devices (one connection each).
+    #[arg(long, env = "FIRMWARE_SIM_CONNECT", value_parser = parse_addr, required_unless_present = "serial", conflicts_with = "serial")]
+    connect: Option<SocketAddr>,
+    /// Play every device on this serial line (a bus): PATH[:BAUD], default
+    /// baud 115200. Devices are addressed by a HELLO before each COMMAND.
+    #[arg(long, env = "FIRMWARE_SIM_SERIAL", value_parser = parse_line)]
+    serial: Option<(PathBuf, u32)>,
+    /// Serial only: probability (0.0..=1.0) of a burst of random bytes before an outgoing frame.
+    #[arg(long, env = "FIRMWARE_SIM_NOISE_RATIO", default_value = "0", value_parser = parse_probability, requires = "serial")]
+    noise_ratio: f64,
+    /// Serial only: probability (0.0..=1.0) that one bit of an outgoing frame is flipped.
+    #[arg(long, env = "FIRMWARE_SIM_FLIP_RATIO", default_value = "0", value_parser = parse_probability, requires = "serial")]
+    flip_ratio: f64,
+    /// Number of devices (one connection each, or all on the serial line).
     #[arg(long, env = "FIRMWARE_SIM_DEVICES", value_parser = clap::value_parser!(u32).range(1..))]
     devices: u32,
     /// Device ids are <prefix><index, 4 digits>.
@@ -51,9 +65,16 @@ struct Cli {
 }
 
 impl Cli {
-    fn into_config(self) -> FleetConfig {
-        FleetConfig {
-            connect: self.connect,
+    /// The fleet, and the line when in serial mode.
+    fn into_config(self) -> (FleetConfig, Option<SerialConfig>) {
+        let serial = self.serial.map(|(path, baud)| SerialConfig {
+            path,
+            baud,
+            noise_ratio: self.noise_ratio,
+            flip_ratio: self.flip_ratio,
+        });
+        let fleet = FleetConfig {
+            connect: self.connect.unwrap_or(FleetConfig::default().connect),
             devices: self.devices as usize,
             id_prefix: self.id_prefix,
             id_start: self.id_start,
@@ -63,25 +84,38 @@ impl Cli {
             duplicate_results: self.duplicate_results,
             drop_ratio: self.drop_ratio,
             churn_ms: self.churn_ms,
-        }
+        };
+        (fleet, serial)
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Cli::parse().into_config();
+    let (config, serial) = Cli::parse().into_config();
     config.validate()?;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    tracing::info!(devices = config.devices, connect = %config.connect, "starting fleet");
     let shutdown = CancellationToken::new();
-    let fleet = Fleet::start(config, shutdown.clone());
-    wait_for_signal().await?;
-    tracing::info!("stopping");
-    shutdown.cancel();
-    fleet.stopped().await;
+    match serial {
+        Some(serial) => {
+            tracing::info!(devices = config.devices, line = %serial.path.display(), "starting bus");
+            let bus = Bus::start(config, serial, shutdown.clone());
+            wait_for_signal().await?;
+            tracing::info!("stopping");
+            shutdown.cancel();
+            bus.stopped().await;
+        }
+        None => {
+            tracing::info!(devices = config.devices, connect = %config.connect, "starting fleet");
+            let fleet = Fleet::start(config, shutdown.clone());
+            wait_for_signal().await?;
+            tracing::info!("stopping");
+            shutdown.cancel();
+            fleet.stopped().await;
+        }
+    }
     Ok(())
 }
 
@@ -99,4 +133,12 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|error| format!("{text:?} is not a usable host:port ({error})"))?
         .next()
         .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// A probability in `0.0..=1.0`.
+fn parse_probability(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a number in 0.0..=1.0")),
+    }
 }

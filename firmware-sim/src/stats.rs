@@ -59,11 +59,33 @@ pub struct Totals {
     pub connected: u64,
 }
 
+/// Counters of a serial line shared by the devices of a bus (serial mode only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LineStats {
+    /// Times the line was opened.
+    pub opens: u64,
+    /// Whether the line is open now.
+    pub open: bool,
+    /// Undecodable input and frames no device on the bus expects.
+    pub bad_input: u64,
+    /// COMMAND frames not preceded by an address HELLO naming a device of this bus.
+    pub unaddressed_commands: u64,
+    /// Bursts of random bytes written between frames (`--noise-ratio`).
+    pub noise_bursts: u64,
+    /// Bytes in those bursts.
+    pub noise_bytes: u64,
+    /// Outgoing frames with one bit flipped (`--flip-ratio`).
+    pub flipped_frames: u64,
+}
+
 /// A snapshot of the whole fleet, keyed by device id; the stats file's shape.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FleetStats {
     pub devices: BTreeMap<String, DeviceStats>,
     pub totals: Totals,
+    /// The shared line, when the devices are on a serial bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<LineStats>,
 }
 
 impl FleetStats {
@@ -80,7 +102,7 @@ impl FleetStats {
             totals.churns += s.churns;
             totals.connected += u64::from(s.connected);
         }
-        Self { devices, totals }
+        Self { devices, totals, line: None }
     }
 }
 
@@ -93,13 +115,15 @@ pub(crate) struct SharedStats {
     devices: Mutex<Vec<DeviceStats>>,
     /// Number of connected devices, so waiters wake on change instead of polling.
     connected: watch::Sender<usize>,
+    /// The serial line's counters; `None` for TCP fleets.
+    line: Mutex<Option<LineStats>>,
 }
 
 impl SharedStats {
     pub(crate) fn new(ids: Vec<String>) -> Arc<Self> {
         let devices = Mutex::new(vec![DeviceStats::default(); ids.len()]);
         let (connected, _) = watch::channel(0);
-        Arc::new(Self { ids, devices, connected })
+        Arc::new(Self { ids, devices, connected, line: Mutex::new(None) })
     }
 
     pub(crate) fn ids(&self) -> &[String] {
@@ -108,7 +132,16 @@ impl SharedStats {
 
     pub(crate) fn snapshot(&self) -> FleetStats {
         let devices = self.lock().clone();
-        FleetStats::from_devices(self.ids.iter().cloned().zip(devices).collect())
+        let mut stats = FleetStats::from_devices(self.ids.iter().cloned().zip(devices).collect());
+        stats.line = self.line.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        stats
+    }
+
+    /// Changes the line counters (creating them on first use: serial mode).
+    pub(crate) fn update_line(&self, change: impl FnOnce(&mut LineStats)) {
+        change(
+            self.line.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(LineStats::default),
+        );
     }
 
     pub(crate) fn watch_connected(&self) -> watch::Receiver<usize> {

@@ -6,10 +6,16 @@
 //! - [`bridge`] owns the MQTT connection: subscribes to the commands topic of
 //!   each connected device, routes each command to its device's task, and
 //!   publishes `delivered` (frame written), results and presence.
+//! - [`serial`] carries the same frames over serial ports, several devices per
+//!   port (RS-485 style, one request in flight per bus).
+//! - [`modbus`] bridges devices that speak Modbus (RTU on a serial line, or
+//!   TCP) by mapping command names to Modbus functions.
 //! - [`mqtt`] is client set-up shared with the gateway.
 
 pub mod bridge;
+pub mod modbus;
 pub mod mqtt;
+pub mod serial;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -35,6 +41,14 @@ pub struct Config {
     /// Prefix of every MQTT topic (must match the gateway's).
     #[arg(long, env = "RECEIVER_TOPIC_PREFIX", default_value = protocol::topics::DEFAULT_PREFIX)]
     pub topic_prefix: String,
+    /// A serial port whose devices speak the native frame (repeatable; syntax in
+    /// `serial::PortSpec`, e.g. `/dev/ttyUSB0:115200:dev-1,dev-2`). Env: `;`-separated.
+    #[arg(long = "serial", env = "RECEIVER_SERIAL", value_delimiter = ';')]
+    pub serial: Vec<String>,
+    /// A Modbus device (repeatable; syntax in `modbus::DeviceSpec`, e.g.
+    /// `meter-1=tcp://127.0.0.1:5020/1`). Env: `;`-separated.
+    #[arg(long = "modbus", env = "RECEIVER_MODBUS", value_delimiter = ';')]
+    pub modbus: Vec<String>,
 }
 
 impl Config {
@@ -44,6 +58,8 @@ impl Config {
             tcp_listen,
             receiver_id: "receiver-1".into(),
             topic_prefix: protocol::topics::DEFAULT_PREFIX.into(),
+            serial: Vec::new(),
+            modbus: Vec::new(),
         }
     }
 }
@@ -93,6 +109,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let tasks = TaskTracker::new();
     let bridge = bridge::Bridge::start(&config, &host, port, counters.clone(), &shutdown, &tasks);
     tasks.spawn(tcp::serve(listener, bridge.clone(), counters.clone(), shutdown.clone(), tasks.clone()));
+    serial::start(&config.serial, &bridge, &counters, &shutdown, &tasks)?;
+    modbus::start(&config.modbus, &bridge, &counters, &shutdown, &tasks)?;
     tracing::info!(%tcp_addr, broker = %config.broker, receiver_id = %config.receiver_id, "receiver started");
     Ok(Running { tcp_addr, counters, bridge, tasks })
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+pub mod procs;
 
 /// The MariaDB/MySQL server tests use (a fresh database per test).
 pub fn mysql_server() -> String {
@@ -90,7 +91,6 @@ impl TestDb {
 }
 
 /// What to start.
-#[derive(Debug, Clone)]
 pub struct Spec {
     pub db: Db,
     pub broker: Broker,
@@ -98,6 +98,8 @@ pub struct Spec {
     pub fleet: firmware_sim::FleetConfig,
     /// Adjusts the gateway's configuration (after the test defaults below).
     pub tune: fn(&mut gateway::Config),
+    /// Adjusts the receiver's configuration (e.g. serial ports, Modbus devices).
+    pub receiver_tune: Box<dyn FnOnce(&mut receiver::Config) + Send>,
 }
 
 impl Spec {
@@ -108,6 +110,7 @@ impl Spec {
             devices: 2,
             fleet: firmware_sim::FleetConfig::default(),
             tune: |_| {},
+            receiver_tune: Box::new(|_| {}),
         }
     }
 }
@@ -157,6 +160,7 @@ impl System {
         let mut rconfig = receiver::Config::new(format!("mqtt://{}:{}", broker.0, broker.1), free_port());
         rconfig.topic_prefix = topic_prefix.clone();
         rconfig.receiver_id = unique("rx");
+        (spec.receiver_tune)(&mut rconfig);
         let receiver = receiver::start(rconfig, shutdown.clone()).await.expect("receiver starts");
         let http = reqwest::Client::new();
         let base = format!("http://{}", gateway.http_addr);

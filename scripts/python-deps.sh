@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs from PyPI what the Modbus tests need (tests/modbus_server.py):
+# pymodbus 3.x with its serial extra (pyserial), and socat (Debian) for the
+# pseudo-terminal pairs of the RTU tests. Idempotent: installs only what is missing.
+set -euo pipefail
+
+log() { printf '[python-deps] %s\n' "$*" >&2; }
+
+PYTHON="${PYTHON:-python3}"
+
+if ! command -v "$PYTHON" >/dev/null; then
+    log "installing python3 and pip"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq python3 python3-pip >/dev/null
+fi
+
+if ! "$PYTHON" -c 'import sys, pymodbus, serial; sys.exit(0 if pymodbus.__version__.startswith("3.") else 1)' 2>/dev/null; then
+    log "installing pymodbus[serial] 3.x"
+    # Debian's system Python refuses pip installs without this (PEP 668).
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --break-system-packages 'pymodbus[serial]==3.*' 2>/dev/null \
+        || "$PYTHON" -m pip install --quiet --disable-pip-version-check 'pymodbus[serial]==3.*'
+fi
+"$PYTHON" -c 'import pymodbus; print("[python-deps] pymodbus", pymodbus.__version__)' >&2
+
+if ! command -v socat >/dev/null; then
+    log "installing socat"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq socat >/dev/null
+fi
