@@ -1,0 +1,498 @@
+//! The pipeline under test: gateway, receiver and firmware-sim as separate
+//! processes, then the async and sync phases driven over the gateway's HTTP API.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::bail;
+use gateway::local::free_port;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::load::{run_pool, Latency, Progress, Recorder};
+use crate::procs::{Binaries, Children};
+use crate::Shape;
+
+/// How long a sync call (and a completion long-poll) may wait for a final status.
+const WAIT_MS: u64 = 60_000;
+/// Long-polls collecting async results at once: enough to keep up, few enough
+/// not to compete with the pipeline for the gateway's database connections.
+const COLLECTORS: usize = 8;
+/// Sync commands sent before measuring (HTTP and MQTT connections warm).
+const WARM_UP: usize = 20;
+/// Examples of failures kept per phase.
+const FAILURE_EXAMPLES: usize = 5;
+
+/// What to start.
+#[derive(Debug)]
+pub(crate) struct SystemOptions<'a> {
+    pub(crate) bins: &'a Binaries,
+    pub(crate) database_url: &'a str,
+    /// `None`: the gateway's embedded broker on a free port.
+    pub(crate) broker: Option<&'a str>,
+    pub(crate) prefix: &'a str,
+    pub(crate) devices: usize,
+    pub(crate) dir: &'a Path,
+}
+
+/// The running pipeline's HTTP side (its processes are in the [`Children`]
+/// passed to [`System::start`], kept apart so they can be watched while a
+/// phase borrows this).
+#[derive(Debug)]
+pub(crate) struct System {
+    base: String,
+    http: reqwest::Client,
+    pub(crate) sim_stats: PathBuf,
+}
+
+impl System {
+    /// Starts the three programs, registers the devices and waits until all are online.
+    pub(crate) async fn start(opts: SystemOptions<'_>, children: &mut Children) -> anyhow::Result<System> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(1024)
+            .timeout(Duration::from_millis(WAIT_MS + 30_000))
+            .build()?;
+        let http_addr = free_port()?;
+        let system = System {
+            base: format!("http://{http_addr}"),
+            http,
+            sim_stats: opts.dir.join("firmware-sim-stats.json"),
+        };
+        let broker = start_gateway(&opts, &http_addr.to_string(), children)?;
+        let base = system.base.clone();
+        let client = system.http.clone();
+        children
+            .wait_until("gateway answering /healthz", Duration::from_secs(60), || {
+                let (client, url) = (client.clone(), format!("{base}/healthz"));
+                async move { client.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await?;
+        system.register(opts.devices).await?;
+        system.start_devices(&opts, &broker, children).await?;
+        Ok(system)
+    }
+
+    /// The receiver, then (once it listens) the simulated fleet answering at once.
+    async fn start_devices(
+        &self,
+        opts: &SystemOptions<'_>,
+        broker: &str,
+        children: &mut Children,
+    ) -> anyhow::Result<()> {
+        let tcp = free_port()?;
+        let args = [
+            "--broker",
+            broker,
+            "--tcp-listen",
+            &tcp.to_string(),
+            "--topic-prefix",
+            opts.prefix,
+            "--receiver-id",
+            &format!("{}-receiver", opts.prefix),
+        ]
+        .map(String::from);
+        children.spawn("receiver", &opts.bins.receiver, &args, opts.dir)?;
+        children
+            .wait_until(
+                "receiver listening",
+                Duration::from_secs(30),
+                || async move { is_listening(tcp.port()) },
+            )
+            .await?;
+        let args = [
+            "--connect",
+            &tcp.to_string(),
+            "--devices",
+            &opts.devices.to_string(),
+            "--latency-ms",
+            "0",
+            "--stats-file",
+            &self.sim_stats.display().to_string(),
+        ]
+        .map(String::from);
+        children.spawn("firmware-sim", &opts.bins.firmware_sim, &args, opts.dir)?;
+        self.wait_online(opts.devices, children).await
+    }
+
+    /// PUT /v1/devices/dev-NNNN for each device.
+    async fn register(&self, devices: usize) -> anyhow::Result<()> {
+        let (http, base) = (self.http.clone(), self.base.clone());
+        let results = run_pool(devices, 16, move |i| {
+            let (http, url) = (http.clone(), format!("{base}/v1/devices/{}", Shape::device_name(i)));
+            async move {
+                let r = http.put(url).json(&json!({"labels": {"fleet": "bench"}})).send().await?;
+                anyhow::ensure!(r.status().is_success(), "registering a device: {}", r.status());
+                anyhow::Ok(())
+            }
+        })
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn wait_online(&self, devices: usize, children: &mut Children) -> anyhow::Result<()> {
+        let mut offline: Vec<usize> = (0..devices).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !offline.is_empty() {
+            children.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{} device(s) never showed online, e.g. {}",
+                    offline.len(),
+                    Shape::device_name(offline[0])
+                );
+            }
+            let (http, base) = (self.http.clone(), self.base.clone());
+            let ids = Arc::new(offline.clone());
+            let still = run_pool(ids.len(), 16, move |k| {
+                let (http, ids, base) = (http.clone(), ids.clone(), base.clone());
+                async move {
+                    let url = format!("{base}/v1/devices/{}", Shape::device_name(ids[k]));
+                    let online = match http.get(url).send().await {
+                        Ok(r) => r.json::<Value>().await.is_ok_and(|d| d["online"] == true),
+                        Err(_) => false,
+                    };
+                    (!online).then_some(ids[k])
+                }
+            })
+            .await;
+            offline = still.into_iter().flatten().collect();
+            if !offline.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A few sync commands, unmeasured.
+    pub(crate) async fn warm_up(&self, shape: &Shape) -> anyhow::Result<()> {
+        let phase =
+            self.sync_calls(shape, WARM_UP.min(shape.commands), 4, Recorder::new("warm-up", WARM_UP)).await;
+        match phase.failures.examples.first() {
+            Some(e) => bail!("warm-up command failed: {e}"),
+            None => Ok(()),
+        }
+    }
+
+    /// C callers POST sync commands; each call's latency counts.
+    pub(crate) async fn run_sync(&self, shape: &Shape) -> SyncResult {
+        let recorder = Recorder::new("pipeline sync", shape.commands);
+        let progress = Progress::show(recorder.clone());
+        let started = Instant::now();
+        let calls = self.sync_calls(shape, shape.commands, shape.concurrency, recorder.clone()).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        drop(progress);
+        SyncResult {
+            commands: shape.commands,
+            elapsed_s: elapsed,
+            throughput_per_s: shape.commands as f64 / elapsed,
+            latency: Latency::of(recorder.latencies()),
+            statuses: calls.statuses,
+            failures: calls.failures,
+        }
+    }
+
+    async fn sync_calls(
+        &self,
+        shape: &Shape,
+        n: usize,
+        concurrency: usize,
+        recorder: Arc<Recorder>,
+    ) -> Outcomes {
+        let (http, base, body) = (self.http.clone(), self.base.clone(), command_body(shape, "sync"));
+        let devices = shape.devices;
+        let outcomes = run_pool(n, concurrency, move |i| {
+            let (http, recorder, body) = (http.clone(), recorder.clone(), body.clone());
+            let url = format!("{base}/v1/devices/{}/commands", Shape::device_name(i % devices));
+            async move {
+                let t = Instant::now();
+                let outcome = final_status(http.post(url).json(&body).send().await).await;
+                let ok = matches!(&outcome, Ok((_, s)) if s == "succeeded");
+                recorder.record(ok.then(|| t.elapsed()));
+                outcome.map(|(_, status)| status)
+            }
+        })
+        .await;
+        Outcomes::of(outcomes)
+    }
+
+    /// C callers POST async commands; then every one is long-polled to its
+    /// final status. Throughput runs from the first 202 to the last final
+    /// status as the gateway recorded it (`completed_at`), so the collecting
+    /// long-polls do not stretch it.
+    pub(crate) async fn run_async(&self, shape: &Shape) -> AsyncResult {
+        let recorder = Recorder::new("pipeline async: accepted", shape.commands);
+        let progress = Progress::show(recorder.clone());
+        let started = Instant::now();
+        let accepted = self.submit_async(shape, recorder.clone()).await;
+        let accept_elapsed = started.elapsed().as_secs_f64();
+        drop(progress);
+        let first_accept =
+            accepted.iter().filter_map(|a| a.as_ref().ok()).map(|a| a.at_ms).fold(f64::MAX, f64::min);
+        let ids: Vec<String> =
+            accepted.iter().filter_map(|a| a.as_ref().ok()).map(|a| a.id.clone()).collect();
+        let rejected =
+            Outcomes::of(accepted.into_iter().map(|a| a.map(|_| String::new())).filter(Result::is_err));
+        let finals = self.collect(ids).await;
+        let last_final = finals.iter().filter_map(|f| f.as_ref().ok()).map(|f| f.0).fold(f64::MIN, f64::max);
+        let done = finals.iter().filter(|f| f.is_ok()).count();
+        let span_s = (last_final - first_accept) / 1000.0;
+        let mut outcomes = Outcomes::of(finals.into_iter().map(|f| f.map(|(_, s)| s)));
+        outcomes.absorb(rejected);
+        AsyncResult {
+            commands: shape.commands,
+            accept_elapsed_s: accept_elapsed,
+            accept_per_s: shape.commands as f64 / accept_elapsed,
+            accept_latency: Latency::of(recorder.latencies()),
+            first_accept_to_last_final_s: span_s,
+            throughput_per_s: if span_s > 0.0 { done as f64 / span_s } else { 0.0 },
+            collect_elapsed_s: started.elapsed().as_secs_f64(),
+            statuses: outcomes.statuses,
+            failures: outcomes.failures,
+        }
+    }
+
+    async fn submit_async(&self, shape: &Shape, recorder: Arc<Recorder>) -> Vec<Result<Accepted, String>> {
+        let (http, base, body) = (self.http.clone(), self.base.clone(), command_body(shape, "async"));
+        let devices = shape.devices;
+        run_pool(shape.commands, shape.concurrency, move |i| {
+            let (http, recorder, body) = (http.clone(), recorder.clone(), body.clone());
+            let url = format!("{base}/v1/devices/{}/commands", Shape::device_name(i % devices));
+            async move {
+                let t = Instant::now();
+                let r = http.post(url).json(&body).send().await.map_err(request_error)?;
+                let status = r.status();
+                let v: Value = r.json().await.map_err(request_error)?;
+                let at_ms = now_ms();
+                let id = v["id"].as_str().filter(|_| status.as_u16() == 202).map(str::to_owned);
+                recorder.record(id.as_ref().map(|_| t.elapsed()));
+                id.map(|id| Accepted { id, at_ms })
+                    .ok_or_else(|| format!("HTTP {status}: {}", error_kind(&v)))
+            }
+        })
+        .await
+    }
+
+    /// Long-polls each id until final; `(completed_at ms, status)` each.
+    async fn collect(&self, ids: Vec<String>) -> Vec<Result<(f64, String), String>> {
+        let recorder = Recorder::new("pipeline async: final", ids.len());
+        let progress = Progress::show(recorder.clone());
+        let (http, base, ids) = (self.http.clone(), self.base.clone(), Arc::new(ids));
+        let finals = run_pool(ids.len(), COLLECTORS, move |k| {
+            let (http, recorder) = (http.clone(), recorder.clone());
+            let url = format!("{base}/v1/commands/{}?wait_ms={WAIT_MS}", ids[k]);
+            async move {
+                let outcome = final_status(http.get(url).send().await).await;
+                recorder.record(Some(Duration::ZERO));
+                let (v, status) = outcome?;
+                let at =
+                    ["completed_at", "updated_at"].iter().find_map(|k| v[*k].as_str().and_then(parse_ms));
+                Ok((at.ok_or("a final command without completed_at")?, status))
+            }
+        })
+        .await;
+        drop(progress);
+        finals
+    }
+}
+
+/// `gateway serve`; returns the broker URL the others must use.
+fn start_gateway(
+    opts: &SystemOptions<'_>,
+    http_listen: &str,
+    children: &mut Children,
+) -> anyhow::Result<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--database-url",
+        opts.database_url,
+        "--http-listen",
+        http_listen,
+        "--topic-prefix",
+        opts.prefix,
+        "--instance-id",
+        &format!("{}-gateway", opts.prefix),
+    ]
+    .map(String::from)
+    .into();
+    let broker = match opts.broker {
+        Some(url) => {
+            args.extend(["--broker".into(), url.into()]);
+            url.to_owned()
+        }
+        None => {
+            let mqtt = free_port()?;
+            args.extend(["--mqtt-listen".into(), mqtt.to_string()]);
+            format!("mqtt://{mqtt}")
+        }
+    };
+    children.spawn("gateway", &opts.bins.gateway, &args, opts.dir)?;
+    Ok(broker)
+}
+
+/// An async command the gateway took, and when (bench clock, Unix ms).
+#[derive(Debug)]
+struct Accepted {
+    id: String,
+    at_ms: f64,
+}
+
+fn command_body(shape: &Shape, mode: &str) -> Value {
+    let payload = "x".repeat(shape.payload_bytes);
+    let mut body = json!({"name": "bench", "payload": payload, "mode": mode, "ttl_ms": 300_000});
+    if mode == "sync" {
+        body["wait_ms"] = WAIT_MS.into();
+    }
+    body
+}
+
+/// A response holding a final command: its JSON and status; anything else is an error text.
+async fn final_status(response: reqwest::Result<reqwest::Response>) -> Result<(Value, String), String> {
+    let r = response.map_err(request_error)?;
+    let code = r.status();
+    let v: Value = r.json().await.map_err(request_error)?;
+    match (code.as_u16(), v["status"].as_str()) {
+        (200, Some(status)) => Ok((v.clone(), status.to_owned())),
+        (202, Some(status)) => Err(format!("still {status} after {} s", WAIT_MS / 1000)),
+        _ => Err(format!("HTTP {code}: {}", error_kind(&v))),
+    }
+}
+
+fn error_kind(v: &Value) -> String {
+    v["error"]["kind"].as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+fn request_error(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "request timed out".into()
+    } else if e.is_connect() {
+        "cannot connect to the gateway".into()
+    } else {
+        format!("request failed: {e}")
+    }
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
+}
+
+fn parse_ms(rfc3339: &str) -> Option<f64> {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(t.unix_timestamp_nanos() as f64 / 1e6)
+}
+
+/// Whether a TCP socket listens on 127.0.0.1:`port` (from /proc/net/tcp, so
+/// nobody connects just to find out).
+fn is_listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
+    })
+}
+
+/// Final statuses counted, and what went wrong.
+#[derive(Debug, Default)]
+struct Outcomes {
+    statuses: BTreeMap<String, usize>,
+    failures: Failures,
+}
+
+impl Outcomes {
+    fn of(outcomes: impl IntoIterator<Item = Result<String, String>>) -> Outcomes {
+        let mut o = Outcomes::default();
+        for outcome in outcomes {
+            match outcome {
+                Ok(status) if status == "succeeded" => *o.statuses.entry(status).or_default() += 1,
+                Ok(status) => {
+                    o.failures.add(format!("ended {status}"));
+                    *o.statuses.entry(status).or_default() += 1;
+                }
+                Err(e) => {
+                    o.failures.add(e);
+                    *o.statuses.entry("error".into()).or_default() += 1;
+                }
+            }
+        }
+        o
+    }
+
+    fn absorb(&mut self, other: Outcomes) {
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.failures.count += other.failures.count;
+        self.failures.examples.extend(other.failures.examples);
+        self.failures.examples.truncate(FAILURE_EXAMPLES);
+    }
+}
+
+/// How many requests failed, with the first few distinct reasons.
+#[derive(Debug, Default, Clone, Serialize)]
+pub(crate) struct Failures {
+    pub(crate) count: usize,
+    pub(crate) examples: Vec<String>,
+}
+
+impl Failures {
+    fn add(&mut self, what: String) {
+        self.count += 1;
+        if self.examples.len() < FAILURE_EXAMPLES && !self.examples.contains(&what) {
+            self.examples.push(what);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct AsyncResult {
+    pub(crate) commands: usize,
+    pub(crate) accept_elapsed_s: f64,
+    pub(crate) accept_per_s: f64,
+    pub(crate) accept_latency: Option<Latency>,
+    pub(crate) first_accept_to_last_final_s: f64,
+    /// Final commands per second from the first 202 to the last final status.
+    pub(crate) throughput_per_s: f64,
+    /// From the first POST until the bench had seen every final status.
+    pub(crate) collect_elapsed_s: f64,
+    pub(crate) statuses: BTreeMap<String, usize>,
+    pub(crate) failures: Failures,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SyncResult {
+    pub(crate) commands: usize,
+    pub(crate) elapsed_s: f64,
+    pub(crate) throughput_per_s: f64,
+    pub(crate) latency: Option<Latency>,
+    pub(crate) statuses: BTreeMap<String, usize>,
+    pub(crate) failures: Failures,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_timestamps_parse_to_unix_ms() {
+        assert_eq!(parse_ms("1970-01-01T00:00:01.250Z"), Some(1250.0));
+        assert_eq!(parse_ms("nonsense"), None);
+    }
+
+    #[test]
+    fn outcomes_count_statuses_and_keep_distinct_reasons() {
+        let o = Outcomes::of([
+            Ok("succeeded".into()),
+            Ok("expired".into()),
+            Err("HTTP 503".into()),
+            Err("HTTP 503".into()),
+        ]);
+        assert_eq!(o.statuses["succeeded"], 1);
+        assert_eq!(o.failures.count, 3);
+        assert_eq!(o.failures.examples, vec!["ended expired", "HTTP 503"]);
+    }
+}
