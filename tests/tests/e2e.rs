@@ -322,13 +322,19 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
     rconfig.receiver_id = format!("rx{}", uuid::Uuid::new_v4().simple());
     let receiver = receiver::start(rconfig, shutdown.clone()).await.unwrap();
     let fleet = firmware_sim::Fleet::start(
-        firmware_sim::FleetConfig { connect: receiver.tcp_addr, devices: 1, id_prefix: "early-".into(), ..Default::default() },
+        firmware_sim::FleetConfig {
+            connect: receiver.tcp_addr,
+            devices: 1,
+            id_prefix: "early-".into(),
+            ..Default::default()
+        },
         shutdown.clone(),
     );
     assert!(fleet.wait_connected(1, Duration::from_secs(20)).await);
     eventually("receiver holds the device", || async { receiver.bridge.connected().len() == 1 }).await;
     let db = system_tests::TestDb::create(Db::Sqlite).await.unwrap();
-    let mut config = gateway::Config::for_local(db.url.clone(), system_tests::free_port(), system_tests::free_port());
+    let mut config =
+        gateway::Config::for_local(db.url.clone(), system_tests::free_port(), system_tests::free_port());
     config.broker = Some(broker);
     config.topic_prefix = prefix;
     config.instance_id = format!("gw{}", uuid::Uuid::new_v4().simple());
@@ -337,7 +343,8 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
     let http = reqwest::Client::new();
     http.put(format!("{base}/v1/devices/early-0000")).json(&json!({})).send().await.unwrap();
     eventually("device online at the late gateway", || async {
-        let d: Value = http.get(format!("{base}/v1/devices/early-0000")).send().await.unwrap().json().await.unwrap();
+        let d: Value =
+            http.get(format!("{base}/v1/devices/early-0000")).send().await.unwrap().json().await.unwrap();
         d["online"] == true
     })
     .await;
