@@ -422,38 +422,24 @@ impl App {
         }
     }
 
-    /// Claims the next attempt in the store (`sent`, attempts + 1, next look
-    /// after the ack timeout plus back-off), then hands the command to the
-    /// broker client. Claim first: a crash between the two leaves a `sent`
-    /// command with no delivery, which the ack timeout re-sends; the reverse
-    /// order would let a fast delivery report overtake the claim. Returns the
-    /// command as it stands (unchanged if another writer moved it first).
-    pub async fn publish_attempt(&self, command: Command, why: &str) -> Command {
+    /// The move that claims the next attempt of `command` (`sent`, attempts + 1,
+    /// next look after the ack timeout plus back-off). The caller commits it,
+    /// then publishes with `send_to_receivers`: claim first, so a crash between
+    /// the two leaves a `sent` command with no delivery, which the ack timeout
+    /// re-sends, and a fast delivery report cannot overtake the claim.
+    pub fn attempt_change(&self, command: &Command, why: &str) -> Change {
         let attempt = command.attempts + 1;
         let due = now_ms() + self.config().ack_timeout_ms as i64 + self.backoff_ms(command.attempts);
-        let change = Change {
+        Change {
             bump_attempts: true,
             next_attempt_at: Some(due),
             detail: Some(format!("attempt {attempt} by {}: {why}", self.config().instance_id)),
             ..Change::default()
-        };
-        let command = match self.store().transition(command.id, Status::Sent, &change).await {
-            Ok(Moved::Yes { command, .. }) => command,
-            Ok(Moved::Refused(c)) => return c,
-            Ok(Moved::NotFound) => return command,
-            Err(e) => {
-                // Still stored: the sweeper publishes it after the ack timeout.
-                tracing::warn!(command_id = %command.id, error = %e, "could not claim an attempt");
-                Counters::bump(&self.counters().publish_failed);
-                return command;
-            }
-        };
-        self.send_to_receivers(&command).await;
-        command
+        }
     }
 
     /// Publishes a command whose attempt is claimed, on its device's topic.
-    async fn send_to_receivers(&self, command: &Command) {
+    pub async fn send_to_receivers(&self, command: &Command) {
         let message = CommandMessage {
             id: command.id,
             device_id: command.device_id.clone(),

@@ -590,17 +590,22 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Whether a receiver reports the device connected now.
-    pub async fn is_online(&self, device_id: &str) -> Result<bool> {
-        let row = self
-            .query("SELECT online FROM device_presence WHERE device_id = ?")
-            .bind(device_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(r) => r.try_get::<i64, _>("online")? != 0,
-            None => false,
-        })
+    /// Which of these devices a receiver reports connected now.
+    pub async fn online_devices(&self, device_ids: &[String]) -> Result<std::collections::HashSet<String>> {
+        let mut online = std::collections::HashSet::new();
+        for chunk in device_ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql =
+                format!("SELECT device_id FROM device_presence WHERE online = 1 AND device_id IN ({marks})");
+            let mut q = self.query(&sql);
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                online.insert(row.try_get::<String, _>("device_id")?);
+            }
+        }
+        Ok(online)
     }
 
     /// Moves a command to `to` if that is legal from where it stands, applying

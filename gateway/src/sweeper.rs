@@ -10,7 +10,6 @@
 //! `next_attempt_at`, see `Store::claim_due`), and every move it then makes is
 //! a compare-and-set, so no two instances publish the same attempt.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -55,62 +54,71 @@ pub async fn run(app: App, shutdown: CancellationToken) {
     }
 }
 
-/// Claims one batch of due commands and deals with each.
+/// Claims one batch of due commands and deals with them: the moves it decides
+/// (attempts, expiries, exhaustion) are committed in one transaction, then
+/// the claimed attempts are published.
 pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
     let now = now_ms();
     let lease = now + app.config().claim_lease_ms as i64;
     let ids = app.store().claim_due(now, app.config().sweep_batch, lease).await?;
     let mut swept = Swept { claimed: ids.len(), ..Swept::default() };
-    let mut online = HashMap::new();
-    for id in ids {
-        let Some(command) = app.store().get_command(id).await? else { continue };
-        if command.status.is_final() {
-            continue;
-        }
-        let device_online = match online.get(&command.device_id) {
-            Some(o) => *o,
+    if ids.is_empty() {
+        return Ok(swept);
+    }
+    let commands = app.store().get_commands(&ids).await?;
+    let mut devices: Vec<String> = commands.values().map(|c| c.device_id.clone()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let online = app.store().online_devices(&devices).await?;
+    let mut moves = Vec::new();
+    // In acceptance order, so one device's commands go out in the order they came.
+    for c in ids.iter().filter_map(|id| commands.get(id)).filter(|c| !c.status.is_final()) {
+        match decide(app, c, now, online.contains(&c.device_id)) {
+            Some((to, change)) => moves.push((c.id, to, change)),
             None => {
-                let o = app.store().is_online(&command.device_id).await?;
-                online.insert(command.device_id.clone(), o);
-                o
+                // Attempts are not burnt on a device no receiver holds: the command
+                // waits (until its deadline); the device coming back wakes it early.
+                app.store().postpone(c, now + app.config().ack_timeout_ms as i64).await?;
+                swept.waiting += 1;
             }
-        };
-        sweep_command(app, command, device_online, &mut swept).await?;
+        }
     }
-    if swept.claimed > 0 {
-        tracing::debug!(?swept, "swept");
+    for outcome in app.store().transition_many(&moves).await? {
+        let Moved::Yes { command, .. } = outcome else { continue };
+        match command.status {
+            Status::Sent => {
+                app.send_to_receivers(&command).await;
+                swept.published += 1;
+            }
+            Status::Expired => swept.expired += 1,
+            Status::Failed => swept.exhausted += 1,
+            _ => {}
+        }
+        if command.status.is_final() {
+            app.on_final(&command).await;
+        }
     }
+    tracing::debug!(?swept, "swept");
     Ok(swept)
 }
 
-async fn sweep_command(
-    app: &App,
-    c: Command,
-    device_online: bool,
-    swept: &mut Swept,
-) -> Result<(), StoreError> {
-    let now = now_ms();
+/// What is due for `c` now: a move, or `None` to wait for its device.
+fn decide(app: &App, c: &Command, now: i64, device_online: bool) -> Option<(Status, Change)> {
+    let give_up = |kind: &str, message: String| Change {
+        error: Some((kind.to_owned(), message.clone())),
+        detail: Some(message),
+        ..Change::default()
+    };
     if now >= c.expires_at {
         let message = format!("no final result by the deadline; {} attempt(s) used", c.attempts);
-        if finish(app, &c, Status::Expired, "deadline_passed", message).await? {
-            swept.expired += 1;
-        }
-        return Ok(());
+        return Some((Status::Expired, give_up("deadline_passed", message)));
     }
-    let in_flight = matches!(c.status, Status::Sent | Status::Delivered);
-    if in_flight && c.attempts >= c.max_attempts {
+    if matches!(c.status, Status::Sent | Status::Delivered) && c.attempts >= c.max_attempts {
         let message = format!("no result after {} attempt(s)", c.attempts);
-        if finish(app, &c, Status::Failed, "attempts_exhausted", message).await? {
-            swept.exhausted += 1;
-        }
-        return Ok(());
+        return Some((Status::Failed, give_up("attempts_exhausted", message)));
     }
     if !device_online {
-        // Attempts are not burnt on a device no receiver holds: the command
-        // waits (until its deadline); the device coming back wakes it early.
-        app.store().postpone(&c, now + app.config().ack_timeout_ms as i64).await?;
-        swept.waiting += 1;
-        return Ok(());
+        return None;
     }
     let why = match c.status {
         Status::Scheduled => "scheduled time reached",
@@ -118,26 +126,5 @@ async fn sweep_command(
         Status::Sent => "no delivery report within the ack timeout",
         _ => "no result within the result timeout",
     };
-    let after = app.publish_attempt(c, why).await;
-    if after.status == Status::Sent {
-        swept.published += 1;
-    }
-    Ok(())
-}
-
-/// Moves a command to a final status the sweeper decided on; false if another
-/// writer moved it first (e.g. its result just arrived).
-async fn finish(app: &App, c: &Command, to: Status, kind: &str, message: String) -> Result<bool, StoreError> {
-    let change = Change {
-        error: Some((kind.to_owned(), message.clone())),
-        detail: Some(message),
-        ..Change::default()
-    };
-    match app.store().transition(c.id, to, &change).await? {
-        Moved::Yes { command, .. } => {
-            app.on_final(&command).await;
-            Ok(true)
-        }
-        Moved::Refused(_) | Moved::NotFound => Ok(false),
-    }
+    Some((Status::Sent, app.attempt_change(c, why)))
 }
