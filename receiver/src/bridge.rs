@@ -155,6 +155,23 @@ impl Bridge {
         self.inner.canceled.lock().expect("canceled lock").set.contains(&id)
     }
 
+    /// Why a command must not be written to its device now, if it must not:
+    /// the gateway canceled it, or its deadline passed. Every transport asks
+    /// this right before writing.
+    pub fn refusal(&self, cmd: &CommandMessage) -> Option<&'static str> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        if self.is_canceled(cmd.id) {
+            Some("canceled before delivery")
+        } else if cmd.expires_at_ms <= now {
+            Some("deadline passed before delivery")
+        } else {
+            None
+        }
+    }
+
     /// Publishes a report about a command to the gateway.
     pub async fn report(&self, command_id: Uuid, device_id: &str, kind: ReportKind) {
         let report = Report {

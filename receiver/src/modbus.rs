@@ -650,7 +650,7 @@ impl Bus {
             self.result(&cmd, kind).await;
             return Ok(false);
         }
-        if let Some(reason) = self.refusal(&cmd) {
+        if let Some(reason) = self.bridge.refusal(&cmd) {
             Counters::bump(&self.counters.undeliverable);
             self.bridge.report(cmd.id, &device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
             return Ok(false);
@@ -683,21 +683,6 @@ impl Bus {
         self.devices[i].memory.insert(cmd.id, code, payload.clone());
         self.result(&cmd, ReportKind::Result { code, payload_base64: payload }).await;
         Ok(true)
-    }
-
-    /// Why a command must not be sent, as tcp.rs decides it.
-    fn refusal(&self, cmd: &CommandMessage) -> Option<&'static str> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
-        if self.bridge.is_canceled(cmd.id) {
-            Some("canceled before delivery")
-        } else if cmd.expires_at_ms <= now {
-            Some("deadline passed before delivery")
-        } else {
-            None
-        }
     }
 
     async fn result(&self, cmd: &CommandMessage, kind: ReportKind) {

@@ -509,7 +509,7 @@ impl Bus<'_> {
         T: AsyncRead + AsyncWrite + Unpin,
     {
         let device = self.devices[index].id.clone();
-        if let Some(reason) = self.refusal(&cmd) {
+        if let Some(reason) = self.port.bridge.refusal(&cmd) {
             self.undeliverable(cmd.id, &device, reason.into()).await;
             return Ok(());
         }
@@ -532,21 +532,6 @@ impl Bus<'_> {
         let deadline = Instant::now() + self.port.spec.timeout;
         self.in_flight = Some(InFlight { id, device, deadline });
         Ok(())
-    }
-
-    /// Why a command must not be written, like the TCP path.
-    fn refusal(&self, cmd: &CommandMessage) -> Option<&'static str> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
-        if self.port.bridge.is_canceled(cmd.id) {
-            Some("canceled before delivery")
-        } else if cmd.expires_at_ms <= now {
-            Some("deadline passed before delivery")
-        } else {
-            None
-        }
     }
 
     async fn undeliverable(&self, id: Uuid, device: &str, reason: String) {

@@ -150,20 +150,9 @@ impl Connection {
         framed: &mut Framed<TcpStream, FrameCodec>,
         cmd: CommandMessage,
     ) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
-        if self.bridge.is_canceled(cmd.id) {
+        if let Some(reason) = self.bridge.refusal(&cmd) {
             Counters::bump(&self.counters.undeliverable);
-            let kind = ReportKind::Undeliverable { reason: "canceled before delivery".into() };
-            self.bridge.report(cmd.id, device_id, kind).await;
-            return true;
-        }
-        if cmd.expires_at_ms <= now {
-            Counters::bump(&self.counters.undeliverable);
-            let kind = ReportKind::Undeliverable { reason: "deadline passed before delivery".into() };
-            self.bridge.report(cmd.id, device_id, kind).await;
+            self.bridge.report(cmd.id, device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
             return true;
         }
         let frame = Frame::Command { id: cmd.id, name: cmd.name, payload: cmd.payload_base64.into() };

@@ -312,3 +312,21 @@ pub async fn mqtt_client(broker: &(String, u16)) -> (rumqttc::AsyncClient, rumqt
     };
     receiver::mqtt::client(&broker.0, broker.1, spec)
 }
+
+/// Runs each named scenario `async fn name(db: Db)` once on SQLite and once on
+/// MariaDB, as `name::sqlite` and `name::mysql`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::Db::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                super::$name($crate::Db::Mysql).await
+            }
+        }
+    )*};
+}

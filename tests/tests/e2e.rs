@@ -7,24 +7,7 @@ use rumqttc::{Event, Packet, QoS};
 use serde_json::{json, Value};
 use system_tests::{eventually, mqtt_client, Broker, Db, Spec, System};
 
-/// Runs a scenario once on SQLite and once on MariaDB.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(Db::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() {
-                super::$name(Db::Mysql).await
-            }
-        }
-    )*};
-}
-
-on_both_stores!(
+system_tests::on_both_stores!(
     sync_command_succeeds_with_full_event_log,
     sync_slower_than_wait_answers_202_then_final_by_polling,
     async_command_then_long_poll,

@@ -7,23 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use system_tests::{eventually, Db, Spec, System};
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(Db::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() {
-                super::$name(Db::Mysql).await
-            }
-        }
-    )*};
-}
-
-on_both_stores!(
+system_tests::on_both_stores!(
     scheduled_command_waits_for_its_time,
     scheduled_times_are_checked,
     silent_device_expires_at_its_deadline_with_the_attempts_used,
