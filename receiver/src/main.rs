@@ -10,8 +10,20 @@ struct Cli {
     config: receiver::Config,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Errors end the program with one readable line (and its causes) and exit code 1,
+/// never a backtrace.
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

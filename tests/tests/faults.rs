@@ -34,29 +34,39 @@ const SETTLE: Duration = Duration::from_secs(90);
 const PACE: Duration = Duration::from_millis(40);
 const FINAL: [&str; 4] = ["succeeded", "failed", "expired", "canceled"];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_kill9_mid_load_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("gw.db").display());
-    gateway_kill9_mid_load("gateway kill -9 (sqlite)", url).await;
+/// Two tests for each scenario `async fn name(store, database_url)`, one per
+/// [`Store`]: `name::sqlite` and `name::mariadb`, both run through [`on_store`].
+macro_rules! on_sqlite_and_mariadb {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::{on_store, Store};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                on_store(Store::Sqlite, super::$scenario).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mariadb() {
+                on_store(Store::MariaDb, super::$scenario).await;
+            }
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_kill9_mid_load_mariadb() {
-    let Some(db) = SharedMariaDb::create().await else { return };
-    let run = gateway_kill9_mid_load("gateway kill -9 (mariadb)", db.url.clone());
-    // The database is dropped whether the scenario passes or panics.
-    let outcome = std::panic::AssertUnwindSafe(run).catch_unwind().await;
-    db.drop_database().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
+on_sqlite_and_mariadb!(
+    gateway_kill9_mid_load,
+    receiver_kill9_mid_load,
+    lossy_churning_devices,
+    silent_device_command_expires_at_deadline,
+    external_broker_kill9_mid_load,
+);
 
 /// The gateway dies with hundreds of commands accepted, the latest still in
 /// flight (how many is printed), and comes back on the same database and
 /// ports; the receiver finds the restarted embedded broker by itself.
-async fn gateway_kill9_mid_load(label: &str, database_url: String) {
+async fn gateway_kill9_mid_load(store: Store, database_url: String) {
+    let label = &format!("gateway kill -9 ({store})");
     let mut s = Stack::start(Setup::new(database_url)).await;
     // Unpaced, so as many commands as possible are in flight when it dies.
     let load = Load::start(&s.api, &s.devices);
@@ -83,11 +93,8 @@ async fn gateway_kill9_mid_load(label: &str, database_url: String) {
 }
 
 /// The receiver dies mid-load and is started again; the devices reconnect to it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_kill9_mid_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("gw.db").display());
-    let mut s = Stack::start(Setup::new(url)).await;
+async fn receiver_kill9_mid_load(store: Store, database_url: String) {
+    let mut s = Stack::start(Setup::new(database_url)).await;
     let load = Load::paced(&s.api, &s.devices, PACE);
     load.wait_accepted(150, Duration::from_secs(60)).await;
     s.receiver.kill9();
@@ -97,7 +104,7 @@ async fn receiver_kill9_mid_load() {
     load.wait_accepted(load.accepted() + 150, Duration::from_secs(60)).await;
     let loaded = load.stop().await;
     let audit = s.audit(&loaded).await;
-    audit.print("receiver kill -9");
+    audit.print(&format!("receiver kill -9 ({store})"));
     audit.assert_sound();
     audit.assert_all_succeeded();
     loaded.assert_refusals_only(&[]);
@@ -105,18 +112,15 @@ async fn receiver_kill9_mid_load() {
 
 /// Devices silently drop 30% of new commands and hang up every 200–800 ms:
 /// re-sends deliver everything, and nothing runs twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lossy_churning_devices() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("gw.db").display());
-    let mut setup = Setup::new(url);
+async fn lossy_churning_devices(store: Store, database_url: String) {
+    let mut setup = Setup::new(database_url);
     setup.sim_args = vec!["--drop-ratio".into(), "0.3".into(), "--churn-ms".into(), "200..800".into()];
     let mut s = Stack::start(setup).await;
     let load = Load::paced(&s.api, &s.devices, PACE);
     load.wait_accepted(300, Duration::from_secs(60)).await;
     let loaded = load.stop().await;
     let audit = s.audit(&loaded).await;
-    audit.print("drop 30% + churn");
+    audit.print(&format!("drop 30% + churn ({store})"));
     audit.assert_sound();
     audit.assert_all_succeeded();
     loaded.assert_refusals_only(&[]);
@@ -126,11 +130,8 @@ async fn lossy_churning_devices() {
 
 /// One device never answers: its command (ttl 4 s) expires at its deadline,
 /// after re-sends, while the rest of the fleet works normally.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_device_command_expires_at_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("gw.db").display());
-    let mut s = Stack::start(Setup::new(url)).await;
+async fn silent_device_command_expires_at_deadline(store: Store, database_url: String) {
+    let mut s = Stack::start(Setup::new(database_url)).await;
     let mute = "mute-0000".to_owned();
     s.api.register(&mute).await;
     s.add_sim("mute-sim", &["--devices", "1", "--id-prefix", "mute-", "--drop-ratio", "1.0"]);
@@ -150,7 +151,7 @@ async fn silent_device_command_expires_at_deadline() {
     let mut loaded = load.stop().await;
     loaded.accepted.push((usize::MAX, id));
     let audit = s.audit(&loaded).await;
-    audit.print("silent device, ttl 4 s");
+    audit.print(&format!("silent device, ttl 4 s ({store})"));
     audit.assert_sound();
     let expected = BTreeMap::from([("expired".to_owned(), 1), ("succeeded".to_owned(), audit.accepted - 1)]);
     assert_eq!(audit.by_status, expected);
@@ -194,12 +195,10 @@ async fn database_outage_mid_load() {
 
 /// An external broker (a private Mosquitto) is SIGKILLed mid-load and started
 /// again on the same port; gateway and receiver reconnect by themselves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn external_broker_kill9_mid_load() {
+async fn external_broker_kill9_mid_load(store: Store, database_url: String) {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Mosquitto::start(dir.path()).await;
-    let url = format!("sqlite:{}", dir.path().join("gw.db").display());
-    let mut setup = Setup::new(url);
+    let mut setup = Setup::new(database_url);
     setup.broker = Some(broker.url());
     let mut s = Stack::start(setup).await;
     let load = Load::paced(&s.api, &s.devices, PACE);
@@ -210,7 +209,7 @@ async fn external_broker_kill9_mid_load() {
     load.wait_accepted(load.accepted() + 150, Duration::from_secs(60)).await;
     let loaded = load.stop().await;
     let audit = s.audit(&loaded).await;
-    audit.print("mosquitto kill -9");
+    audit.print(&format!("mosquitto kill -9 ({store})"));
     audit.assert_sound();
     audit.assert_all_succeeded();
     loaded.assert_refusals_only(&[]);
@@ -664,6 +663,52 @@ async fn submit_until_stopped(load: Arc<LoadShared>) {
         if let Some(refusal) = refused {
             load.refusals.lock().unwrap().insert(i, refusal);
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+// ---- where the gateway stores its commands ----
+
+/// The database a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// A file in a fresh temporary directory.
+    Sqlite,
+    /// A fresh database on the shared server ([`SharedMariaDb`]).
+    MariaDb,
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Store::Sqlite => "sqlite",
+            Store::MariaDb => "mariadb",
+        })
+    }
+}
+
+/// Runs `scenario(store, database_url)` on a fresh database of `store`. The
+/// MariaDB database is dropped whether the scenario passes or panics; the
+/// test is skipped (with a message) when the server is unreachable outside CI.
+async fn on_store<F, Fut>(store: Store, scenario: F)
+where
+    F: FnOnce(Store, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    match store {
+        Store::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite:{}", dir.path().join("gw.db").display());
+            scenario(store, url).await;
+        }
+        Store::MariaDb => {
+            let Some(db) = SharedMariaDb::create().await else { return };
+            let run = scenario(store, db.url.clone());
+            let outcome = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+            db.drop_database().await;
+            if let Err(panic) = outcome {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
