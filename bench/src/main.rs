@@ -7,7 +7,8 @@
 //! set-up and the async and sync phases over HTTP; [`procs`] starting,
 //! watching, measuring and stopping children; [`load`] callers, latencies and
 //! the progress line; [`dbstats`] MySQL statement counters; [`report`] the
-//! figures as a table or JSON.
+//! figures as a table or JSON; [`scheduled`] `--scheduled N`, N commands due
+//! at one instant.
 
 mod baseline;
 mod dbstats;
@@ -15,6 +16,7 @@ mod load;
 mod pipeline;
 mod procs;
 mod report;
+mod scheduled;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +79,15 @@ struct Args {
     /// Keep the temporary directory (child logs, SQLite file) after a successful run.
     #[arg(long)]
     keep: bool,
+    /// Instead of the baseline and the async/sync phases: submit N async commands all
+    /// with the same scheduled_at, then measure from that instant until all are
+    /// published and until all are final.
+    #[arg(long, value_name = "N")]
+    scheduled: Option<usize>,
+    /// With --scheduled: scheduled_at is this long after the first submission; it must
+    /// leave time to submit all N [default: 15 + N / 1000].
+    #[arg(long)]
+    schedule_lead_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,6 +137,7 @@ impl Args {
             concurrency: pick(self.concurrency, 16, 64),
             payload_bytes: self.payload_bytes,
         };
+        anyhow::ensure!(self.scheduled != Some(0), "--scheduled must be > 0");
         anyhow::ensure!(
             shape.commands > 0 && shape.devices > 0 && shape.concurrency > 0,
             "sizes must be > 0"
@@ -203,10 +215,16 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let prefix = format!("bench{:08x}", rand::random::<u32>());
     let mut cpu = Cpu::default();
 
-    let (host, port) = baseline_broker(args.broker.as_deref())?;
-    let before = readings(&Children::default());
-    let baseline = baseline::run(&host, port, &prefix, &shape).await.context("broker baseline")?;
-    cpu.phase("baseline", &before, &readings(&Children::default()), shape.commands);
+    let baseline = match args.scheduled {
+        Some(_) => None,
+        None => {
+            let (host, port) = baseline_broker(args.broker.as_deref())?;
+            let before = readings(&Children::default());
+            let baseline = baseline::run(&host, port, &prefix, &shape).await.context("broker baseline")?;
+            cpu.phase("baseline", &before, &readings(&Children::default()), shape.commands);
+            Some(baseline)
+        }
+    };
 
     let database_url =
         args.database_url.clone().unwrap_or_else(|| format!("sqlite:{}", dir.join("gateway.db").display()));
@@ -222,10 +240,20 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let system = System::start(opts, &mut children).await.context("starting the pipeline")?;
     let mut db = DbCounters::connect(&database_url).await.context("connecting for statement counters")?;
     system.warm_up(&shape).await?;
+    let after_setup = readings(&children);
 
     let mut db_per_command = BTreeMap::new();
+    let mut scheduled = None;
+    if let Some(n) = args.scheduled {
+        let lead = Duration::from_secs(args.schedule_lead_secs.unwrap_or(15 + n as u64 / 1000));
+        let (before, db_before) = (readings(&children), db.snapshot().await?);
+        let result = watched(&mut children, scheduled::run(&system, &shape, n, lead)).await??;
+        cpu.phase("scheduled", &before, &readings(&children), n);
+        per_command(&mut db_per_command, "scheduled", db_before, db.snapshot().await?, n);
+        scheduled = Some(result);
+    }
     let mut pipeline_async = None;
-    if args.mode.runs_async() {
+    if args.mode.runs_async() && args.scheduled.is_none() {
         let (before, db_before) = (readings(&children), db.snapshot().await?);
         let result = watched(&mut children, system.run_async(&shape)).await?;
         cpu.phase("async", &before, &readings(&children), shape.commands);
@@ -233,7 +261,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         pipeline_async = Some(result);
     }
     let mut pipeline_sync = None;
-    if args.mode.runs_sync() {
+    if args.mode.runs_sync() && args.scheduled.is_none() {
         let (before, db_before) = (readings(&children), db.snapshot().await?);
         let result = watched(&mut children, system.run_sync(&shape)).await?;
         cpu.phase("sync", &before, &readings(&children), shape.commands);
@@ -245,14 +273,17 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let pids = children.pids();
     let logs = children.logs();
     children.stop().await;
-    let processes = cpu.figures(&end, &pids);
+    let processes = cpu.figures(&end, &after_setup, &pids);
     Ok(Report {
         settings: Settings {
-            commands: shape.commands,
+            commands: args.scheduled.unwrap_or(shape.commands),
             devices: shape.devices,
             concurrency: shape.concurrency,
             payload_bytes: shape.payload_bytes,
-            mode: format!("{:?}", args.mode).to_lowercase(),
+            mode: match args.scheduled {
+                Some(_) => "scheduled".into(),
+                None => format!("{:?}", args.mode).to_lowercase(),
+            },
             broker: args
                 .broker
                 .clone()
@@ -263,10 +294,12 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
                 .map_or_else(|| "SQLite, fresh temporary file".into(), hide_password),
             topic_prefix: prefix,
         },
-        ratios: Ratios::of(&baseline, pipeline_async.as_ref(), pipeline_sync.as_ref()),
+        ratios: Ratios::of(baseline.as_ref(), pipeline_async.as_ref(), pipeline_sync.as_ref()),
         baseline,
+        setup: system.setup,
         pipeline_async,
         pipeline_sync,
+        scheduled,
         db_statements_per_command: (!db_per_command.is_empty()).then_some(db_per_command),
         processes,
         devices: read_sim_totals(&system.sim_stats),
@@ -332,6 +365,7 @@ impl Cpu {
     fn figures(
         self,
         end: &Readings,
+        after_setup: &Readings,
         pids: &BTreeMap<&'static str, u32>,
     ) -> BTreeMap<&'static str, ProcessFigures> {
         let mut cpu = self.0;
@@ -339,7 +373,14 @@ impl Cpu {
             .map(|(name, usage)| {
                 let pid = pids.get(name).copied().unwrap_or_else(std::process::id);
                 let cpu_s_per_1k = cpu.remove(name).unwrap_or_default();
-                (*name, ProcessFigures { pid, cpu_s_per_1k, peak_rss_mib: usage.peak_rss_mib })
+                let peak_rss_after_setup_mib = after_setup.get(name).map_or(0.0, |u| u.peak_rss_mib);
+                let figures = ProcessFigures {
+                    pid,
+                    cpu_s_per_1k,
+                    peak_rss_mib: usage.peak_rss_mib,
+                    peak_rss_after_setup_mib,
+                };
+                (*name, figures)
             })
             .collect()
     }

@@ -24,6 +24,10 @@ const COLLECTORS: usize = 8;
 const WARM_UP: usize = 20;
 /// Examples of failures kept per phase.
 const FAILURE_EXAMPLES: usize = 5;
+/// Device registrations (PUT) in flight at once.
+const REGISTER_CONCURRENCY: usize = 64;
+/// Devices per page when listing them to see which are online.
+const DEVICE_PAGE: usize = 1000;
 
 /// What to start.
 #[derive(Debug)]
@@ -42,9 +46,21 @@ pub(crate) struct SystemOptions<'a> {
 /// phase borrows this).
 #[derive(Debug)]
 pub(crate) struct System {
-    base: String,
-    http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
     pub(crate) sim_stats: PathBuf,
+    /// How long setting up the fleet took.
+    pub(crate) setup: SetupTimes,
+}
+
+/// Set-up times: registering every device over HTTP, and from starting the
+/// firmware-sim until the gateway shows every device online.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct SetupTimes {
+    pub(crate) devices: usize,
+    pub(crate) register_s: f64,
+    pub(crate) register_per_s: f64,
+    pub(crate) connect_online_s: f64,
 }
 
 impl System {
@@ -57,10 +73,11 @@ impl System {
             .timeout(Duration::from_millis(WAIT_MS + 30_000))
             .build()?;
         let http_addr = free_port()?;
-        let system = System {
+        let mut system = System {
             base: format!("http://{http_addr}"),
             http,
             sim_stats: opts.dir.join("firmware-sim-stats.json"),
+            setup: SetupTimes { devices: opts.devices, ..SetupTimes::default() },
         };
         let broker = start_gateway(&opts, &http_addr.to_string(), children)?;
         let base = system.base.clone();
@@ -71,12 +88,18 @@ impl System {
                 async move { client.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
             })
             .await?;
+        let t = Instant::now();
         system.register(opts.devices).await?;
+        system.setup.register_s = t.elapsed().as_secs_f64();
+        system.setup.register_per_s = opts.devices as f64 / system.setup.register_s.max(1e-9);
+        let t = Instant::now();
         system.start_devices(&opts, &broker, children).await?;
+        system.setup.connect_online_s = t.elapsed().as_secs_f64();
         Ok(system)
     }
 
-    /// The receiver, then (once it listens) the simulated fleet answering at once.
+    /// The receiver, then (once it listens) the simulated fleet answering at
+    /// once; returns when the gateway shows every device online.
     async fn start_devices(
         &self,
         opts: &SystemOptions<'_>,
@@ -121,7 +144,7 @@ impl System {
     /// PUT /v1/devices/dev-NNNN for each device.
     async fn register(&self, devices: usize) -> anyhow::Result<()> {
         let (http, base) = (self.http.clone(), self.base.clone());
-        let results = run_pool(devices, 16, move |i| {
+        let results = run_pool(devices, REGISTER_CONCURRENCY, move |i| {
             let (http, url) = (http.clone(), format!("{base}/v1/devices/{}", Shape::device_name(i)));
             async move {
                 let r = http.put(url).json(&json!({"labels": {"fleet": "bench"}})).send().await?;
@@ -133,38 +156,41 @@ impl System {
         results.into_iter().collect()
     }
 
+    /// Pages through GET /v1/devices until every bench device shows online
+    /// (a page of 1,000 per request, so 10,000 devices cost 10 requests a round).
     async fn wait_online(&self, devices: usize, children: &mut Children) -> anyhow::Result<()> {
-        let mut offline: Vec<usize> = (0..devices).collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !offline.is_empty() {
+        let limit = Duration::from_secs(60.max(devices as u64 / 50));
+        let deadline = Instant::now() + limit;
+        loop {
             children.check_alive()?;
+            let online = self.count_online().await?;
+            if online >= devices {
+                return Ok(());
+            }
             if Instant::now() > deadline {
                 bail!(
-                    "{} device(s) never showed online, e.g. {}",
-                    offline.len(),
-                    Shape::device_name(offline[0])
+                    "{} of {devices} device(s) never showed online within {} s",
+                    devices - online,
+                    limit.as_secs()
                 );
             }
-            let (http, base) = (self.http.clone(), self.base.clone());
-            let ids = Arc::new(offline.clone());
-            let still = run_pool(ids.len(), 16, move |k| {
-                let (http, ids, base) = (http.clone(), ids.clone(), base.clone());
-                async move {
-                    let url = format!("{base}/v1/devices/{}", Shape::device_name(ids[k]));
-                    let online = match http.get(url).send().await {
-                        Ok(r) => r.json::<Value>().await.is_ok_and(|d| d["online"] == true),
-                        Err(_) => false,
-                    };
-                    (!online).then_some(ids[k])
-                }
-            })
-            .await;
-            offline = still.into_iter().flatten().collect();
-            if !offline.is_empty() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Devices the gateway shows online now.
+    async fn count_online(&self) -> anyhow::Result<usize> {
+        let (mut online, mut after) = (0, String::new());
+        loop {
+            let url = format!("{}/v1/devices?limit={DEVICE_PAGE}&after={after}", self.base);
+            let page: Value = self.http.get(url).send().await?.error_for_status()?.json().await?;
+            let items = page["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+            online += items.iter().filter(|d| d["online"] == true).count();
+            match page["next_after"].as_str() {
+                Some(next) if !items.is_empty() => after = next.to_owned(),
+                _ => return Ok(online),
             }
         }
-        Ok(())
     }
 
     /// A few sync commands, unmeasured.
@@ -340,7 +366,7 @@ struct Accepted {
     at_ms: f64,
 }
 
-fn command_body(shape: &Shape, mode: &str) -> Value {
+pub(crate) fn command_body(shape: &Shape, mode: &str) -> Value {
     let payload = "x".repeat(shape.payload_bytes);
     let mut body = json!({"name": "bench", "payload": payload, "mode": mode, "ttl_ms": 300_000});
     if mode == "sync" {
@@ -361,11 +387,11 @@ async fn final_status(response: reqwest::Result<reqwest::Response>) -> Result<(V
     }
 }
 
-fn error_kind(v: &Value) -> String {
+pub(crate) fn error_kind(v: &Value) -> String {
     v["error"]["kind"].as_str().map_or_else(|| v.to_string(), str::to_owned)
 }
 
-fn request_error(e: reqwest::Error) -> String {
+pub(crate) fn request_error(e: reqwest::Error) -> String {
     if e.is_timeout() {
         "request timed out".into()
     } else if e.is_connect() {
@@ -375,11 +401,11 @@ fn request_error(e: reqwest::Error) -> String {
     }
 }
 
-fn now_ms() -> f64 {
+pub(crate) fn now_ms() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 
-fn parse_ms(rfc3339: &str) -> Option<f64> {
+pub(crate) fn parse_ms(rfc3339: &str) -> Option<f64> {
     let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).ok()?;
     Some(t.unix_timestamp_nanos() as f64 / 1e6)
 }
@@ -398,13 +424,13 @@ fn is_listening(port: u16) -> bool {
 
 /// Final statuses counted, and what went wrong.
 #[derive(Debug, Default)]
-struct Outcomes {
-    statuses: BTreeMap<String, usize>,
-    failures: Failures,
+pub(crate) struct Outcomes {
+    pub(crate) statuses: BTreeMap<String, usize>,
+    pub(crate) failures: Failures,
 }
 
 impl Outcomes {
-    fn of(outcomes: impl IntoIterator<Item = Result<String, String>>) -> Outcomes {
+    pub(crate) fn of(outcomes: impl IntoIterator<Item = Result<String, String>>) -> Outcomes {
         let mut o = Outcomes::default();
         for outcome in outcomes {
             match outcome {
@@ -422,7 +448,7 @@ impl Outcomes {
         o
     }
 
-    fn absorb(&mut self, other: Outcomes) {
+    pub(crate) fn absorb(&mut self, other: Outcomes) {
         for (k, v) in other.statuses {
             *self.statuses.entry(k).or_default() += v;
         }

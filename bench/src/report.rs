@@ -9,14 +9,18 @@ use serde::Serialize;
 use crate::baseline::BaselineResult;
 use crate::dbstats::PerCommand;
 use crate::load::Latency;
-use crate::pipeline::{AsyncResult, Failures, SyncResult};
+use crate::pipeline::{AsyncResult, Failures, SetupTimes, SyncResult};
+use crate::scheduled::ScheduledResult;
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
     pub(crate) settings: Settings,
-    pub(crate) baseline: BaselineResult,
+    /// `None` with --scheduled.
+    pub(crate) baseline: Option<BaselineResult>,
+    pub(crate) setup: SetupTimes,
     pub(crate) pipeline_async: Option<AsyncResult>,
     pub(crate) pipeline_sync: Option<SyncResult>,
+    pub(crate) scheduled: Option<ScheduledResult>,
     pub(crate) ratios: Ratios,
     /// `None` on SQLite (no statement counters).
     pub(crate) db_statements_per_command: Option<BTreeMap<&'static str, PerCommand>>,
@@ -49,7 +53,12 @@ pub(crate) struct Ratios {
 }
 
 impl Ratios {
-    pub(crate) fn of(base: &BaselineResult, a: Option<&AsyncResult>, s: Option<&SyncResult>) -> Ratios {
+    pub(crate) fn of(
+        base: Option<&BaselineResult>,
+        a: Option<&AsyncResult>,
+        s: Option<&SyncResult>,
+    ) -> Ratios {
+        let Some(base) = base else { return Ratios::default() };
         let div = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
         let sync_latency = match (s.and_then(|s| s.latency), base.latency) {
             (Some(p), Some(b)) => Some(Latency {
@@ -74,6 +83,8 @@ pub(crate) struct ProcessFigures {
     pub(crate) pid: u32,
     pub(crate) cpu_s_per_1k: BTreeMap<&'static str, f64>,
     pub(crate) peak_rss_mib: f64,
+    /// Peak RSS once every device was online and the warm-up done.
+    pub(crate) peak_rss_after_setup_mib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -87,6 +98,7 @@ impl Report {
     pub(crate) fn failures(&self) -> usize {
         self.pipeline_async.as_ref().map_or(0, |a| a.failures.count)
             + self.pipeline_sync.as_ref().map_or(0, |s| s.failures.count)
+            + self.scheduled.as_ref().map_or(0, |s| s.failures.count)
     }
 
     pub(crate) fn table(&self) -> String {
@@ -97,20 +109,71 @@ impl Report {
             "bench: {} commands, {} devices, concurrency {}, payload {} B, mode {}\nbroker: {}; database: {}\n",
             s.commands, s.devices, s.concurrency, s.payload_bytes, s.mode, s.broker, s.database
         );
+        self.set_up(&mut t);
         self.figures(&mut t);
+        self.scheduled(&mut t);
         self.outcomes(&mut t);
         self.resources(&mut t);
         self.extras(&mut t);
         t
     }
 
+    fn set_up(&self, t: &mut String) {
+        let s = &self.setup;
+        let _ = writeln!(
+            t,
+            "set-up: {} devices registered in {:.2} s ({:.0}/s, HTTP PUT); firmware-sim start → all online at the gateway {:.2} s\n",
+            s.devices, s.register_s, s.register_per_s, s.connect_online_s
+        );
+    }
+
+    fn scheduled(&self, t: &mut String) {
+        let Some(s) = &self.scheduled else { return };
+        let secs = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2} s"));
+        let _ = writeln!(
+            t,
+            "scheduled: {} commands over {} devices, one scheduled_at {:.1} s after the first POST",
+            s.commands, s.devices, s.lead_s
+        );
+        let _ = writeln!(
+            t,
+            "  submitting ({} callers): {:.2} s, {:.0}/s; 202 latency {}; {:.1} s to spare before the instant{}",
+            s.concurrency,
+            s.submit_s,
+            s.submit_per_s,
+            s.submit_latency.map_or_else(
+                || "-".into(),
+                |l| format!("p50 {:.1} / p99 {:.1} / max {:.1} ms", l.p50_ms, l.p99_ms, l.max_ms)
+            ),
+            s.slack_s,
+            if s.slack_s < 0.0 { " — OVERRAN, not one burst" } else { "" }
+        );
+        let _ = writeln!(t, "  from the instant (polled, bench clock):");
+        let _ = writeln!(t, "    none left scheduled/pending (all published)   {}", secs(s.all_published_s));
+        let _ = writeln!(t, "    none left sent/delivered either (all final)   {}", secs(s.all_final_s));
+        let _ = writeln!(t, "  from the instant (the gateway's timestamps):");
+        let _ = writeln!(t, "    last delivered_at                             {}", secs(s.last_delivered_s));
+        let _ = writeln!(
+            t,
+            "    first / last completed_at                     {} / {}  ({:.0} final commands/s)",
+            secs(s.first_completed_s),
+            secs(s.last_completed_s),
+            s.final_per_s
+        );
+        let _ = writeln!(
+            t,
+            "  {} command(s) needed more than one attempt (most: {})\n",
+            s.resent, s.max_attempts_used
+        );
+    }
+
     fn figures(&self, t: &mut String) {
+        let Some(b) = &self.baseline else { return };
         let _ = writeln!(
             t,
             "{:<40}{:>12}{:>10}{:>10}{:>10}{:>10}",
             "", "commands/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
         );
-        let b = &self.baseline;
         row(t, "broker baseline (MQTT round trip)", b.throughput_per_s, b.latency);
         if let Some(a) = &self.pipeline_async {
             row(t, "pipeline async (first 202→last final)", a.throughput_per_s, None);
@@ -152,6 +215,10 @@ impl Report {
                 a.accept_elapsed_s, a.first_accept_to_last_final_s, a.collect_elapsed_s
             );
         }
+        if let Some(s) = &self.scheduled {
+            let _ = writeln!(t, "scheduled statuses: {}", statuses(&s.statuses));
+            failures(t, &s.failures);
+        }
         if let Some(s) = &self.pipeline_sync {
             let _ = writeln!(t, "sync statuses: {} (in {:.2} s)", statuses(&s.statuses), s.elapsed_s);
             failures(t, &s.failures);
@@ -171,16 +238,19 @@ impl Report {
     }
 
     fn resources(&self, t: &mut String) {
-        let phases = ["baseline", "async", "sync"];
-        let _ = writeln!(t, "{:<14}{:>8}  {:^30}  {:>12}", "", "", "CPU s per 1,000 commands", "");
-        let _ = writeln!(
-            t,
-            "{:<14}{:>8}  {:>10}{:>10}{:>10}  {:>12}",
-            "process", "pid", phases[0], phases[1], phases[2], "peak RSS MiB"
-        );
+        let phases: Vec<&str> = ["baseline", "async", "sync", "scheduled"]
+            .into_iter()
+            .filter(|phase| self.processes.values().any(|p| p.cpu_s_per_1k.contains_key(phase)))
+            .collect();
+        let _ = writeln!(t, "{:<14}{:>8}  CPU s per 1,000 commands; peak RSS MiB", "", "");
+        let _ = write!(t, "{:<14}{:>8}  ", "process", "pid");
+        for phase in &phases {
+            let _ = write!(t, "{phase:>10}");
+        }
+        let _ = writeln!(t, "  {:>12}{:>12}", "after set-up", "at the end");
         for (name, p) in &self.processes {
             let _ = write!(t, "{name:<14}{:>8}  ", p.pid);
-            for phase in phases {
+            for phase in &phases {
                 match p.cpu_s_per_1k.get(phase) {
                     Some(v) => {
                         let _ = write!(t, "{v:>10.3}");
@@ -190,7 +260,7 @@ impl Report {
                     }
                 }
             }
-            let _ = writeln!(t, "  {:>12.1}", p.peak_rss_mib);
+            let _ = writeln!(t, "  {:>12.1}{:>12.1}", p.peak_rss_after_setup_mib, p.peak_rss_mib);
         }
         let _ = writeln!(
             t,
