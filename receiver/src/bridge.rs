@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::mqtt::{client, ClientSpec};
+use crate::recent::RecentIds;
 use crate::{Config, Counters};
 use protocol::envelope::{Cancel, CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
 use protocol::Topics;
@@ -37,30 +38,11 @@ struct Inner {
     devices: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
     /// Recently canceled command ids, so queued copies are not written.
-    canceled: Mutex<Recent>,
+    canceled: Mutex<RecentIds>,
 }
 
 /// Canceled ids remembered, oldest forgotten first.
 const CANCELED_MEMORY: usize = 4096;
-
-#[derive(Debug, Default)]
-struct Recent {
-    set: std::collections::HashSet<Uuid>,
-    order: std::collections::VecDeque<Uuid>,
-}
-
-impl Recent {
-    fn insert(&mut self, id: Uuid) {
-        if self.set.insert(id) {
-            self.order.push_back(id);
-            if self.order.len() > CANCELED_MEMORY {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
-        }
-    }
-}
 
 #[derive(Debug)]
 struct Slot {
@@ -107,7 +89,7 @@ impl Bridge {
                 counters,
                 devices: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
-                canceled: Mutex::new(Recent::default()),
+                canceled: Mutex::new(RecentIds::new(CANCELED_MEMORY)),
             }),
         };
         tasks.spawn(bridge.clone().poll(eventloop, shutdown.clone()));
@@ -152,7 +134,7 @@ impl Bridge {
 
     /// Whether the gateway canceled this command (then it must not be written).
     pub fn is_canceled(&self, id: Uuid) -> bool {
-        self.inner.canceled.lock().expect("canceled lock").set.contains(&id)
+        self.inner.canceled.lock().expect("canceled lock").contains(&id)
     }
 
     /// Why a command must not be written to its device now, if it must not:
@@ -270,7 +252,9 @@ impl Bridge {
         }
         if p.topic == self.inner.topics.cancels() {
             match serde_json::from_slice::<Cancel>(&p.payload) {
-                Ok(c) => self.inner.canceled.lock().expect("canceled lock").insert(c.command_id),
+                Ok(c) => {
+                    self.inner.canceled.lock().expect("canceled lock").insert(c.command_id);
+                }
                 Err(e) => tracing::warn!(error = %e, "malformed cancel dropped"),
             }
             return;

@@ -15,6 +15,7 @@
 pub mod bridge;
 pub mod modbus;
 pub mod mqtt;
+mod recent;
 pub mod serial;
 pub mod tcp;
 

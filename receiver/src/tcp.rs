@@ -2,7 +2,6 @@
 //! waits for the HELLO naming the device, then writes the device's commands and
 //! forwards its results until either side goes away.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +11,9 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use uuid::Uuid;
 
 use crate::bridge::Bridge;
+use crate::recent::RecentIds;
 use crate::Counters;
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::{Frame, FrameCodec};
@@ -114,7 +113,7 @@ impl Connection {
         mut commands: tokio::sync::mpsc::Receiver<CommandMessage>,
         shutdown: CancellationToken,
     ) {
-        let mut answered = Answered::default();
+        let mut answered = RecentIds::new(ANSWERED_MEMORY);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -180,7 +179,7 @@ impl Connection {
         &self,
         device_id: &str,
         framed: &mut Framed<TcpStream, FrameCodec>,
-        answered: &mut Answered,
+        answered: &mut RecentIds,
         frame: Frame,
     ) -> bool {
         match frame {
@@ -201,35 +200,6 @@ impl Connection {
                 Counters::bump(&self.counters.bad_frames);
                 true
             }
-        }
-    }
-}
-
-/// Bounded memory of answered command ids.
-#[derive(Default)]
-struct Answered {
-    set: HashSet<Uuid>,
-    order: VecDeque<Uuid>,
-}
-
-impl Answered {
-    /// False if `id` was already answered.
-    fn insert(&mut self, id: Uuid) -> bool {
-        if !self.set.insert(id) {
-            return false;
-        }
-        self.order.push_back(id);
-        if self.order.len() > ANSWERED_MEMORY {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        true
-    }
-
-    fn forget(&mut self, id: Uuid) {
-        if self.set.remove(&id) {
-            self.order.retain(|o| *o != id);
         }
     }
 }
