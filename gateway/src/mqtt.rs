@@ -21,10 +21,7 @@ use crate::app::{ApiError, App, CommandRequest, Counters, ReplyTo};
 use protocol::envelope::{Presence, ReceiverStatus, Report};
 use receiver::mqtt::{client, ClientSpec};
 
-/// Reports buffered between the reports connection and the task applying them.
-/// When full, the connection stops reading and the broker holds the rest.
-const REPORT_QUEUE: usize = 1024;
-/// MQTT submissions handled at once; more wait in the broker connection.
+/// MQTT submissions handled at once; more wait for a permit in their own task.
 const SUBMISSION_CONCURRENCY: usize = 256;
 /// Pause after a connection error before polling (and so reconnecting) again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
@@ -62,7 +59,14 @@ pub fn spawn(
             last_will: None,
         },
     );
-    let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+    // Unbounded on purpose. The polling task must never wait on the applier: the
+    // applier's acks go through rumqttc's request channel, which only that
+    // polling task drains — a bounded queue here deadlocked both (seen with
+    // Mosquitto at max_inflight_messages 1000). It is still bounded: reports
+    // are acked only after they are applied, so at most the broker's in-flight
+    // window of them (rumqttd 100; Mosquitto's max_inflight_messages, ≤ 65535)
+    // can be unacknowledged, queued here or in the applier.
+    let (tx, rx) = mpsc::unbounded_channel();
     let filters =
         vec![app.topics().submit(), app.topics().presence_filter(), app.topics().receiver_status_filter()];
     tasks.spawn(poll(main_loop, app.mqtt().clone(), filters, Incoming::Main(app.clone()), shutdown.clone()));
@@ -74,7 +78,7 @@ pub fn spawn(
 /// Where a connection's incoming publishes go.
 enum Incoming {
     Main(App),
-    Reports(mpsc::Sender<Publish>),
+    Reports(mpsc::UnboundedSender<Publish>),
 }
 
 /// Polls one connection until shutdown, (re)subscribing on every connect.
@@ -116,7 +120,7 @@ async fn poll(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => match &incoming {
                 Incoming::Reports(tx) => {
-                    if tx.send(publish).await.is_err() {
+                    if tx.send(publish).is_err() {
                         break;
                     }
                 }
@@ -138,13 +142,13 @@ async fn poll(
 async fn dispatch_main(app: &App, publish: Publish, submissions: &Arc<Semaphore>) {
     let topic = publish.topic.as_str();
     if topic == app.topics().submit() {
-        let Ok(permit) = submissions.clone().acquire_owned().await else {
-            return;
-        };
-        let app = app.clone();
+        // The permit is awaited in the task, never here: the polling task must
+        // not wait on work that itself waits on the polling task (replies go
+        // through the request channel only it drains).
+        let (app, submissions) = (app.clone(), submissions.clone());
         tokio::spawn(async move {
+            let Ok(_permit) = submissions.acquire_owned().await else { return };
             handle_submission(&app, &publish.payload).await;
-            drop(permit);
         });
     } else if topic.starts_with(&format!("{}/receivers/", app.topics().prefix())) {
         match serde_json::from_slice::<ReceiverStatus>(&publish.payload) {
@@ -221,7 +225,7 @@ const REPORT_BATCH: usize = 256;
 async fn apply_reports(
     app: App,
     client: AsyncClient,
-    mut rx: mpsc::Receiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(REPORT_BATCH);
