@@ -92,17 +92,34 @@ impl FleetStats {
     fn from_devices(devices: BTreeMap<String, DeviceStats>) -> Self {
         let mut totals = Totals::default();
         for s in devices.values() {
-            totals.received += s.received;
-            totals.executed += s.executed;
-            totals.duplicates += s.duplicates;
-            totals.failed += s.failed;
-            totals.executed_ids_repeated += s.executed_ids_repeated;
-            totals.bad_frames += s.bad_frames;
-            totals.dropped += s.dropped;
-            totals.churns += s.churns;
-            totals.connected += u64::from(s.connected);
+            totals.add(&Totals {
+                received: s.received,
+                executed: s.executed,
+                duplicates: s.duplicates,
+                failed: s.failed,
+                executed_ids_repeated: s.executed_ids_repeated,
+                bad_frames: s.bad_frames,
+                dropped: s.dropped,
+                churns: s.churns,
+                connected: u64::from(s.connected),
+            });
         }
         Self { devices, totals, line: None }
+    }
+}
+
+impl Totals {
+    /// Adds `other` field by field (e.g. the totals of several fleets).
+    pub fn add(&mut self, other: &Totals) {
+        self.received += other.received;
+        self.executed += other.executed;
+        self.duplicates += other.duplicates;
+        self.failed += other.failed;
+        self.executed_ids_repeated += other.executed_ids_repeated;
+        self.bad_frames += other.bad_frames;
+        self.dropped += other.dropped;
+        self.churns += other.churns;
+        self.connected += other.connected;
     }
 }
 

@@ -361,7 +361,7 @@ impl Stack {
             sim.proc.terminate(Duration::from_secs(10)).await;
             let stats =
                 read_stats(&sim.stats).unwrap_or_else(|| panic!("{} wrote no stats", sim.proc.name()));
-            add_totals(&mut audit.totals, &stats.totals);
+            audit.totals.add(&stats.totals);
             audit.sims.insert(sim.proc.name().to_owned(), stats.totals);
         }
         audit
@@ -464,16 +464,6 @@ fn time_ms(v: &Value) -> i128 {
     let text = v.as_str().unwrap_or_else(|| panic!("{v} is not a time"));
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
     t.unix_timestamp_nanos() / 1_000_000
-}
-
-fn add_totals(sum: &mut firmware_sim::Totals, t: &firmware_sim::Totals) {
-    sum.received += t.received;
-    sum.executed += t.executed;
-    sum.duplicates += t.duplicates;
-    sum.failed += t.failed;
-    sum.executed_ids_repeated += t.executed_ids_repeated;
-    sum.dropped += t.dropped;
-    sum.churns += t.churns;
 }
 
 /// What a test found.
