@@ -16,7 +16,6 @@
 //!   in one process.
 
 pub mod app;
-pub mod bench;
 pub mod broker;
 pub mod command;
 pub mod config;

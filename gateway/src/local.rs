@@ -1,5 +1,5 @@
 //! A whole system in one process — gateway, receiver and simulated fleet on
-//! free loopback ports — for `gateway demo` and `gateway bench`. Every address
+//! free loopback ports — for `gateway demo`. Every address
 //! is chosen at start, so it runs beside anything else (e.g. a Mosquitto
 //! holding port 1883).
 

@@ -13,11 +13,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the gateway: HTTP API, MQTT submission topic, embedded or external broker.
-    Serve(gateway::Config),
+    Serve(Box<gateway::Config>),
     /// Run a gateway, a receiver and a simulated fleet in one process and send them commands.
     Demo(gateway::demo::DemoArgs),
-    /// Measure sync command latency and throughput through a whole local system.
-    Bench(gateway::bench::BenchArgs),
 }
 
 /// Errors end the program with one readable line (and its causes) and exit code 1,
@@ -38,7 +36,7 @@ async fn run() -> anyhow::Result<()> {
     // rumqttd logs every client that drops its connection as an ERROR: off unless asked for.
     let default_filter = match cli.command {
         Cmd::Serve(_) => "info,rumqttd=off,rumqttc=warn",
-        Cmd::Demo(_) | Cmd::Bench(_) => "warn,rumqttd=off",
+        Cmd::Demo(_) => "warn,rumqttd=off",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -47,9 +45,8 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Cmd::Serve(config) => serve(config).await,
+        Cmd::Serve(config) => serve(*config).await,
         Cmd::Demo(args) => gateway::demo::run(args).await,
-        Cmd::Bench(args) => gateway::bench::run(args).await,
     }
 }
 
