@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::command::{now_ms, parse_rfc3339, Command, Payload, Status};
 use crate::config::{Config, MAX_ATTEMPTS, MAX_TTL_MS, MAX_WAIT_MS};
 use crate::store::{self, Change, Inserted, Moved, NewCommand, Store, StoreError};
-use crate::waiters::Waiters;
+use crate::waiters::{Waiter, Waiters};
 use protocol::envelope::{CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
 use protocol::Topics;
 
@@ -150,6 +150,8 @@ pub struct Submitted {
     pub command: Command,
     /// False when an idempotency key matched an earlier command.
     pub created: bool,
+    /// Registered before the command was published, when the caller asked to wait.
+    pub waiter: Option<Waiter>,
 }
 
 /// Shared handle to the core; cheap to clone.
@@ -260,13 +262,16 @@ impl App {
 
     /// Validates, records (durably, before anything is published) and publishes
     /// a command. Returns once it is stored and handed to the broker client.
+    /// Validates, stores and (device online, not scheduled) publishes a command.
+    /// With `wait`, the result carries a waiter for `wait_submitted`.
     pub async fn submit(
         &self,
         device_id: &str,
         req: &CommandRequest,
         reply_to: Option<&ReplyTo>,
+        wait: bool,
     ) -> Result<Submitted, ApiError> {
-        let result = self.submit_inner(device_id, req, reply_to).await;
+        let result = self.submit_inner(device_id, req, reply_to, wait).await;
         let counter = if result.is_ok() { &self.counters().accepted } else { &self.counters().rejected };
         Counters::bump(counter);
         result
@@ -277,6 +282,7 @@ impl App {
         device_id: &str,
         req: &CommandRequest,
         reply_to: Option<&ReplyTo>,
+        wait: bool,
     ) -> Result<Submitted, ApiError> {
         let mut new = self.validate(device_id, req, reply_to)?;
         let device = match self.store().get_device(device_id).await? {
@@ -296,12 +302,24 @@ impl App {
         }
         match self.insert(new.clone()).await? {
             Inserted::Created(command) => {
+                // Before the publish, so a quick result cannot slip past it.
+                let waiter = wait.then(|| self.inner.waiters.register(command.id));
                 if command.status == Status::Sent {
                     self.send_to_receivers(&command).await;
                 }
-                Ok(Submitted { command, created: true })
+                Ok(Submitted { command, created: true, waiter })
             }
-            Inserted::Existing(command) => Ok(Submitted { command, created: false }),
+            Inserted::Existing(command) => {
+                let waiter = wait.then(|| self.inner.waiters.register(command.id));
+                // It may have become final between the read and the registration.
+                let command = match &waiter {
+                    Some(_) if !command.status.is_final() => {
+                        self.store().get_command(command.id).await?.unwrap_or(command)
+                    }
+                    _ => command,
+                };
+                Ok(Submitted { command, created: false, waiter })
+            }
             Inserted::KeyConflict(existing) => Err(ApiError::Conflict(format!(
                 "idempotency key {:?} was used for command {} with a different request",
                 new.idempotency_key.unwrap_or_default(),
@@ -508,7 +526,25 @@ impl App {
                 return Ok(Some(command));
             }
             let nap = (deadline - now).min(RECHECK_EVERY);
-            let _ = tokio::time::timeout(nap, waiter.notified()).await;
+            if let Ok(done) = tokio::time::timeout(nap, waiter.notified()).await {
+                return Ok(Some(Arc::unwrap_or_clone(done)));
+            }
+        }
+    }
+
+    /// `wait_final` for a command just submitted with a waiter (see `submit`):
+    /// the store is read only if no notification comes within a recheck period.
+    pub async fn wait_submitted(&self, submitted: Submitted, wait: Duration) -> Result<Command, ApiError> {
+        let Submitted { command, waiter, .. } = submitted;
+        let Some(mut waiter) = waiter.filter(|_| !command.status.is_final()) else {
+            return Ok(command);
+        };
+        match tokio::time::timeout(wait.min(RECHECK_EVERY), waiter.notified()).await {
+            Ok(done) => Ok(Arc::unwrap_or_clone(done)),
+            Err(_) if wait <= RECHECK_EVERY => {
+                Ok(self.store().get_command(command.id).await?.unwrap_or(command))
+            }
+            Err(_) => Ok(self.wait_final(command.id, wait - RECHECK_EVERY).await?.unwrap_or(command)),
         }
     }
 
@@ -594,7 +630,7 @@ impl App {
 
     /// A command just became final: wake sync callers and long-polls, answer MQTT callers.
     pub async fn on_final(&self, command: &Command) {
-        self.inner.waiters.notify(command.id);
+        self.inner.waiters.notify(command);
         if let Some((topic, correlation_id)) = &command.reply_to {
             let reply = ReplyTo { topic: topic.clone(), correlation_id: correlation_id.clone() };
             self.reply(&reply, "final", command.to_json()).await;
@@ -634,10 +670,11 @@ impl App {
 fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) {
     let detail = Some(format!("code {code} via receiver {receiver}"));
     let result = Some((i64::from(code), payload.to_vec(), None));
+    // A result proves delivery: `delivered_at` is set if no `delivered` report came first.
     if code == 0 {
-        (Status::Succeeded, Change { result, detail, ..Change::default() })
+        (Status::Succeeded, Change { result, detail, delivered: true, ..Change::default() })
     } else {
         let error = Some(("device_error".to_owned(), format!("the device answered with error code {code}")));
-        (Status::Failed, Change { result, error, detail, ..Change::default() })
+        (Status::Failed, Change { result, error, detail, delivered: true, ..Change::default() })
     }
 }

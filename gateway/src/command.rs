@@ -213,8 +213,35 @@ pub fn now_ms() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A final command, for tests that need one.
+    pub(crate) fn a_command() -> Command {
+        Command {
+            id: Uuid::now_v7(),
+            device_id: "dev-1".into(),
+            name: "reboot".into(),
+            payload: Payload { bytes: b"{}".to_vec(), is_json: true },
+            status: Status::Succeeded,
+            attempts: 1,
+            max_attempts: 5,
+            created_at: 1,
+            updated_at: 2,
+            scheduled_at: None,
+            expires_at: 60_000,
+            next_attempt_at: None,
+            delivered_at: Some(2),
+            completed_at: Some(2),
+            result_code: Some(0),
+            result_payload: Some(b"ok".to_vec()),
+            result_message: None,
+            error_kind: None,
+            error_message: None,
+            idempotency_key: None,
+            reply_to: None,
+        }
+    }
 
     #[test]
     fn final_statuses_never_move() {

@@ -169,14 +169,15 @@ async fn submit(
     req: Request,
 ) -> Result<Response, ApiError> {
     let body: CommandRequest = json_body(&app, req.into_body()).await?;
-    let submitted = app.submit(&device_id, &body, None).await?;
-    let command = submitted.command;
-    if body.mode == Some(Mode::Async) {
+    let sync = body.mode != Some(Mode::Async);
+    let submitted = app.submit(&device_id, &body, None, sync).await?;
+    if !sync {
+        let command = submitted.command;
         let body = json!({"id": command.id.to_string(), "status": command.status.as_str()});
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
     let wait = Duration::from_millis(body.wait_ms.unwrap_or(app.config().default_wait_ms));
-    let command = app.wait_final(command.id, wait).await?.unwrap_or(command);
+    let command = app.wait_submitted(submitted, wait).await?;
     Ok(command_response(&command))
 }
 

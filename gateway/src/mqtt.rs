@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{ApiError, App, CommandRequest, Counters, ReplyTo};
-use protocol::envelope::{Presence, ReceiverStatus, Report};
+use protocol::envelope::{decode_reports, Presence, ReceiverStatus, Report};
 use receiver::mqtt::{client, ClientSpec};
 
 /// MQTT submissions handled at once; more wait for a permit in their own task.
@@ -196,7 +196,7 @@ async fn handle_submission(app: &App, payload: &[u8]) {
         _ => String::new(),
     };
     let outcome = match serde_json::from_value::<CommandRequest>(Value::Object(fields)) {
-        Ok(req) if !device_id.is_empty() => app.submit(&device_id, &req, Some(&reply)).await,
+        Ok(req) if !device_id.is_empty() => app.submit(&device_id, &req, Some(&reply), false).await,
         Ok(_) => Err(ApiError::BadRequest("device_id is required".into())),
         Err(e) => Err(ApiError::BadRequest(format!("malformed request: {e}"))),
     };
@@ -217,8 +217,9 @@ async fn handle_submission(app: &App, payload: &[u8]) {
     }
 }
 
-/// Reports applied per store transaction at most.
-const REPORT_BATCH: usize = 256;
+/// A store transaction takes no more messages once it has this many reports
+/// (a receiver's message may carry many).
+const REPORT_BATCH: usize = 1024;
 
 /// Applies reports in arrival order, in batches of what has arrived (one store
 /// transaction each), acknowledging each only after its batch is committed.
@@ -228,31 +229,31 @@ async fn apply_reports(
     mut rx: mpsc::UnboundedReceiver<Publish>,
     shutdown: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(REPORT_BATCH);
+    let mut batch = Vec::new();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
             p = rx.recv() => p,
         };
-        let Some(first) = first else { return };
-        batch.push(first);
-        while batch.len() < REPORT_BATCH {
+        let Some(mut next) = first else { return };
+        let mut reports = Vec::new();
+        loop {
+            match decode_reports(&next.payload) {
+                Ok(mut r) => reports.append(&mut r),
+                Err(e) => {
+                    Counters::bump(&app.counters().reports_malformed);
+                    tracing::warn!(error = %e, "malformed reports message dropped");
+                }
+            }
+            batch.push(next);
+            if reports.len() >= REPORT_BATCH {
+                break;
+            }
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => next = p,
                 Err(_) => break,
             }
         }
-        let reports: Vec<Report> = batch
-            .iter()
-            .filter_map(|p| match serde_json::from_slice::<Report>(&p.payload) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    Counters::bump(&app.counters().reports_malformed);
-                    tracing::warn!(error = %e, "malformed report dropped");
-                    None
-                }
-            })
-            .collect();
         if !apply_until_committed(&app, &reports, &shutdown).await {
             return; // shutting down: not acked, so the broker redelivers them
         }

@@ -8,12 +8,17 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::command::Command;
+
+/// What a waiter is sent: the command as committed once it is final.
+type Final = Option<Arc<Command>>;
+
 /// Registry of waiters, keyed by command id. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Waiters {
     /// A std mutex: it is held only to look up or change the map, never across
     /// an `.await`, so an async mutex would only add cost.
-    inner: Arc<Mutex<HashMap<Uuid, watch::Sender<bool>>>>,
+    inner: Arc<Mutex<HashMap<Uuid, watch::Sender<Final>>>>,
 }
 
 impl Waiters {
@@ -21,15 +26,15 @@ impl Waiters {
     /// state, so a final result landing in between is not missed.
     pub fn register(&self, id: Uuid) -> Waiter {
         let mut map = self.inner.lock().expect("waiters lock poisoned");
-        let rx = map.entry(id).or_insert_with(|| watch::channel(false).0).subscribe();
+        let rx = map.entry(id).or_insert_with(|| watch::channel(None).0).subscribe();
         Waiter { id, rx, waiters: self.clone() }
     }
 
-    /// Wakes everyone waiting on `id` (the command just became final).
-    pub fn notify(&self, id: Uuid) {
+    /// Hands `command`, just committed as final, to everyone waiting on it.
+    pub fn notify(&self, command: &Command) {
         let map = self.inner.lock().expect("waiters lock poisoned");
-        if let Some(tx) = map.get(&id) {
-            tx.send_replace(true);
+        if let Some(tx) = map.get(&command.id) {
+            tx.send_replace(Some(Arc::new(command.clone())));
         }
     }
 
@@ -47,16 +52,22 @@ impl Waiters {
 #[derive(Debug)]
 pub struct Waiter {
     id: Uuid,
-    rx: watch::Receiver<bool>,
+    rx: watch::Receiver<Final>,
     waiters: Waiters,
 }
 
 impl Waiter {
-    /// Resolves once `notify` was called for this command (at once if it already was).
-    pub async fn notified(&mut self) {
+    /// The final command, once `notify` was called for it (at once if it already was).
+    pub async fn notified(&mut self) -> Arc<Command> {
         // The sender lives in the map as long as this waiter does, so this only
         // returns on a notification.
-        let _ = self.rx.wait_for(|done| *done).await;
+        loop {
+            if let Ok(done) = self.rx.wait_for(Option::is_some).await {
+                if let Some(command) = done.as_ref() {
+                    return command.clone();
+                }
+            }
+        }
     }
 }
 
@@ -79,12 +90,13 @@ mod tests {
     #[tokio::test]
     async fn notification_before_wait_is_not_lost() {
         let w = Waiters::default();
-        let id = Uuid::now_v7();
-        let mut waiter = w.register(id);
-        w.notify(id);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter.notified())
+        let command = crate::command::tests::a_command();
+        let mut waiter = w.register(command.id);
+        w.notify(&command);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter.notified())
             .await
             .expect("already notified");
+        assert_eq!(*got, command, "the waiter gets the command as notified");
     }
 
     #[tokio::test]

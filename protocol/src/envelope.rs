@@ -53,6 +53,34 @@ pub enum ReportKind {
     Undeliverable { reason: String },
 }
 
+/// One message on `Topics::reports`: a single report object, or a JSON array
+/// of them (a receiver sends what it has ready in one message). Either way the
+/// reports are in the order they happened.
+pub fn decode_reports(payload: &[u8]) -> Result<Vec<Report>, serde_json::Error> {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(payload),
+        _ => serde_json::from_slice(payload).map(|r| vec![r]),
+    }
+}
+
+/// Reports already serialised, joined into one message body for `decode_reports`:
+/// one report alone stays an object, several become an array.
+pub fn join_reports(encoded: &[Vec<u8>]) -> Vec<u8> {
+    if let [one] = encoded {
+        return one.clone();
+    }
+    let mut body = Vec::with_capacity(encoded.iter().map(|e| e.len() + 1).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, e) in encoded.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.push(b']');
+    body
+}
+
 /// Receiver → gateway on `Topics::presence`, QoS 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Presence {
@@ -101,6 +129,26 @@ mod tests {
         assert_eq!(v["code"], 3);
         assert_eq!(v["payload_base64"], "aGk=");
         assert_eq!(serde_json::from_value::<Report>(v).unwrap(), r);
+    }
+
+    #[test]
+    fn a_reports_message_is_one_report_or_an_array() {
+        let report = |code| Report {
+            command_id: Uuid::now_v7(),
+            device_id: "d".into(),
+            receiver_id: "r".into(),
+            kind: ReportKind::Result { code, payload_base64: vec![code as u8] },
+        };
+        let (a, b) = (report(1), report(2));
+        let enc = |r: &Report| serde_json::to_vec(r).unwrap();
+        let one = join_reports(&[enc(&a)]);
+        assert_eq!(one, enc(&a), "a single report travels as an object");
+        assert_eq!(decode_reports(&one).unwrap(), vec![a.clone()]);
+        let two = join_reports(&[enc(&a), enc(&b)]);
+        assert_eq!(two[0], b'[');
+        assert_eq!(decode_reports(&two).unwrap(), vec![a, b], "order kept");
+        assert!(decode_reports(b"[{\"kind\":\"delivered\"}]").is_err(), "a bad element fails the message");
+        assert!(decode_reports(b"  ").is_err());
     }
 
     #[test]

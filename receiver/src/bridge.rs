@@ -39,7 +39,14 @@ struct Inner {
     next_conn: AtomicU64,
     /// Recently canceled command ids, so queued copies are not written.
     canceled: Mutex<RecentIds>,
+    /// Serialised reports for the task that publishes them, several per message.
+    reports: mpsc::UnboundedSender<Vec<u8>>,
 }
+
+/// A reports message carries at most this many reports…
+const REPORTS_PER_MESSAGE: usize = 256;
+/// …and stops taking more once its body is this large (one report always goes).
+const REPORT_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Canceled ids remembered, oldest forgotten first.
 const CANCELED_MEMORY: usize = 4096;
@@ -81,6 +88,8 @@ impl Bridge {
             last_will: Some(will),
         };
         let (client, eventloop) = client(host, port, spec);
+        let (reports, queued) = mpsc::unbounded_channel();
+        tasks.spawn(publish_reports(client.clone(), topics.reports(), queued, shutdown.clone()));
         let bridge = Bridge {
             inner: Arc::new(Inner {
                 client,
@@ -90,6 +99,7 @@ impl Bridge {
                 devices: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 canceled: Mutex::new(RecentIds::new(CANCELED_MEMORY)),
+                reports,
             }),
         };
         tasks.spawn(bridge.clone().poll(eventloop, shutdown.clone()));
@@ -154,7 +164,8 @@ impl Bridge {
         }
     }
 
-    /// Publishes a report about a command to the gateway.
+    /// Queues a report about a command for the gateway; reports go out in the
+    /// order they were queued, joined into one message when several are ready.
     pub async fn report(&self, command_id: Uuid, device_id: &str, kind: ReportKind) {
         let report = Report {
             command_id,
@@ -163,10 +174,8 @@ impl Bridge {
             kind,
         };
         let body = serde_json::to_vec(&report).expect("serialisable");
-        if let Err(e) =
-            self.inner.client.publish(self.inner.topics.reports(), QoS::AtLeastOnce, false, body).await
-        {
-            tracing::warn!(%command_id, error = %e, "could not publish a report");
+        if self.inner.reports.send(body).is_err() {
+            tracing::warn!(%command_id, "shutting down; report not published");
         }
     }
 
@@ -302,5 +311,40 @@ impl Bridge {
             }
         })
         .await;
+    }
+}
+
+/// Publishes queued reports until shutdown, then what is still queued: each
+/// message takes every report ready at that moment (up to a size), so under
+/// load one message and one broker round trip carry many reports, and alone a
+/// report goes out at once.
+async fn publish_reports(
+    client: AsyncClient,
+    topic: String,
+    mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            report = queued.recv() => report,
+            _ = shutdown.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        let mut bytes = first.len();
+        batch.push(first);
+        // Let the device tasks that are ready run first, so their reports join this message.
+        tokio::task::yield_now().await;
+        while batch.len() < REPORTS_PER_MESSAGE && bytes < REPORT_MESSAGE_BYTES {
+            let Ok(next) = queued.try_recv() else { break };
+            bytes += next.len();
+            batch.push(next);
+        }
+        let body = protocol::envelope::join_reports(&batch);
+        if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, body).await {
+            tracing::warn!(reports = batch.len(), error = %e, "could not publish reports");
+        }
+        batch.clear();
     }
 }

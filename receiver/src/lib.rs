@@ -123,3 +123,12 @@ impl Running {
         self.tasks.wait().await;
     }
 }
+
+/// Sleeps until `deadline`, or forever when there is none (a `select!` branch
+/// that is off until something needs a timer).
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -31,7 +31,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
-use crate::Counters;
+use crate::{sleep_until, Counters};
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::frame::{self, EncodeError, DEFAULT_MAX_BODY};
 use protocol::{Frame, FrameCodec, FrameError};
@@ -573,14 +573,6 @@ fn into_io(error: EncodeError) -> std::io::Error {
     match error {
         EncodeError::Io(e) => e,
         other => std::io::Error::other(other),
-    }
-}
-
-/// Sleeps until `deadline`, or forever if there is none.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -2,11 +2,13 @@
 //! waits for the HELLO naming the device, then writes the device's commands and
 //! forwards its results until either side goes away.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,9 +16,10 @@ use tracing::Instrument;
 
 use crate::bridge::Bridge;
 use crate::recent::RecentIds;
-use crate::Counters;
+use crate::{sleep_until, Counters};
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::{Frame, FrameCodec};
+use uuid::Uuid;
 
 /// A device must name itself this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,6 +28,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const BAD_FRAMES_BEFORE_HELLO: usize = 4;
 /// Answered command ids remembered per connection, to drop duplicate results.
 const ANSWERED_MEMORY: usize = 4096;
+/// How long a `delivered` report is held back after its frame is written. A
+/// result within that time says "delivered" too, so a quick device costs one
+/// report (one message, one row update at the gateway) instead of two.
+const DELIVERED_HOLD: Duration = Duration::from_millis(20);
 
 /// Accepts device connections until shutdown.
 pub(crate) async fn serve(
@@ -52,6 +59,16 @@ pub(crate) async fn serve(
             }
         }
     }
+}
+
+/// What became of a command handed to `write_command`.
+enum Written {
+    /// The frame went out.
+    Yes(Uuid),
+    /// Not written, and reported undeliverable.
+    Refused,
+    /// The socket is gone.
+    Gone,
 }
 
 struct Connection {
@@ -106,29 +123,60 @@ impl Connection {
         None
     }
 
+    /// Serves the device until either side goes away; a `delivered` still held
+    /// back then is sent (the frame was written).
     async fn serve(
+        &self,
+        device_id: &str,
+        framed: Framed<TcpStream, FrameCodec>,
+        commands: tokio::sync::mpsc::Receiver<CommandMessage>,
+        shutdown: CancellationToken,
+    ) {
+        let mut held = VecDeque::new();
+        self.serve_until_gone(device_id, framed, commands, &mut held, shutdown).await;
+        for (id, _) in held {
+            self.bridge.report(id, device_id, ReportKind::Delivered).await;
+        }
+    }
+
+    async fn serve_until_gone(
         &self,
         device_id: &str,
         mut framed: Framed<TcpStream, FrameCodec>,
         mut commands: tokio::sync::mpsc::Receiver<CommandMessage>,
+        held: &mut VecDeque<(Uuid, Instant)>,
         shutdown: CancellationToken,
     ) {
         let mut answered = RecentIds::new(ANSWERED_MEMORY);
         loop {
+            let next_release = held.front().map(|(_, at)| *at + DELIVERED_HOLD);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                () = sleep_until(next_release) => {
+                    let now = Instant::now();
+                    while let Some((id, _)) = held.front().filter(|(_, at)| *at + DELIVERED_HOLD <= now) {
+                        self.bridge.report(*id, device_id, ReportKind::Delivered).await;
+                        held.pop_front();
+                    }
+                }
                 cmd = commands.recv() => {
                     // None: a newer connection of the same device took over.
                     let Some(cmd) = cmd else { return };
                     // A re-sent command's answer must go through again.
                     answered.forget(cmd.id);
-                    if !self.write_command(device_id, &mut framed, cmd).await {
-                        return;
+                    match self.write_command(device_id, &mut framed, cmd).await {
+                        Written::Yes(id) => held.push_back((id, Instant::now())),
+                        Written::Refused => {}
+                        Written::Gone => return,
                     }
                 }
                 item = framed.next() => match item {
                     None | Some(Err(_)) => return,
                     Some(Ok(Ok(frame))) => {
+                        if let Frame::Result { id, .. } = &frame {
+                            // The result says "delivered" as well.
+                            held.retain(|(h, _)| h != id);
+                        }
                         if !self.on_frame(device_id, &mut framed, &mut answered, frame).await {
                             return;
                         }
@@ -142,34 +190,33 @@ impl Connection {
         }
     }
 
-    /// Writes one command; reports `delivered` once the frame is out. False if the socket is gone.
+    /// Writes one command frame; the caller then owes its `delivered` report.
     async fn write_command(
         &self,
         device_id: &str,
         framed: &mut Framed<TcpStream, FrameCodec>,
         cmd: CommandMessage,
-    ) -> bool {
+    ) -> Written {
         if let Some(reason) = self.bridge.refusal(&cmd) {
             Counters::bump(&self.counters.undeliverable);
             self.bridge.report(cmd.id, device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
-            return true;
+            return Written::Refused;
         }
         let frame = Frame::Command { id: cmd.id, name: cmd.name, payload: cmd.payload_base64.into() };
         match framed.send(&frame).await {
             Ok(()) => {
                 Counters::bump(&self.counters.commands_written);
-                self.bridge.report(cmd.id, device_id, ReportKind::Delivered).await;
-                true
+                Written::Yes(cmd.id)
             }
             Err(protocol::frame::EncodeError::Io(e)) => {
                 tracing::info!(command_id = %cmd.id, error = %e, "write failed; not delivered");
-                false
+                Written::Gone
             }
             Err(e) => {
                 Counters::bump(&self.counters.undeliverable);
                 let kind = ReportKind::Undeliverable { reason: format!("cannot frame the command: {e}") };
                 self.bridge.report(cmd.id, device_id, kind).await;
-                true
+                Written::Refused
             }
         }
     }

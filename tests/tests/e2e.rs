@@ -18,6 +18,7 @@ system_tests::on_both_stores!(
     idempotency_key_returns_the_same_command,
     device_presence_follows_the_connection,
     listing_pages_newest_first,
+    a_reports_message_may_carry_many_and_a_result_implies_delivery,
 );
 
 async fn start(db: Db) -> Option<System> {
@@ -43,6 +44,62 @@ async fn sync_command_succeeds_with_full_event_log(db: Db) {
     ];
     let expected: Vec<_> = expected.iter().map(|(f, t)| (f.map(str::to_owned), (*t).to_owned())).collect();
     assert_eq!(events, expected);
+    s.stop().await;
+}
+
+/// Plays a receiver by hand: one reports message with two reports, one of
+/// them a result for a command that never had its own `delivered`.
+async fn a_reports_message_may_carry_many_and_a_result_implies_delivery(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let topics = s.gateway.app.topics().clone();
+    let (client, mut eventloop) = mqtt_client(&s.broker).await;
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let ghosts = ["ghost-1", "ghost-2"];
+    for g in ghosts {
+        s.register(g).await;
+        let presence = json!({"device_id": g, "receiver_id": "hand-rx", "online": true});
+        client.publish(topics.presence(g), QoS::AtLeastOnce, false, presence.to_string()).await.unwrap();
+    }
+    for g in ghosts {
+        let s = &s;
+        eventually(
+            "ghost online",
+            || async move { s.get(&format!("/v1/devices/{g}")).await.1["online"] == true },
+        )
+        .await;
+    }
+    let mut ids = Vec::new();
+    for g in ghosts {
+        let (status, cmd) = s.send(g, json!({"name": "noop", "mode": "async"})).await;
+        assert_eq!((status, cmd["status"].as_str()), (202, Some("sent")), "{cmd}");
+        ids.push(cmd["id"].as_str().unwrap().to_owned());
+    }
+    let reports = json!([
+        {"command_id": ids[0], "device_id": ghosts[0], "receiver_id": "hand-rx", "kind": "result",
+         "code": 0, "payload_base64": "b2s="},
+        {"command_id": ids[1], "device_id": ghosts[1], "receiver_id": "hand-rx", "kind": "delivered"},
+    ]);
+    client.publish(topics.reports(), QoS::AtLeastOnce, false, reports.to_string()).await.unwrap();
+    eventually("both reports applied", || async {
+        s.command(&ids[0]).await["status"] == "succeeded" && s.command(&ids[1]).await["status"] == "delivered"
+    })
+    .await;
+    assert!(s.command(&ids[0]).await["delivered_at"].is_string(), "a result sets delivered_at");
+    let (_, events) = s.get(&format!("/v1/commands/{}/events", ids[0])).await;
+    let moves: Vec<_> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["from"].as_str(), e["to"].as_str().unwrap(), e["detail"].as_str()))
+        .skip(2)
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (Some("sent"), "delivered", Some("implied by the result")),
+            (Some("delivered"), "succeeded", Some("code 0 via receiver hand-rx")),
+        ]
+    );
     s.stop().await;
 }
 
