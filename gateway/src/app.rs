@@ -182,30 +182,70 @@ const INSERT_BATCH: usize = 128;
 #[derive(Debug)]
 struct InsertRequest {
     new: NewCommand,
-    done: oneshot::Sender<Result<Inserted, String>>,
+    done: oneshot::Sender<Result<Inserted, ApiError>>,
 }
 
 /// The single writer of new commands: takes whatever submissions are waiting
-/// (up to `INSERT_BATCH`), stores them in one transaction, then answers each.
-/// Under load many submissions share one commit; alone, one waits for nothing.
-/// Ends when every `App` is gone.
-async fn write_new_commands(store: Store, mut rx: mpsc::Receiver<InsertRequest>) {
+/// (up to `INSERT_BATCH`), looks up their devices in one query, stores those
+/// whose device exists and is enabled in one transaction, then answers each.
+/// Under load many submissions share one query and one commit; alone, one
+/// waits for nothing. Ends when every `App` is gone.
+async fn write_new_commands(store: Store, instance_id: String, mut rx: mpsc::Receiver<InsertRequest>) {
     let mut batch = Vec::with_capacity(INSERT_BATCH);
     while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
-        let news: Vec<NewCommand> = batch.iter().map(|r| r.new.clone()).collect();
-        match store.insert_commands(&news).await {
-            Ok(done) => {
-                for (request, inserted) in batch.drain(..).zip(done) {
-                    let _ = request.done.send(Ok(inserted));
-                }
-            }
+        let ids: Vec<&str> = batch.iter().map(|r| r.new.device_id.as_str()).collect();
+        let devices = match store.get_devices(&ids).await {
+            Ok(devices) => devices,
             Err(e) => {
-                let message = e.to_string();
-                for request in batch.drain(..) {
-                    let _ = request.done.send(Err(message.clone()));
+                answer_all(batch.drain(..), &e);
+                continue;
+            }
+        };
+        let mut accepted = Vec::with_capacity(batch.len());
+        for mut request in batch.drain(..) {
+            let device_id = &request.new.device_id;
+            match devices.get(device_id) {
+                None => {
+                    let _ =
+                        request.done.send(Err(ApiError::NotFound(format!("unknown device {device_id:?}"))));
+                }
+                Some(d) if !d.enabled => {
+                    let _ = request
+                        .done
+                        .send(Err(ApiError::Conflict(format!("device {device_id:?} is disabled"))));
+                }
+                Some(d) => {
+                    // Scheduled commands, and commands for a device no receiver holds
+                    // now, wait in the store: the sweeper publishes them when due.
+                    // Otherwise the first attempt is claimed in the same transaction
+                    // as the insert and published right after the commit (a crash in
+                    // between: the ack timeout re-sends).
+                    if request.new.status == Status::Pending && d.online {
+                        request.new.status = Status::Sent;
+                        request.new.first_attempt_detail =
+                            Some(format!("attempt 1 by {instance_id}: accepted"));
+                    }
+                    accepted.push(request);
                 }
             }
         }
+        let news: Vec<NewCommand> = accepted.iter().map(|r| r.new.clone()).collect();
+        match store.insert_commands(&news).await {
+            Ok(done) => {
+                for (request, inserted) in accepted.into_iter().zip(done) {
+                    let _ = request.done.send(Ok(inserted));
+                }
+            }
+            Err(e) => answer_all(accepted.into_iter(), &e),
+        }
+    }
+}
+
+/// The store failed: every request of the batch learns it (nothing was stored).
+fn answer_all(requests: impl Iterator<Item = InsertRequest>, error: &StoreError) {
+    tracing::warn!(%error, "store error");
+    for request in requests {
+        let _ = request.done.send(Err(ApiError::Unavailable(error.to_string())));
     }
 }
 
@@ -220,7 +260,7 @@ impl App {
     pub fn new(config: Config, store: Store, mqtt: AsyncClient) -> App {
         let topics = Topics::new(config.topic_prefix.clone());
         let (inserts, rx) = mpsc::channel(INSERT_QUEUE);
-        tokio::spawn(write_new_commands(store.clone(), rx));
+        tokio::spawn(write_new_commands(store.clone(), config.instance_id.clone(), rx));
         App {
             inner: Arc::new(Inner {
                 config,
@@ -284,22 +324,7 @@ impl App {
         reply_to: Option<&ReplyTo>,
         wait: bool,
     ) -> Result<Submitted, ApiError> {
-        let mut new = self.validate(device_id, req, reply_to)?;
-        let device = match self.store().get_device(device_id).await? {
-            None => return Err(ApiError::NotFound(format!("unknown device {device_id:?}"))),
-            Some(d) if !d.enabled => {
-                return Err(ApiError::Conflict(format!("device {device_id:?} is disabled")))
-            }
-            Some(d) => d,
-        };
-        // Scheduled commands, and commands for a device no receiver holds now,
-        // wait in the store: the sweeper publishes them when due. Otherwise the
-        // first attempt is claimed in the same transaction as the insert and
-        // published right after the commit (a crash in between: the ack timeout re-sends).
-        if new.status == Status::Pending && device.online {
-            new.status = Status::Sent;
-            new.first_attempt_detail = Some(format!("attempt 1 by {}: accepted", self.config().instance_id));
-        }
+        let new = self.validate(device_id, req, reply_to)?;
         match self.insert(new.clone()).await? {
             Inserted::Created(command) => {
                 // Before the publish, so a quick result cannot slip past it.
@@ -431,13 +456,7 @@ impl App {
         let (done, answer) = oneshot::channel();
         let gone = || ApiError::Unavailable("the command writer stopped".into());
         self.inner.inserts.send(InsertRequest { new, done }).await.map_err(|_| gone())?;
-        match answer.await.map_err(|_| gone())? {
-            Ok(inserted) => Ok(inserted),
-            Err(message) => {
-                tracing::warn!(error = %message, "store error");
-                Err(ApiError::Unavailable(message))
-            }
-        }
+        answer.await.map_err(|_| gone())?
     }
 
     /// The move that claims the next attempt of `command` (`sent`, attempts + 1,

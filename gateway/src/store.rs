@@ -267,6 +267,23 @@ impl Store {
         row.as_ref().map(device_from_row).transpose()
     }
 
+    /// These devices, those that exist, by id (one query per 200).
+    pub async fn get_devices(&self, ids: &[&str]) -> Result<HashMap<String, Device>> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(200) {
+            let sql = format!("{DEVICE_SELECT} WHERE d.id IN ({})", vec!["?"; chunk.len()].join(", "));
+            let mut q = self.query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let device = device_from_row(&row)?;
+                found.insert(device.id.clone(), device);
+            }
+        }
+        Ok(found)
+    }
+
     /// Devices in id order, after `after` (the previous page's last id).
     pub async fn list_devices(&self, after: Option<&str>, limit: i64) -> Result<Vec<Device>> {
         let sql = format!("{DEVICE_SELECT} WHERE d.id > ? ORDER BY d.id LIMIT ?");
@@ -675,10 +692,16 @@ impl Store {
         changed.sort_unstable();
         changed.dedup();
         let mut lost = std::collections::HashSet::new();
+        let pairs: Vec<(&Command, &Command)> = changed.iter().map(|id| (&read[id], &current[id])).collect();
         let mut tx = self.begin().await?;
-        for id in &changed {
-            if !self.update_if_unchanged(&mut tx, &read[id], &current[id]).await? {
-                lost.insert(*id);
+        if !self.update_all_if_unchanged(&mut tx, &pairs).await? {
+            // Some row moved under us: start over row by row to learn which.
+            tx.rollback().await?;
+            tx = self.begin().await?;
+            for (before, after) in &pairs {
+                if !self.update_if_unchanged(&mut tx, before, after).await? {
+                    lost.insert(before.id);
+                }
             }
         }
         events.retain(|e| !lost.contains(&e.id));
@@ -689,6 +712,71 @@ impl Store {
             done.push(if lost.contains(id) { self.transition(*id, *to, change).await? } else { outcome });
         }
         Ok(done)
+    }
+
+    /// The compare-and-set for many commands at once, with one UPDATE per
+    /// chunk of up to 128 rows: true if every row still had its read status and
+    /// attempts and so was written; false if any had moved (then the caller
+    /// must roll back: the other rows of the chunk were written).
+    async fn update_all_if_unchanged(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        pairs: &[(&Command, &Command)],
+    ) -> Result<bool> {
+        /// Columns a move may change, and how to read each from a command.
+        type Column = (&'static str, fn(&Command) -> Bound);
+        const COLUMNS: [Column; 11] = [
+            ("status", |c| Bound::Text(Some(c.status.as_str().to_owned()))),
+            ("attempts", |c| Bound::Int(Some(c.attempts))),
+            ("updated_at", |c| Bound::Int(Some(c.updated_at))),
+            ("delivered_at", |c| Bound::Int(c.delivered_at)),
+            ("completed_at", |c| Bound::Int(c.completed_at)),
+            ("result_code", |c| Bound::Int(c.result_code)),
+            ("result_payload", |c| Bound::Bytes(c.result_payload.clone())),
+            ("result_message", |c| Bound::Text(c.result_message.clone())),
+            ("error_kind", |c| Bound::Text(c.error_kind.clone())),
+            ("error_message", |c| Bound::Text(c.error_message.clone())),
+            ("next_attempt_at", |c| Bound::Int(c.next_attempt_at)),
+        ];
+        for chunk in pairs.chunks(128) {
+            if let [(before, after)] = chunk {
+                if !self.update_if_unchanged(tx, before, after).await? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            // Padded to a power of two with copies of the first row (a repeated
+            // WHEN never wins, a repeated IN item matches once), so that few
+            // statement shapes exist and the prepared-statement cache keeps them.
+            let size = chunk.len().next_power_of_two();
+            let rows: Vec<&(&Command, &Command)> =
+                chunk.iter().chain(std::iter::repeat(&chunk[0])).take(size).collect();
+            let whens = vec!["WHEN ? THEN ?"; size].join(" ");
+            let sets: Vec<String> =
+                COLUMNS.iter().map(|(name, _)| format!("{name} = CASE id {whens} END")).collect();
+            let marks = vec!["?"; size].join(", ");
+            let checks = vec!["WHEN ? THEN status = ? AND attempts = ?"; size].join(" ");
+            let sql = format!(
+                "UPDATE commands SET {} WHERE id IN ({marks}) AND CASE id {checks} ELSE 0 END",
+                sets.join(", ")
+            );
+            let mut q = self.query(&sql);
+            for (_, value) in &COLUMNS {
+                for (before, after) in &rows {
+                    q = value(after).bind_to(q.bind(before.id.to_string()));
+                }
+            }
+            for (before, _) in &rows {
+                q = q.bind(before.id.to_string());
+            }
+            for (before, _) in &rows {
+                q = q.bind(before.id.to_string()).bind(before.status.as_str()).bind(before.attempts);
+            }
+            if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The compare-and-set itself: writes `next` if the row still has `current`'s status and attempts.
@@ -748,6 +836,26 @@ impl Store {
             q.execute(&mut **tx).await?;
         }
         Ok(())
+    }
+}
+
+/// A value to bind whose type is only known at run time.
+enum Bound {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Bytes(Option<Vec<u8>>),
+}
+
+impl Bound {
+    fn bind_to<'q>(
+        self,
+        q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        match self {
+            Bound::Int(v) => q.bind(v),
+            Bound::Text(v) => q.bind(v),
+            Bound::Bytes(v) => q.bind(v),
+        }
     }
 }
 
