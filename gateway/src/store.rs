@@ -1078,6 +1078,82 @@ mod tests {
         assert!(normalise_url("postgres://x").is_err());
     }
 
+    fn new_command(device_id: &str) -> NewCommand {
+        let now = now_ms();
+        NewCommand {
+            id: Uuid::now_v7(),
+            device_id: device_id.into(),
+            name: "noop".into(),
+            payload: Payload::json(&serde_json::json!({})),
+            max_attempts: 5,
+            status: Status::Pending,
+            first_attempt_detail: None,
+            created_at: now,
+            scheduled_at: None,
+            expires_at: now + 60_000,
+            next_attempt_at: now + 60_000,
+            idempotency_key: None,
+            request_hash: String::new(),
+            reply_to: None,
+            correlation_id: None,
+        }
+    }
+
+    /// The multi-row compare-and-set writes every row, or reports that one had
+    /// moved (and the caller's rollback leaves every row as it was).
+    #[tokio::test]
+    async fn many_rows_in_one_compare_and_set() {
+        let path = std::env::temp_dir().join(format!("gw-store-test-{}.db", Uuid::now_v7()));
+        let store = Store::connect(&format!("sqlite:{}", path.display())).await.unwrap();
+        store.upsert_device("d", true, &serde_json::json!({})).await.unwrap();
+        let news: Vec<NewCommand> = (0..5).map(|_| new_command("d")).collect();
+        store.insert_commands(&news).await.unwrap();
+        let ids: Vec<Uuid> = news.iter().map(|n| n.id).collect();
+        let sent =
+            Change { bump_attempts: true, next_attempt_at: Some(now_ms() + 5_000), ..Change::default() };
+
+        let read = store.get_commands(&ids).await.unwrap();
+        let next: HashMap<Uuid, Command> =
+            read.iter().map(|(id, c)| (*id, apply(c, Status::Sent, &sent, now_ms()))).collect();
+        let pairs: Vec<(&Command, &Command)> = ids.iter().map(|id| (&read[id], &next[id])).collect();
+        let mut tx = store.begin().await.unwrap();
+        assert!(store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
+        tx.commit().await.unwrap();
+        let now = store.get_commands(&ids).await.unwrap();
+        for id in &ids {
+            assert_eq!(now[id], next[id], "every row written, each with its own values");
+        }
+
+        // One command moves behind the batch's back: the batch must not overwrite it.
+        let read = now;
+        let canceled = Change { error: Some(("canceled".into(), "test".into())), ..Change::default() };
+        assert!(matches!(
+            store.transition(ids[3], Status::Canceled, &canceled).await.unwrap(),
+            Moved::Yes { .. }
+        ));
+        let delivered = Change { delivered: true, ..Change::default() };
+        let next: HashMap<Uuid, Command> =
+            read.iter().map(|(id, c)| (*id, apply(c, Status::Delivered, &delivered, now_ms()))).collect();
+        let pairs: Vec<(&Command, &Command)> = ids.iter().map(|id| (&read[id], &next[id])).collect();
+        let mut tx = store.begin().await.unwrap();
+        assert!(!store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
+        tx.rollback().await.unwrap();
+        let after = store.get_commands(&ids).await.unwrap();
+        assert_eq!(after[&ids[3]].status, Status::Canceled);
+        assert!(ids.iter().filter(|id| **id != ids[3]).all(|id| after[id] == read[id]));
+
+        // The batch form finds out which one lost and applies the rest.
+        let moves: Vec<_> = ids.iter().map(|id| (*id, Status::Delivered, delivered.clone())).collect();
+        let outcomes = store.transition_many(&moves).await.unwrap();
+        let yes = outcomes.iter().filter(|o| matches!(o, Moved::Yes { .. })).count();
+        assert_eq!(yes, 4);
+        assert!(matches!(&outcomes[3], Moved::Refused(c) if c.status == Status::Canceled));
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
     #[test]
     fn request_hash_separates_parts() {
         assert_ne!(request_hash(&[b"ab", b"c"]), request_hash(&[b"a", b"bc"]));
