@@ -296,10 +296,16 @@ impl Bridge {
                 }
             }
         }
-        // A clean goodbye: devices go offline now rather than at the keepalive.
-        let ids = self.connected();
-        for device_id in ids {
-            self.presence(&device_id, false).await;
+        // A clean goodbye: the gateway marks every device of this receiver offline
+        // now rather than at the keepalive. One message, what the last will would
+        // have said (a clean disconnect suppresses the will), not one per device:
+        // with 10,000 devices those filled the request channel while nothing
+        // polled it, and the receiver hung on its way out.
+        let gone = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: false };
+        let body = serde_json::to_vec(&gone).expect("serialisable");
+        let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
+        if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
+            tracing::warn!(error = %e, "could not say goodbye");
         }
         let _ = self.inner.client.disconnect().await;
         // Keep polling briefly so the goodbye actually leaves.

@@ -393,3 +393,42 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
     receiver.stopped().await;
     gw.stopped().await;
 }
+
+/// A receiver that shuts down cleanly takes its devices offline at once (one
+/// ReceiverStatus, not a presence per device), and only its own devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_stopping_cleanly_takes_its_devices_offline() {
+    let Some(s) = start(Db::Sqlite).await else { return };
+    let own = tokio_util::sync::CancellationToken::new();
+    let mut rconfig =
+        receiver::Config::new(format!("mqtt://{}:{}", s.broker.0, s.broker.1), system_tests::free_port());
+    rconfig.topic_prefix = s.topic_prefix.clone();
+    rconfig.receiver_id = format!("rx{}", uuid::Uuid::new_v4().simple());
+    let second = receiver::start(rconfig, own.clone()).await.unwrap();
+    let fleet = firmware_sim::Fleet::start(
+        firmware_sim::FleetConfig {
+            connect: second.tcp_addr,
+            devices: 3,
+            id_prefix: "second-".into(),
+            ..Default::default()
+        },
+        own.clone(),
+    );
+    let ids: Vec<String> = (0..3).map(|i| firmware_sim::device_id("second-", i)).collect();
+    for id in &ids {
+        s.register(id).await;
+    }
+    assert!(fleet.wait_connected(3, Duration::from_secs(20)).await);
+    for id in &ids {
+        eventually("second receiver's device online", || s.device_online(id)).await;
+    }
+    own.cancel();
+    second.stopped().await;
+    for id in &ids {
+        eventually("device offline after its receiver stopped", || async { !s.device_online(id).await })
+            .await;
+    }
+    assert!(s.device_online(&s.device_ids[0]).await, "the other receiver's device stays online");
+    fleet.stopped().await;
+    s.stop().await;
+}
