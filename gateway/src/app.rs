@@ -182,8 +182,12 @@ const INSERT_BATCH: usize = 128;
 #[derive(Debug)]
 struct InsertRequest {
     new: NewCommand,
-    done: oneshot::Sender<Result<Inserted, ApiError>>,
+    done: oneshot::Sender<Result<Stored, ApiError>>,
 }
+
+/// The writer's answer: what the store did, and the receiver to publish to
+/// when the first attempt was claimed with the insert.
+type Stored = (Inserted, Option<String>);
 
 /// The single writer of new commands: takes whatever submissions are waiting
 /// (up to `INSERT_BATCH`), looks up their devices in one query, stores those
@@ -201,7 +205,7 @@ async fn write_new_commands(store: Store, instance_id: String, mut rx: mpsc::Rec
                 continue;
             }
         };
-        let mut accepted = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<(InsertRequest, Option<String>)> = Vec::with_capacity(batch.len());
         for mut request in batch.drain(..) {
             let device_id = &request.new.device_id;
             match devices.get(device_id) {
@@ -220,23 +224,24 @@ async fn write_new_commands(store: Store, instance_id: String, mut rx: mpsc::Rec
                     // Otherwise the first attempt is claimed in the same transaction
                     // as the insert and published right after the commit (a crash in
                     // between: the ack timeout re-sends).
-                    if request.new.status == Status::Pending && d.online {
+                    let receiver = d.receiver_id.clone().filter(|_| d.online);
+                    if request.new.status == Status::Pending && receiver.is_some() {
                         request.new.status = Status::Sent;
                         request.new.first_attempt_detail =
                             Some(format!("attempt 1 by {instance_id}: accepted"));
                     }
-                    accepted.push(request);
+                    accepted.push((request, receiver));
                 }
             }
         }
-        let news: Vec<NewCommand> = accepted.iter().map(|r| r.new.clone()).collect();
+        let news: Vec<NewCommand> = accepted.iter().map(|(r, _)| r.new.clone()).collect();
         match store.insert_commands(&news).await {
             Ok(done) => {
-                for (request, inserted) in accepted.into_iter().zip(done) {
-                    let _ = request.done.send(Ok(inserted));
+                for ((request, receiver), inserted) in accepted.into_iter().zip(done) {
+                    let _ = request.done.send(Ok((inserted, receiver)));
                 }
             }
-            Err(e) => answer_all(accepted.into_iter(), &e),
+            Err(e) => answer_all(accepted.into_iter().map(|(r, _)| r), &e),
         }
     }
 }
@@ -325,12 +330,13 @@ impl App {
         wait: bool,
     ) -> Result<Submitted, ApiError> {
         let new = self.validate(device_id, req, reply_to)?;
-        match self.insert(new.clone()).await? {
+        let (inserted, receiver) = self.insert(new.clone()).await?;
+        match inserted {
             Inserted::Created(command) => {
                 // Before the publish, so a quick result cannot slip past it.
                 let waiter = wait.then(|| self.inner.waiters.register(command.id));
-                if command.status == Status::Sent {
-                    self.send_to_receivers(&command).await;
+                if let Some(receiver) = receiver.filter(|_| command.status == Status::Sent) {
+                    self.send_to_receiver(&command, &receiver).await;
                 }
                 Ok(Submitted { command, created: true, waiter })
             }
@@ -452,7 +458,7 @@ impl App {
     }
 
     /// Stores a new command through the group-commit writer.
-    async fn insert(&self, new: NewCommand) -> Result<Inserted, ApiError> {
+    async fn insert(&self, new: NewCommand) -> Result<Stored, ApiError> {
         let (done, answer) = oneshot::channel();
         let gone = || ApiError::Unavailable("the command writer stopped".into());
         self.inner.inserts.send(InsertRequest { new, done }).await.map_err(|_| gone())?;
@@ -461,7 +467,7 @@ impl App {
 
     /// The move that claims the next attempt of `command` (`sent`, attempts + 1,
     /// next look after the ack timeout plus back-off). The caller commits it,
-    /// then publishes with `send_to_receivers`: claim first, so a crash between
+    /// then publishes with `send_to_receiver`: claim first, so a crash between
     /// the two leaves a `sent` command with no delivery, which the ack timeout
     /// re-sends, and a fast delivery report cannot overtake the claim.
     pub fn attempt_change(&self, command: &Command, why: &str) -> Change {
@@ -475,8 +481,10 @@ impl App {
         }
     }
 
-    /// Publishes a command whose attempt is claimed, on its device's topic.
-    pub async fn send_to_receivers(&self, command: &Command) {
+    /// Publishes a command whose attempt is claimed to the receiver that
+    /// holds its device. If the device has moved on, that receiver reports it
+    /// undeliverable and the ack timeout re-sends it where presence then says.
+    pub async fn send_to_receiver(&self, command: &Command, receiver_id: &str) {
         let message = CommandMessage {
             id: command.id,
             device_id: command.device_id.clone(),
@@ -486,7 +494,7 @@ impl App {
             expires_at_ms: command.expires_at,
         };
         let body = serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail");
-        let topic = self.topics().device_commands(&command.device_id);
+        let topic = self.topics().receiver_commands(receiver_id);
         if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
             tracing::warn!(command_id = %command.id, error = %e, "publish failed; the ack timeout will re-send");
             Counters::bump(&self.counters().publish_failed);

@@ -613,19 +613,21 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Which of these devices a receiver reports connected now.
-    pub async fn online_devices(&self, device_ids: &[String]) -> Result<std::collections::HashSet<String>> {
-        let mut online = std::collections::HashSet::new();
+    /// Which of these devices a receiver reports connected now, and which receiver.
+    pub async fn online_devices(&self, device_ids: &[String]) -> Result<HashMap<String, String>> {
+        let mut online = HashMap::new();
         for chunk in device_ids.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
-            let sql =
-                format!("SELECT device_id FROM device_presence WHERE online = 1 AND device_id IN ({marks})");
+            let sql = format!(
+                "SELECT device_id, receiver_id FROM device_presence WHERE online = 1 AND device_id IN ({marks})"
+            );
             let mut q = self.query(&sql);
             for id in chunk {
                 q = q.bind(id.clone());
             }
             for row in q.fetch_all(&self.pool).await? {
-                online.insert(row.try_get::<String, _>("device_id")?);
+                online
+                    .insert(row.try_get::<String, _>("device_id")?, row.try_get::<String, _>("receiver_id")?);
             }
         }
         Ok(online)

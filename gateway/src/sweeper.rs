@@ -73,7 +73,7 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
     let mut moves = Vec::new();
     // In acceptance order, so one device's commands go out in the order they came.
     for c in ids.iter().filter_map(|id| commands.get(id)).filter(|c| !c.status.is_final()) {
-        match decide(app, c, now, online.contains(&c.device_id)) {
+        match decide(app, c, now, online.contains_key(&c.device_id)) {
             Some((to, change)) => moves.push((c.id, to, change)),
             None => {
                 // Attempts are not burnt on a device no receiver holds: the command
@@ -87,8 +87,11 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
         let Moved::Yes { command, .. } = outcome else { continue };
         match command.status {
             Status::Sent => {
-                app.send_to_receivers(&command).await;
-                swept.published += 1;
+                // Online when decided, so its receiver is known.
+                if let Some(receiver) = online.get(&command.device_id) {
+                    app.send_to_receiver(&command, receiver).await;
+                    swept.published += 1;
+                }
             }
             Status::Expired => swept.expired += 1,
             Status::Failed => swept.exhausted += 1,

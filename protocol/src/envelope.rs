@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Gateway → receiver on `Topics::device_commands`, QoS 1.
+/// Gateway → receiver on `Topics::receiver_commands` (the receiver that holds the device), QoS 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandMessage {
     pub id: Uuid,

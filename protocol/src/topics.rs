@@ -32,9 +32,12 @@ impl Topics {
         format!("{}/commands", self.prefix)
     }
 
-    /// Gateway → receiver: commands for one device (`envelope::CommandMessage`).
-    pub fn device_commands(&self, device_id: &str) -> String {
-        format!("{}/devices/{}/commands", self.prefix, device_id)
+    /// Gateway → one receiver: commands for the devices it holds
+    /// (`envelope::CommandMessage`). One subscription per receiver, however many
+    /// devices it holds: brokers that match every filter against every publish
+    /// (rumqttd) would otherwise pay for each device on each message.
+    pub fn receiver_commands(&self, receiver_id: &str) -> String {
+        format!("{}/receivers/{}/commands", self.prefix, receiver_id)
     }
 
     /// Receiver → gateway: delivery reports and results (`envelope::Report`).
@@ -92,7 +95,7 @@ mod tests {
     fn names_under_prefix() {
         let t = Topics::new("acme/");
         assert_eq!(t.submit(), "acme/commands");
-        assert_eq!(t.device_commands("d1"), "acme/devices/d1/commands");
+        assert_eq!(t.receiver_commands("r1"), "acme/receivers/r1/commands");
         assert_eq!(t.presence_filter(), "acme/presence/+");
     }
 

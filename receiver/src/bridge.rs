@@ -2,7 +2,7 @@
 //! and routing of commands to the connection task that owns each device.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,10 @@ struct Inner {
     canceled: Mutex<RecentIds>,
     /// Serialised reports for the task that publishes them, several per message.
     reports: mpsc::UnboundedSender<Vec<u8>>,
+    /// The command subscription of the current broker connection is made (a
+    /// clean session loses it with the connection).
+    subscribed: AtomicBool,
+    shutdown: CancellationToken,
 }
 
 /// A reports message carries at most this many reports…
@@ -100,10 +104,17 @@ impl Bridge {
                 next_conn: AtomicU64::new(1),
                 canceled: Mutex::new(RecentIds::new(CANCELED_MEMORY)),
                 reports,
+                subscribed: AtomicBool::new(false),
+                shutdown: shutdown.clone(),
             }),
         };
         tasks.spawn(bridge.clone().poll(eventloop, shutdown.clone()));
         bridge
+    }
+
+    /// This receiver's id (its commands topic, its presence reports).
+    pub fn receiver_id(&self) -> &str {
+        &self.inner.receiver_id
     }
 
     /// Ids of the devices connected now.
@@ -117,12 +128,12 @@ impl Bridge {
         let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         // Dropping the old slot's sender tells the older connection task to end.
-        let old =
-            self.inner.devices.lock().expect("devices lock").insert(device_id.to_owned(), Slot { conn, tx });
-        if old.is_none() {
-            self.subscribe(device_id).await;
+        self.inner.devices.lock().expect("devices lock").insert(device_id.to_owned(), Slot { conn, tx });
+        // Until this receiver's command subscription is made (after each
+        // connect), its presence waits: `announce` reports every device held then.
+        if self.inner.subscribed.load(Ordering::SeqCst) {
+            self.presence(device_id, true).await;
         }
-        self.presence(device_id, true).await;
         Attached { conn, commands }
     }
 
@@ -134,10 +145,6 @@ impl Bridge {
             current && devices.remove(device_id).is_some()
         };
         if removed {
-            if let Err(e) = self.inner.client.unsubscribe(self.inner.topics.device_commands(device_id)).await
-            {
-                tracing::warn!(%device_id, error = %e, "unsubscribe failed");
-            }
             self.presence(device_id, false).await;
         }
     }
@@ -179,38 +186,34 @@ impl Bridge {
         }
     }
 
-    async fn subscribe(&self, device_id: &str) {
-        let topic = self.inner.topics.device_commands(device_id);
-        if let Err(e) = self.inner.client.subscribe(topic, QoS::AtLeastOnce).await {
-            tracing::warn!(%device_id, error = %e, "subscribe failed");
-        }
-    }
-
     async fn presence(&self, device_id: &str, online: bool) {
         let p =
             Presence { device_id: device_id.to_owned(), receiver_id: self.inner.receiver_id.clone(), online };
         let body = serde_json::to_vec(&p).expect("serialisable");
-        if let Err(e) = self
-            .inner
-            .client
-            .publish(self.inner.topics.presence(device_id), QoS::AtLeastOnce, false, body)
-            .await
-        {
-            tracing::warn!(%device_id, error = %e, "could not publish presence");
+        let topic = self.inner.topics.presence(device_id);
+        match publish_until_shutdown(&self.inner.client, topic, body, &self.inner.shutdown).await {
+            Ok(()) => {}
+            // The goodbye's ReceiverStatus covers every device.
+            Err(e) if self.inner.shutdown.is_cancelled() => {
+                tracing::debug!(%device_id, error = %e, "presence not published")
+            }
+            Err(e) => tracing::warn!(%device_id, error = %e, "could not publish presence"),
         }
     }
 
     /// After every (re)connect: say we are here, re-subscribe every device and
     /// re-announce it (a clean session forgets subscriptions).
     async fn announce(self) {
-        for topic in [self.inner.topics.cancels(), self.inner.topics.rollcall()] {
+        let topics = &self.inner.topics;
+        for topic in [topics.receiver_commands(&self.inner.receiver_id), topics.cancels(), topics.rollcall()]
+        {
             if let Err(e) = self.inner.client.subscribe(topic, QoS::AtLeastOnce).await {
                 tracing::warn!(error = %e, "subscribe failed");
             }
         }
-        for device_id in self.connected() {
-            self.subscribe(&device_id).await;
-        }
+        // Queued after the subscriptions on the same connection, so the broker
+        // has them before any gateway hears of a device here.
+        self.inner.subscribed.store(true, Ordering::SeqCst);
         self.report_presence().await;
     }
 
@@ -288,6 +291,7 @@ impl Bridge {
                 Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&p),
                 Ok(_) => {}
                 Err(e) => {
+                    self.inner.subscribed.store(false, Ordering::SeqCst);
                     tracing::warn!(error = %e, "MQTT connection error; reconnecting");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -304,19 +308,28 @@ impl Bridge {
         let gone = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: false };
         let body = serde_json::to_vec(&gone).expect("serialisable");
         let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
-        if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
-            tracing::warn!(error = %e, "could not say goodbye");
-        }
-        let _ = self.inner.client.disconnect().await;
-        // Keep polling briefly so the goodbye actually leaves.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let client = self.inner.client.clone();
+        let farewell = async move {
+            if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
+                tracing::warn!(error = %e, "could not say goodbye");
+            }
+            let _ = client.disconnect().await;
+        };
+        // Polled meanwhile: the request queue may be full (devices that went away
+        // just before), and only polling drains it.
+        let drive = async {
             while let Ok(ev) = eventloop.poll().await {
                 if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
                     break;
                 }
             }
-        })
-        .await;
+        };
+        if tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(farewell, drive) })
+            .await
+            .is_err()
+        {
+            tracing::warn!("the goodbye did not leave within 2 s; the broker's last will says it instead");
+        }
     }
 }
 
@@ -348,9 +361,28 @@ async fn publish_reports(
             batch.push(next);
         }
         let body = protocol::envelope::join_reports(&batch);
-        if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, body).await {
+        if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
             tracing::warn!(reports = batch.len(), error = %e, "could not publish reports");
         }
         batch.clear();
+    }
+}
+
+/// A QoS 1 publish that gives up once shutdown has begun and rumqttc's request
+/// channel is full: after shutdown nothing drains that channel for long (the
+/// polling task says goodbye and stops), so a plain `publish().await` could
+/// wait forever and keep the receiver from exiting. What is dropped so is
+/// re-sent by the gateway after its ack timeout (devices answer a repeated id
+/// from memory).
+async fn publish_until_shutdown(
+    client: &AsyncClient,
+    topic: String,
+    body: Vec<u8>,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    tokio::select! {
+        biased;
+        done = client.publish(topic, QoS::AtLeastOnce, false, body) => done.map_err(|e| e.to_string()),
+        _ = shutdown.cancelled() => Err("shutting down, and the MQTT request queue is full".to_owned()),
     }
 }

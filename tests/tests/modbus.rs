@@ -192,7 +192,8 @@ async fn resent_command_is_answered_from_memory_not_run_again() {
         attempt: 1,
         expires_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp() + 60) * 1000,
     };
-    let topic = protocol::Topics::new(s.topic_prefix.clone()).device_commands("m-1");
+    let topic =
+        protocol::Topics::new(s.topic_prefix.clone()).receiver_commands(s.receiver.bridge.receiver_id());
     let counters = &s.receiver.counters;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let (written, results) = (get(&counters.commands_written), get(&counters.results_forwarded));
