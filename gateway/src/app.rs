@@ -647,12 +647,11 @@ impl App {
     }
 
     async fn note_undeliverable(&self, id: Uuid, reason: &str, receiver: &str) -> Result<(), StoreError> {
-        let Some(command) = self.store().get_command(id).await? else {
-            Counters::bump(&self.counters().reports_unknown);
-            return Ok(());
-        };
         let detail = format!("undeliverable at receiver {receiver}: {reason}");
-        self.store().note(id, command.status, command.attempts, &detail).await
+        if !self.store().note_as_it_stands(id, &detail).await? {
+            Counters::bump(&self.counters().reports_unknown);
+        }
+        Ok(())
     }
 
     /// A command just became final: wake sync callers and long-polls, answer MQTT callers.

@@ -533,6 +533,24 @@ impl Store {
         Ok(())
     }
 
+    /// Logs an event that changes nothing, with the status and attempt the
+    /// command has at that moment — read in the same statement, so a move
+    /// committed meanwhile (a re-send) cannot end up before a note about it in
+    /// the log. False if there is no such command.
+    pub async fn note_as_it_stands(&self, id: Uuid, detail: &str) -> Result<bool> {
+        let done = self
+            .query(
+                "INSERT INTO command_events (command_id, at, from_status, to_status, attempt, detail) \
+                 SELECT id, ?, status, status, attempts, ? FROM commands WHERE id = ?",
+            )
+            .bind(now_ms())
+            .bind(truncate(detail, 1000))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Claims up to `limit` commands that are due (`next_attempt_at <= now`) by
     /// pushing their `next_attempt_at` to `lease_until`, so that another
     /// gateway's sweeper skips them while this one works on them. Returns their
