@@ -31,6 +31,15 @@ pub enum Broker {
     Mosquitto,
 }
 
+/// A receiver's configuration for tests: this broker and topic prefix, a free
+/// device port, a unique receiver id.
+pub fn receiver_config(broker_url: &str, topic_prefix: &str) -> receiver::Config {
+    let mut config = receiver::Config::new(broker_url.to_owned(), free_port());
+    config.topic_prefix = topic_prefix.to_owned();
+    config.receiver_id = unique("rx");
+    config
+}
+
 pub fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
@@ -157,9 +166,7 @@ impl System {
         (spec.tune)(&mut config);
         let gateway = gateway::start(config, shutdown.clone()).await.expect("gateway starts");
         let broker = gateway.broker.clone();
-        let mut rconfig = receiver::Config::new(format!("mqtt://{}:{}", broker.0, broker.1), free_port());
-        rconfig.topic_prefix = topic_prefix.clone();
-        rconfig.receiver_id = unique("rx");
+        let mut rconfig = receiver_config(&format!("mqtt://{}:{}", broker.0, broker.1), &topic_prefix);
         (spec.receiver_tune)(&mut rconfig);
         let receiver = receiver::start(rconfig, shutdown.clone()).await.expect("receiver starts");
         let http = reqwest::Client::new();

@@ -357,9 +357,7 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let broker = format!("mqtt://{}", system_tests::mosquitto_addr());
     let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-    let mut rconfig = receiver::Config::new(broker.clone(), system_tests::free_port());
-    rconfig.topic_prefix = prefix.clone();
-    rconfig.receiver_id = format!("rx{}", uuid::Uuid::new_v4().simple());
+    let rconfig = system_tests::receiver_config(&broker, &prefix);
     let receiver = receiver::start(rconfig, shutdown.clone()).await.unwrap();
     let fleet = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {
@@ -400,10 +398,8 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
 async fn a_receiver_stopping_cleanly_takes_its_devices_offline() {
     let Some(s) = start(Db::Sqlite).await else { return };
     let own = tokio_util::sync::CancellationToken::new();
-    let mut rconfig =
-        receiver::Config::new(format!("mqtt://{}:{}", s.broker.0, s.broker.1), system_tests::free_port());
-    rconfig.topic_prefix = s.topic_prefix.clone();
-    rconfig.receiver_id = format!("rx{}", uuid::Uuid::new_v4().simple());
+    let rconfig =
+        system_tests::receiver_config(&format!("mqtt://{}:{}", s.broker.0, s.broker.1), &s.topic_prefix);
     let second = receiver::start(rconfig, own.clone()).await.unwrap();
     let fleet = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {
