@@ -352,9 +352,12 @@ async fn send(conn: &mut Connection, frame: Frame, shutdown: &CancellationToken)
     }
 }
 
-/// Sleeps until `deadline`, or forever if there is none.
+/// Sleeps until `deadline`, or forever if there is none. A deadline already
+/// reached is ready at once: tokio's timer rounds every deadline up to its next
+/// 1 ms tick, which made a zero-latency device take about a millisecond.
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
+        Some(deadline) if deadline <= Instant::now() => {}
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
