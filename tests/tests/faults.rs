@@ -171,13 +171,24 @@ async fn database_outage_mid_load() {
     let mut s = Stack::start(Setup::new(db.url())).await;
     let load = Load::paced(&s.api, &s.devices, PACE);
     load.wait_accepted(150, Duration::from_secs(60)).await;
+    // One command whose result is sure to arrive during the outage (its device
+    // takes 1.5 s), whatever the paced load happens to have in flight.
+    let slow = json!({"name": "echo", "payload": {"delay_ms": 1500}, "mode": "async"});
+    let (status, c) = s.api.post(&format!("/v1/devices/{}/commands", s.devices[0]), &slow).await.unwrap();
+    assert_eq!(status, 202, "{c}");
+    let slow_id = c["id"].as_str().unwrap().to_owned();
+    system_tests::eventually("the slow command is on its device", || async {
+        s.api.get_ok(&format!("/v1/commands/{slow_id}")).await.1["status"] == "delivered"
+    })
+    .await;
     db.proc.kill9();
     let at_kill = load.accepted();
     tokio::time::sleep(Duration::from_secs(3)).await;
     db.restart().await;
     let at_restart = load.accepted();
     load.wait_accepted(at_restart + 150, Duration::from_secs(60)).await;
-    let loaded = load.stop().await;
+    let mut loaded = load.stop().await;
+    loaded.accepted.push((usize::MAX, slow_id));
     let audit = s.audit(&loaded).await;
     let retried = s.gateway.log_count("not applied yet; retrying");
     eprintln!(
