@@ -485,19 +485,49 @@ impl App {
     /// holds its device. If the device has moved on, that receiver reports it
     /// undeliverable and the ack timeout re-sends it where presence then says.
     pub async fn send_to_receiver(&self, command: &Command, receiver_id: &str) {
-        let message = CommandMessage {
-            id: command.id,
-            device_id: command.device_id.clone(),
-            name: command.name.clone(),
-            payload_base64: command.payload.bytes.clone(),
-            attempt: command.attempts as u32,
-            expires_at_ms: command.expires_at,
-        };
-        let body = serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail");
+        self.send_to_receivers(&[(command, receiver_id)]).await;
+    }
+
+    /// `send_to_receiver` for many commands: those for one receiver go out
+    /// several per message (at most 256 or about 256 KiB; a larger command
+    /// alone), in the order given, so a device still gets its commands in order.
+    pub async fn send_to_receivers(&self, commands: &[(&Command, &str)]) {
+        let mut receivers: Vec<&str> = Vec::new();
+        for (_, receiver) in commands {
+            if !receivers.contains(receiver) {
+                receivers.push(receiver);
+            }
+        }
+        for receiver in receivers {
+            let mine = commands.iter().filter(|(_, r)| *r == receiver).map(|(c, _)| *c);
+            let mut batch: Vec<(Uuid, Vec<u8>)> = Vec::new();
+            let mut bytes = 0;
+            for command in mine {
+                let encoded = encode_command(command);
+                if !batch.is_empty()
+                    && (batch.len() == COMMANDS_PER_MESSAGE || bytes + encoded.len() > COMMAND_MESSAGE_BYTES)
+                {
+                    self.publish_commands(receiver, &std::mem::take(&mut batch)).await;
+                    bytes = 0;
+                }
+                bytes += encoded.len();
+                batch.push((command.id, encoded));
+            }
+            if !batch.is_empty() {
+                self.publish_commands(receiver, &batch).await;
+            }
+        }
+    }
+
+    async fn publish_commands(&self, receiver_id: &str, batch: &[(Uuid, Vec<u8>)]) {
+        let encoded: Vec<Vec<u8>> = batch.iter().map(|(_, e)| e.clone()).collect();
+        let body = protocol::envelope::join_messages(&encoded);
         let topic = self.topics().receiver_commands(receiver_id);
         if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
-            tracing::warn!(command_id = %command.id, error = %e, "publish failed; the ack timeout will re-send");
-            Counters::bump(&self.counters().publish_failed);
+            for (id, _) in batch {
+                tracing::warn!(command_id = %id, error = %e, "publish failed; the ack timeout will re-send");
+                Counters::bump(&self.counters().publish_failed);
+            }
         }
     }
 
@@ -691,6 +721,24 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// A message carries at most this many commands…
+const COMMANDS_PER_MESSAGE: usize = 256;
+/// …and takes no more once its body would pass this size.
+const COMMAND_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// A command as its receiver gets it (`CommandMessage`), serialised.
+fn encode_command(command: &Command) -> Vec<u8> {
+    let message = CommandMessage {
+        id: command.id,
+        device_id: command.device_id.clone(),
+        name: command.name.clone(),
+        payload_base64: command.payload.bytes.clone(),
+        attempt: command.attempts as u32,
+        expires_at_ms: command.expires_at,
+    };
+    serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail")
 }
 
 fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) {

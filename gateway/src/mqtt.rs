@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{ApiError, App, CommandRequest, Counters, ReplyTo};
-use protocol::envelope::{decode_reports, Presence, ReceiverStatus, Report};
+use protocol::envelope::{decode_one_or_many, Presence, ReceiverStatus, Report};
 use receiver::mqtt::{client, ClientSpec};
 
 /// MQTT submissions handled at once; more wait for a permit in their own task.
@@ -238,7 +238,7 @@ async fn apply_reports(
         let Some(mut next) = first else { return };
         let mut reports = Vec::new();
         loop {
-            match decode_reports(&next.payload) {
+            match decode_one_or_many::<Report>(&next.payload) {
                 Ok(mut r) => reports.append(&mut r),
                 Err(e) => {
                     Counters::bump(&app.counters().reports_malformed);

@@ -83,15 +83,13 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
             }
         }
     }
+    let mut claimed = Vec::new();
     for outcome in app.store().transition_many(&moves).await? {
         let Moved::Yes { command, .. } = outcome else { continue };
         match command.status {
             Status::Sent => {
-                // Online when decided, so its receiver is known.
-                if let Some(receiver) = online.get(&command.device_id) {
-                    app.send_to_receiver(&command, receiver).await;
-                    swept.published += 1;
-                }
+                claimed.push(command);
+                continue;
             }
             Status::Expired => swept.expired += 1,
             Status::Failed => swept.exhausted += 1,
@@ -101,6 +99,11 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
             app.on_final(&command).await;
         }
     }
+    // Online when decided, so each one's receiver is known; several go per message.
+    let sends: Vec<(&Command, &str)> =
+        claimed.iter().filter_map(|c| online.get(&c.device_id).map(|r| (c, r.as_str()))).collect();
+    swept.published = sends.len();
+    app.send_to_receivers(&sends).await;
     tracing::debug!(?swept, "swept");
     Ok(swept)
 }

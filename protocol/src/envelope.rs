@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Gateway → receiver on `Topics::receiver_commands` (the receiver that holds the device), QoS 1.
+/// Gateway → receiver on `Topics::receiver_commands` (the receiver that holds
+/// the device), QoS 1; one message may carry several (see `decode_one_or_many`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandMessage {
     pub id: Uuid,
@@ -53,19 +54,21 @@ pub enum ReportKind {
     Undeliverable { reason: String },
 }
 
-/// One message on `Topics::reports`: a single report object, or a JSON array
-/// of them (a receiver sends what it has ready in one message). Either way the
-/// reports are in the order they happened.
-pub fn decode_reports(payload: &[u8]) -> Result<Vec<Report>, serde_json::Error> {
+/// One message on `Topics::reports` or `Topics::receiver_commands`: a single
+/// JSON object, or an array of them (a sender puts what it has ready into one
+/// message), in the order they were sent.
+pub fn decode_one_or_many<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+) -> Result<Vec<T>, serde_json::Error> {
     match payload.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => serde_json::from_slice(payload),
-        _ => serde_json::from_slice(payload).map(|r| vec![r]),
+        _ => serde_json::from_slice(payload).map(|one| vec![one]),
     }
 }
 
-/// Reports already serialised, joined into one message body for `decode_reports`:
-/// one report alone stays an object, several become an array.
-pub fn join_reports(encoded: &[Vec<u8>]) -> Vec<u8> {
+/// Messages already serialised, joined into one body for `decode_one_or_many`:
+/// one alone stays an object, several become an array.
+pub fn join_messages(encoded: &[Vec<u8>]) -> Vec<u8> {
     if let [one] = encoded {
         return one.clone();
     }
@@ -141,14 +144,15 @@ mod tests {
         };
         let (a, b) = (report(1), report(2));
         let enc = |r: &Report| serde_json::to_vec(r).unwrap();
-        let one = join_reports(&[enc(&a)]);
+        let one = join_messages(&[enc(&a)]);
         assert_eq!(one, enc(&a), "a single report travels as an object");
-        assert_eq!(decode_reports(&one).unwrap(), vec![a.clone()]);
-        let two = join_reports(&[enc(&a), enc(&b)]);
+        assert_eq!(decode_one_or_many::<Report>(&one).unwrap(), vec![a.clone()]);
+        let two = join_messages(&[enc(&a), enc(&b)]);
         assert_eq!(two[0], b'[');
-        assert_eq!(decode_reports(&two).unwrap(), vec![a, b], "order kept");
-        assert!(decode_reports(b"[{\"kind\":\"delivered\"}]").is_err(), "a bad element fails the message");
-        assert!(decode_reports(b"  ").is_err());
+        assert_eq!(decode_one_or_many::<Report>(&two).unwrap(), vec![a, b], "order kept");
+        let bad = decode_one_or_many::<Report>(b"[{\"kind\":\"delivered\"}]");
+        assert!(bad.is_err(), "a bad element fails the message");
+        assert!(decode_one_or_many::<Report>(b"  ").is_err());
     }
 
     #[test]

@@ -271,8 +271,8 @@ impl Bridge {
             }
             return;
         }
-        match serde_json::from_slice::<CommandMessage>(&p.payload) {
-            Ok(msg) => self.route(msg),
+        match protocol::envelope::decode_one_or_many::<CommandMessage>(&p.payload) {
+            Ok(messages) => messages.into_iter().for_each(|msg| self.route(msg)),
             Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped"),
         }
     }
@@ -360,7 +360,7 @@ async fn publish_reports(
             bytes += next.len();
             batch.push(next);
         }
-        let body = protocol::envelope::join_reports(&batch);
+        let body = protocol::envelope::join_messages(&batch);
         if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
             tracing::warn!(reports = batch.len(), error = %e, "could not publish reports");
         }
