@@ -690,6 +690,16 @@ impl Store {
     pub async fn transition_many(&self, moves: &[(Uuid, Status, Change)]) -> Result<Vec<Moved>> {
         let ids: Vec<Uuid> = moves.iter().map(|(id, _, _)| *id).collect();
         let read = self.get_commands(&ids).await?;
+        self.transition_many_from(&read, moves).await
+    }
+
+    /// `transition_many` from commands the caller has just read (the base of
+    /// every compare-and-set; one that has moved since is retried on its own).
+    pub async fn transition_many_from(
+        &self,
+        read: &HashMap<Uuid, Command>,
+        moves: &[(Uuid, Status, Change)],
+    ) -> Result<Vec<Moved>> {
         let mut current = read.clone();
         let mut outcomes = Vec::with_capacity(moves.len());
         let mut events = Vec::new();

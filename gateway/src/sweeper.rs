@@ -84,7 +84,7 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
         }
     }
     let mut claimed = Vec::new();
-    for outcome in app.store().transition_many(&moves).await? {
+    for outcome in app.store().transition_many_from(&commands, &moves).await? {
         let Moved::Yes { command, .. } = outcome else { continue };
         match command.status {
             Status::Sent => {
