@@ -305,10 +305,10 @@ impl App {
         self.inner.sweep_now.notified().await;
     }
 
-    /// Validates, records (durably, before anything is published) and publishes
-    /// a command. Returns once it is stored and handed to the broker client.
-    /// Validates, stores and (device online, not scheduled) publishes a command.
-    /// With `wait`, the result carries a waiter for `wait_submitted`.
+    /// Validates, records (durably, before anything is published) and, when
+    /// its device is online and it is not scheduled, publishes a command.
+    /// Returns once it is stored and handed to the broker client. With `wait`,
+    /// the result carries a waiter for `wait_submitted`.
     pub async fn submit(
         &self,
         device_id: &str,
@@ -500,31 +500,30 @@ impl App {
         }
         for receiver in receivers {
             let mine = commands.iter().filter(|(_, r)| *r == receiver).map(|(c, _)| *c);
-            let mut batch: Vec<(Uuid, Vec<u8>)> = Vec::new();
-            let mut bytes = 0;
+            let (mut ids, mut encoded, mut bytes) = (Vec::new(), Vec::new(), 0);
             for command in mine {
-                let encoded = encode_command(command);
-                if !batch.is_empty()
-                    && (batch.len() == COMMANDS_PER_MESSAGE || bytes + encoded.len() > COMMAND_MESSAGE_BYTES)
-                {
-                    self.publish_commands(receiver, &std::mem::take(&mut batch)).await;
+                let message = encode_command(command);
+                let full = ids.len() == COMMANDS_PER_MESSAGE || bytes + message.len() > COMMAND_MESSAGE_BYTES;
+                if !ids.is_empty() && full {
+                    self.publish_commands(receiver, &std::mem::take(&mut ids), &std::mem::take(&mut encoded))
+                        .await;
                     bytes = 0;
                 }
-                bytes += encoded.len();
-                batch.push((command.id, encoded));
+                bytes += message.len();
+                ids.push(command.id);
+                encoded.push(message);
             }
-            if !batch.is_empty() {
-                self.publish_commands(receiver, &batch).await;
+            if !ids.is_empty() {
+                self.publish_commands(receiver, &ids, &encoded).await;
             }
         }
     }
 
-    async fn publish_commands(&self, receiver_id: &str, batch: &[(Uuid, Vec<u8>)]) {
-        let encoded: Vec<Vec<u8>> = batch.iter().map(|(_, e)| e.clone()).collect();
-        let body = protocol::envelope::join_messages(&encoded);
+    async fn publish_commands(&self, receiver_id: &str, ids: &[Uuid], encoded: &[Vec<u8>]) {
+        let body = protocol::envelope::join_messages(encoded);
         let topic = self.topics().receiver_commands(receiver_id);
         if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
-            for (id, _) in batch {
+            for id in ids {
                 tracing::warn!(command_id = %id, error = %e, "publish failed; the ack timeout will re-send");
                 Counters::bump(&self.counters().publish_failed);
             }
