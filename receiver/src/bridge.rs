@@ -123,7 +123,7 @@ impl Bridge {
     }
 
     /// Registers a device's connection (replacing an older one of the same
-    /// device), subscribes to its commands and reports it online.
+    /// device) so that its commands are routed to it, and reports it online.
     pub async fn attach(&self, device_id: &str) -> Attached {
         let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -201,8 +201,8 @@ impl Bridge {
         }
     }
 
-    /// After every (re)connect: say we are here, re-subscribe every device and
-    /// re-announce it (a clean session forgets subscriptions).
+    /// After every (re)connect: subscribe again (a clean session forgets
+    /// subscriptions), then say we are here and re-announce every device.
     async fn announce(self) {
         let topics = &self.inner.topics;
         for topic in [topics.receiver_commands(&self.inner.receiver_id), topics.cancels(), topics.rollcall()]

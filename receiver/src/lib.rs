@@ -3,9 +3,10 @@
 //! - [`tcp`] accepts device connections. A device names itself in its first
 //!   frame (HELLO); from then on its connection task owns the socket: it writes
 //!   command frames, reads result frames.
-//! - [`bridge`] owns the MQTT connection: subscribes to the commands topic of
-//!   each connected device, routes each command to its device's task, and
-//!   publishes `delivered` (frame written), results and presence.
+//! - [`bridge`] owns the MQTT connection: subscribes to this receiver's
+//!   commands topic, routes each command to its device's task, and publishes
+//!   `delivered` (frame written), results (several per message when ready
+//!   together) and presence.
 //! - [`serial`] carries the same frames over serial ports, several devices per
 //!   port (RS-485 style, one request in flight per bus).
 //! - [`modbus`] bridges devices that speak Modbus (RTU on a serial line, or
