@@ -15,7 +15,7 @@ pub enum Status {
     Scheduled,
     /// Stored, not yet handed to the broker.
     Pending,
-    /// Published to the device's topic.
+    /// Published to the receiver that holds the device.
     Sent,
     /// The receiver wrote it to the device.
     Delivered,

@@ -1,13 +1,16 @@
 //! The gateway (message center). How a command moves through it:
 //!
 //! - [`http`] and [`mqtt`] (the `gateway/commands` topic) accept a submission
-//!   and hand it to [`app::App::submit`], which validates it against the device
-//!   registry, records it in the [`store`] (durably, before anything else),
-//!   claims its first attempt and publishes it on the device's topic.
-//! - Receivers report `delivered` and the device's result on the reports topic;
-//!   [`mqtt`] feeds them to [`app::App::apply_report`], which moves the command
-//!   forward (never back) and, when it is final, wakes [`waiters`] (sync calls,
-//!   long-polls) and answers MQTT callers on their `reply_to`.
+//!   and hand it to [`app::App::submit`]: it is validated, then the group-commit
+//!   writer checks its device and records it in the [`store`] (durably, before
+//!   anything else) with its first attempt claimed, and it is published to the
+//!   commands topic of the receiver that holds the device.
+//! - Receivers report `delivered` and the device's result on the reports topic
+//!   (several reports per message when they have several ready); [`mqtt`]
+//!   feeds them to [`app::App::apply_reports`], which moves the commands
+//!   forward (never back) in one transaction per batch and, for each that is
+//!   final, wakes [`waiters`] (sync calls, long-polls) and answers MQTT callers
+//!   on their `reply_to`.
 //! - [`sweeper`] finds what the database says is due — scheduled commands,
 //!   lost publications and results, deadlines — re-sends or expires it.
 //! - [`broker`] embeds rumqttd when no external broker is given.
