@@ -47,6 +47,48 @@ impl DbCounters {
     }
 }
 
+/// For a MySQL/MariaDB URL: creates its database if the server does not have
+/// it yet (saying so), so `--database-url mysql://…/bench_x` works without a
+/// `CREATE DATABASE` first. Anything else is left alone.
+pub(crate) async fn create_database_if_missing(database_url: &str) -> anyhow::Result<()> {
+    let url = database_url.replacen("mariadb:", "mysql:", 1);
+    let Some((server, name)) = split_database(&url) else { return Ok(()) };
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        anyhow::bail!("database name {name:?}: use letters, digits and _ only");
+    }
+    let mut conn = MySqlConnection::connect(&server).await?;
+    let exists = sqlx::query("SELECT 1 FROM information_schema.schemata WHERE schema_name = ?")
+        .bind(&name)
+        .fetch_optional(&mut conn)
+        .await?
+        .is_some();
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&mut conn).await?;
+        eprintln!("created database {name} (drop it when done: DROP DATABASE {name})");
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+/// `mysql://user@host:port/db?opts` → (`mysql://user@host:port?opts`, `db`);
+/// `None` for other URLs or when no database is named.
+fn split_database(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("mysql://")?;
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, name) = before_query.split_once('/')?;
+    if name.is_empty() {
+        return None;
+    }
+    let server = match query {
+        Some(q) => format!("mysql://{authority}?{q}"),
+        None => format!("mysql://{authority}"),
+    };
+    Some((server, name.to_owned()))
+}
+
 /// SHOW STATUS columns are text on MySQL and may come back as bytes on MariaDB.
 fn text(row: &sqlx::mysql::MySqlRow, i: usize) -> anyhow::Result<String> {
     match row.try_get::<String, _>(i) {
@@ -84,6 +126,21 @@ impl PerCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_comes_off_the_url() {
+        let split = split_database;
+        assert_eq!(
+            split("mysql://root@127.0.0.1:3306/bench_a"),
+            Some(("mysql://root@127.0.0.1:3306".into(), "bench_a".into()))
+        );
+        assert_eq!(
+            split("mysql://u:p@h/db?ssl-mode=disabled"),
+            Some(("mysql://u:p@h?ssl-mode=disabled".into(), "db".into()))
+        );
+        assert_eq!(split("mysql://root@127.0.0.1:3306/"), None);
+        assert_eq!(split("sqlite:/tmp/x.db"), None);
+    }
 
     #[test]
     fn deltas_per_command() {

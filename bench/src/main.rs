@@ -42,7 +42,7 @@ const EMBEDDED_MAX_PACKET: usize = GATEWAY_MAX_PAYLOAD * 2 + 64 * 1024;
              against the bare broker with the same traffic, in one run",
     after_help = "The gateway, receiver and firmware-sim binaries must sit next to this one: \
                   cargo build --release -p gateway -p receiver -p firmware-sim. \
-                  For MySQL/MariaDB, give a fresh, empty database: the gateway creates its tables."
+                  For MySQL/MariaDB, name a database; it is created if missing, and the gateway creates its tables. A fresh one per run is cleanest."
 )]
 struct Args {
     /// Commands per phase [default: 2000; 300 with --quick].
@@ -228,6 +228,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
 
     let database_url =
         args.database_url.clone().unwrap_or_else(|| format!("sqlite:{}", dir.join("gateway.db").display()));
+    dbstats::create_database_if_missing(&database_url).await.context("preparing the database")?;
     let mut children = Children::default();
     let opts = SystemOptions {
         bins: &bins,
