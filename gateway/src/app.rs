@@ -170,6 +170,9 @@ struct Inner {
     counters: Counters,
     /// Wakes the sweeper before its next tick (a device came online).
     sweep_now: tokio::sync::Notify,
+    /// The current roll call: receivers that answered it. A std mutex, never
+    /// held across an `.await`.
+    rollcall: std::sync::Mutex<RollCall>,
     /// New commands on their way to the group-commit writer (`write_new_commands`).
     inserts: mpsc::Sender<InsertRequest>,
 }
@@ -254,6 +257,13 @@ fn answer_all(requests: impl Iterator<Item = InsertRequest>, error: &StoreError)
     }
 }
 
+/// Receivers that answered the current roll call.
+#[derive(Debug, Default)]
+struct RollCall {
+    round: u64,
+    answered: std::collections::HashSet<String>,
+}
+
 /// Where an MQTT caller wants its answers.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
@@ -275,6 +285,7 @@ impl App {
                 waiters: Waiters::default(),
                 counters: Counters::default(),
                 sweep_now: tokio::sync::Notify::new(),
+                rollcall: std::sync::Mutex::default(),
                 inserts,
             }),
         }
@@ -714,9 +725,43 @@ impl App {
     }
 
     pub async fn apply_receiver_status(&self, s: &ReceiverStatus) -> Result<(), StoreError> {
-        if !s.online {
+        if s.online {
+            self.inner.rollcall.lock().expect("rollcall lock").answered.insert(s.receiver_id.clone());
+        } else {
             let n = self.store().receiver_gone(&s.receiver_id).await?;
             tracing::info!(receiver = %s.receiver_id, devices = n, "receiver gone; its devices are offline");
+        }
+        Ok(())
+    }
+
+    /// A roll call is about to be published: forget who answered the last one.
+    pub fn start_rollcall(&self) -> u64 {
+        let mut rollcall = self.inner.rollcall.lock().expect("rollcall lock");
+        rollcall.round += 1;
+        rollcall.answered.clear();
+        rollcall.round
+    }
+
+    /// The grace period after roll call `round` is over: devices still marked
+    /// online by a receiver that did not answer are marked offline — that
+    /// receiver died while no gateway listened (its last will went nowhere),
+    /// e.g. with an embedded broker that was down with the gateway. A newer
+    /// roll call makes this one moot.
+    pub async fn finish_rollcall(&self, round: u64) -> Result<(), StoreError> {
+        let alive: Vec<String> = {
+            let rollcall = self.inner.rollcall.lock().expect("rollcall lock");
+            if rollcall.round != round {
+                return Ok(());
+            }
+            rollcall.answered.iter().cloned().collect()
+        };
+        let n = self.store().receivers_gone_except(&alive).await?;
+        if n > 0 {
+            tracing::info!(
+                devices = n,
+                answered = alive.len(),
+                "devices of receivers that missed the roll call are offline"
+            );
         }
         Ok(())
     }

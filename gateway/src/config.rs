@@ -76,6 +76,12 @@ pub struct Config {
     /// How long a sweeper's claim keeps other gateway instances off a command.
     #[arg(long, env = "GATEWAY_CLAIM_LEASE_MS", default_value_t = 30_000)]
     pub claim_lease_ms: u64,
+
+    /// After each connection to the broker the gateway asks receivers to
+    /// report (roll call); devices held by a receiver that has not answered
+    /// within this time are marked offline (it died while nobody listened).
+    #[arg(long, env = "GATEWAY_ROLLCALL_GRACE_MS", default_value_t = 10_000)]
+    pub rollcall_grace_ms: u64,
 }
 
 /// Longest a caller may ask to wait (sync `wait_ms`, long-poll `wait_ms`).
@@ -106,6 +112,7 @@ impl Config {
             sweep_interval_ms: 500,
             sweep_batch: 200,
             claim_lease_ms: 30_000,
+            rollcall_grace_ms: 10_000,
         }
     }
 }

@@ -98,9 +98,9 @@ async fn poll(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 // Subscribing from this task could deadlock on a full request channel.
-                let (client, filters) = (client.clone(), filters.clone());
-                let rollcall = match &incoming {
-                    Incoming::Main(app) => Some(app.topics().rollcall()),
+                let (client, filters, shutdown) = (client.clone(), filters.clone(), shutdown.clone());
+                let app = match &incoming {
+                    Incoming::Main(app) => Some(app.clone()),
                     Incoming::Reports(_) => None,
                 };
                 tokio::spawn(async move {
@@ -109,12 +109,8 @@ async fn poll(
                             tracing::warn!(filter = %f, error = %e, "subscribe failed");
                         }
                     }
-                    // After the subscriptions (same connection, so the broker sees them first):
-                    // receivers answer with the presence of every device they hold.
-                    if let Some(topic) = rollcall {
-                        if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, &b"{}"[..]).await {
-                            tracing::warn!(error = %e, "roll call failed");
-                        }
+                    if let Some(app) = app {
+                        roll_call(&app, &client, &shutdown).await;
                     }
                 });
             }
@@ -137,6 +133,25 @@ async fn poll(
         }
     }
     let _ = client.disconnect().await;
+}
+
+/// After the subscriptions (same connection, so the broker sees them first):
+/// receivers answer with their status and the presence of every device they
+/// hold; after the grace period, devices of receivers that did not answer are
+/// marked offline.
+async fn roll_call(app: &App, client: &AsyncClient, shutdown: &CancellationToken) {
+    let round = app.start_rollcall();
+    if let Err(e) = client.publish(app.topics().rollcall(), QoS::AtLeastOnce, false, &b"{}"[..]).await {
+        tracing::warn!(error = %e, "roll call failed");
+        return;
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(Duration::from_millis(app.config().rollcall_grace_ms)) => {}
+    }
+    if let Err(e) = app.finish_rollcall(round).await {
+        tracing::warn!(error = %e, "could not mark the devices of silent receivers offline");
+    }
 }
 
 async fn dispatch_main(app: &App, publish: Publish, submissions: &Arc<Semaphore>) {

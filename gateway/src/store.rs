@@ -346,6 +346,20 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Marks offline every device reported online by a receiver not in
+    /// `alive`; returns how many.
+    pub async fn receivers_gone_except(&self, alive: &[String]) -> Result<u64> {
+        let mut sql = "UPDATE device_presence SET online = 0, seen_at = ? WHERE online = 1".to_owned();
+        if !alive.is_empty() {
+            sql += &format!(" AND receiver_id NOT IN ({})", vec!["?"; alive.len()].join(", "));
+        }
+        let mut q = self.query(&sql).bind(now_ms());
+        for r in alive {
+            q = q.bind(r.clone());
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected())
+    }
+
     // ---- commands ----
 
     /// Stores a new command with its first event(s), in one transaction. With

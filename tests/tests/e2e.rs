@@ -54,6 +54,12 @@ async fn a_reports_message_may_carry_many_and_a_result_implies_delivery(db: Db) 
     let topics = s.gateway.app.topics().clone();
     let (client, mut eventloop) = mqtt_client(&s.broker).await;
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // Like a receiver: its status (so the gateway's roll call counts it), then presence.
+    let status = json!({"receiver_id": "hand-rx", "online": true});
+    client
+        .publish(topics.receiver_status("hand-rx"), QoS::AtLeastOnce, false, status.to_string())
+        .await
+        .unwrap();
     let ghosts = ["ghost-1", "ghost-2"];
     for g in ghosts {
         s.register(g).await;

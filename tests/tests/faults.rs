@@ -60,6 +60,7 @@ on_sqlite_and_mariadb!(
     lossy_churning_devices,
     silent_device_command_expires_at_deadline,
     external_broker_kill9_mid_load,
+    receiver_dies_while_its_gateway_is_down,
 );
 
 /// The gateway dies with hundreds of commands accepted, the latest still in
@@ -90,6 +91,38 @@ async fn gateway_kill9_mid_load(store: Store, database_url: String) {
         s.receiver.is_running() && s.receiver.log_count("connected to the broker") >= 2,
         "the receiver (never restarted) reconnected to the new embedded broker"
     );
+}
+
+/// The gateway (and with it the embedded broker) is killed, then the receiver
+/// dies while nobody listens, so its last will reaches no one and its devices
+/// stay "online" in the database. The restarted gateway's roll call gets no
+/// answer from it: after the grace period its devices are offline, a new
+/// command waits instead of going to a dead receiver, and is delivered once
+/// the receiver is back.
+async fn receiver_dies_while_its_gateway_is_down(_store: Store, database_url: String) {
+    let mut setup = Setup::new(database_url);
+    setup.gateway_args = vec!["--rollcall-grace-ms=1500".to_owned()];
+    let mut s = Stack::start(setup).await;
+    s.gateway.kill9();
+    s.receiver.kill9();
+    s.gateway.restart();
+    s.api.wait_healthy(Duration::from_secs(30)).await;
+    for id in &s.devices {
+        let api = &s.api;
+        system_tests::eventually("a device of the dead receiver shown offline", || async move {
+            api.get_ok(&format!("/v1/devices/{id}")).await.1["online"] == false
+        })
+        .await;
+    }
+    let body = json!({"name": "echo", "payload": "after", "mode": "async"});
+    let (status, c) = s.api.post(&format!("/v1/devices/{}/commands", s.devices[0]), &body).await.unwrap();
+    assert_eq!((status, c["status"].as_str()), (202, Some("pending")), "waits for its device: {c}");
+    let id = c["id"].as_str().unwrap().to_owned();
+    s.receiver.restart();
+    s.api.wait_online(&s.devices, Duration::from_secs(30)).await;
+    let (status, c) = s.api.get_ok(&format!("/v1/commands/{id}?wait_ms=20000")).await;
+    assert_eq!((status, c["status"].as_str()), (200, Some("succeeded")), "{c}");
+    assert_eq!(c["attempts"], 1, "no attempt was spent on the dead receiver: {c}");
 }
 
 /// The receiver dies mid-load and is started again; the devices reconnect to it.
@@ -235,11 +268,13 @@ struct Setup {
     broker: Option<String>,
     /// Extra firmware-sim flags (faults).
     sim_args: Vec<String>,
+    /// Extra `gateway serve` flags.
+    gateway_args: Vec<String>,
 }
 
 impl Setup {
     fn new(database_url: String) -> Setup {
-        Setup { database_url, broker: None, sim_args: Vec::new() }
+        Setup { database_url, broker: None, sim_args: Vec::new(), gateway_args: Vec::new() }
     }
 }
 
@@ -285,6 +320,7 @@ impl Stack {
             Some(url) => format!("--broker={url}"),
             None => format!("--mqtt-listen={mqtt}"),
         });
+        gateway_args.extend(setup.gateway_args.iter().cloned());
         let gateway = Proc::start("gateway", &bins.gateway, &gateway_args, dir.path());
         let api = Api::new(http);
         api.wait_healthy(Duration::from_secs(60)).await;
