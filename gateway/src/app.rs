@@ -675,7 +675,8 @@ impl App {
                 if matches!(kind, ReportKind::Result { .. }) && current.status == Status::Canceled {
                     let detail =
                         format!("result after cancel: {}", change.detail.clone().unwrap_or_default());
-                    self.store().note(id, current.status, current.attempts, &detail).await?;
+                    // Canceled is final: the note gets the status and attempt it was refused at.
+                    self.store().note_as_it_stands(id, &detail).await?;
                 }
             }
             Moved::NotFound => {

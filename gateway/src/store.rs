@@ -530,23 +530,6 @@ impl Store {
             .collect()
     }
 
-    /// Appends an event that records something without changing the status
-    /// (e.g. a result that arrived after the command was final).
-    pub async fn note(&self, id: Uuid, status: Status, attempt: i64, detail: &str) -> Result<()> {
-        let mut tx = self.begin().await?;
-        let event = NewEvent {
-            id,
-            at: now_ms(),
-            from: Some(status),
-            to: status,
-            attempt,
-            detail: Some(detail.into()),
-        };
-        self.insert_events(&mut tx, &[event]).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// Logs an event that changes nothing, with the status and attempt the
     /// command has at that moment — read in the same statement, so a move
     /// committed meanwhile (a re-send) cannot end up before a note about it in
@@ -767,21 +750,6 @@ impl Store {
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         pairs: &[(&Command, &Command)],
     ) -> Result<bool> {
-        /// Columns a move may change, and how to read each from a command.
-        type Column = (&'static str, fn(&Command) -> Bound);
-        const COLUMNS: [Column; 11] = [
-            ("status", |c| Bound::Text(Some(c.status.as_str().to_owned()))),
-            ("attempts", |c| Bound::Int(Some(c.attempts))),
-            ("updated_at", |c| Bound::Int(Some(c.updated_at))),
-            ("delivered_at", |c| Bound::Int(c.delivered_at)),
-            ("completed_at", |c| Bound::Int(c.completed_at)),
-            ("result_code", |c| Bound::Int(c.result_code)),
-            ("result_payload", |c| Bound::Bytes(c.result_payload.clone())),
-            ("result_message", |c| Bound::Text(c.result_message.clone())),
-            ("error_kind", |c| Bound::Text(c.error_kind.clone())),
-            ("error_message", |c| Bound::Text(c.error_message.clone())),
-            ("next_attempt_at", |c| Bound::Int(c.next_attempt_at)),
-        ];
         for chunk in pairs.chunks(128) {
             if let [(before, after)] = chunk {
                 if !self.update_if_unchanged(tx, before, after).await? {
@@ -797,7 +765,7 @@ impl Store {
                 chunk.iter().chain(std::iter::repeat(&chunk[0])).take(size).collect();
             let whens = vec!["WHEN ? THEN ?"; size].join(" ");
             let sets: Vec<String> =
-                COLUMNS.iter().map(|(name, _)| format!("{name} = CASE id {whens} END")).collect();
+                MOVED_COLUMNS.iter().map(|(name, _)| format!("{name} = CASE id {whens} END")).collect();
             let marks = vec!["?"; size].join(", ");
             let checks = vec!["WHEN ? THEN status = ? AND attempts = ?"; size].join(" ");
             let sql = format!(
@@ -805,7 +773,7 @@ impl Store {
                 sets.join(", ")
             );
             let mut q = self.query(&sql);
-            for (_, value) in &COLUMNS {
+            for (_, value) in &MOVED_COLUMNS {
                 for (before, after) in &rows {
                     q = value(after).bind_to(q.bind(before.id.to_string()));
                 }
@@ -830,24 +798,15 @@ impl Store {
         current: &Command,
         next: &Command,
     ) -> Result<bool> {
-        let done = self
-            .query(
-                "UPDATE commands SET status = ?, attempts = ?, updated_at = ?, delivered_at = ?, \
-                 completed_at = ?, result_code = ?, result_payload = ?, result_message = ?, \
-                 error_kind = ?, error_message = ?, next_attempt_at = ? \
-                 WHERE id = ? AND status = ? AND attempts = ?",
-            )
-            .bind(next.status.as_str())
-            .bind(next.attempts)
-            .bind(next.updated_at)
-            .bind(next.delivered_at)
-            .bind(next.completed_at)
-            .bind(next.result_code)
-            .bind(next.result_payload.clone())
-            .bind(next.result_message.clone())
-            .bind(next.error_kind.clone())
-            .bind(next.error_message.clone())
-            .bind(next.next_attempt_at)
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let sets: Vec<String> = MOVED_COLUMNS.iter().map(|(name, _)| format!("{name} = ?")).collect();
+            format!("UPDATE commands SET {} WHERE id = ? AND status = ? AND attempts = ?", sets.join(", "))
+        });
+        let mut q = self.query(&SQL);
+        for (_, value) in &MOVED_COLUMNS {
+            q = value(next).bind_to(q);
+        }
+        let done = q
             .bind(current.id.to_string())
             .bind(current.status.as_str())
             .bind(current.attempts)
@@ -882,6 +841,24 @@ impl Store {
         Ok(())
     }
 }
+
+/// The columns a move may change, and how to read each from a command: the
+/// one list both compare-and-set forms (`update_if_unchanged`,
+/// `update_all_if_unchanged`) write.
+type MovedColumn = (&'static str, fn(&Command) -> Bound);
+const MOVED_COLUMNS: [MovedColumn; 11] = [
+    ("status", |c| Bound::Text(Some(c.status.as_str().to_owned()))),
+    ("attempts", |c| Bound::Int(Some(c.attempts))),
+    ("updated_at", |c| Bound::Int(Some(c.updated_at))),
+    ("delivered_at", |c| Bound::Int(c.delivered_at)),
+    ("completed_at", |c| Bound::Int(c.completed_at)),
+    ("result_code", |c| Bound::Int(c.result_code)),
+    ("result_payload", |c| Bound::Bytes(c.result_payload.clone())),
+    ("result_message", |c| Bound::Text(c.result_message.clone())),
+    ("error_kind", |c| Bound::Text(c.error_kind.clone())),
+    ("error_message", |c| Bound::Text(c.error_message.clone())),
+    ("next_attempt_at", |c| Bound::Int(c.next_attempt_at)),
+];
 
 /// A value to bind whose type is only known at run time.
 enum Bound {
