@@ -35,12 +35,23 @@ impl Fleet {
             let span = tracing::info_span!("device", device_id = %id);
             tasks.spawn(device.run(shutdown.clone()).instrument(span));
         }
-        if let Some(path) = config.stats_file.clone() {
+        Fleet::running(stats, tasks, config.stats_file, shutdown)
+    }
+
+    /// What every way of starting devices (TCP fleet, serial bus) ends with:
+    /// the stats-file writer beside the device tasks, and the handle.
+    pub(crate) fn running(
+        stats: Arc<SharedStats>,
+        tasks: TaskTracker,
+        stats_file: Option<PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Fleet {
+        if let Some(path) = stats_file.clone() {
             tasks.spawn(stats::write_periodically(stats.clone(), path, shutdown));
         }
         tasks.close();
         let connected = stats.watch_connected();
-        Fleet { stats, connected, tasks, stats_file: config.stats_file }
+        Fleet { stats, connected, tasks, stats_file }
     }
 
     /// The device ids, in index order.

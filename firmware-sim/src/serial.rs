@@ -25,7 +25,6 @@ use protocol::{Frame, FrameCodec, FrameError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::codec::Framed;
@@ -37,8 +36,8 @@ use uuid::Uuid;
 use crate::device::{probability, Behaviour};
 use crate::execute::{execute, requested_delay};
 use crate::memory::{Answer, CommandMemory};
-use crate::stats::{self, DeviceCounters, FleetStats, SharedStats};
-use crate::FleetConfig;
+use crate::stats::{DeviceCounters, FleetStats, SharedStats};
+use crate::{Fleet, FleetConfig};
 
 /// Baud rate when `--serial` names none.
 pub const DEFAULT_BAUD: u32 = 115_200;
@@ -82,13 +81,9 @@ pub fn parse_line(text: &str) -> Result<(PathBuf, u32), String> {
     Ok((PathBuf::from(path), baud))
 }
 
-/// A running bus of simulated devices on one serial line.
-pub struct Bus {
-    stats: Arc<SharedStats>,
-    connected: watch::Receiver<usize>,
-    tasks: TaskTracker,
-    stats_file: Option<PathBuf>,
-}
+/// A running bus of simulated devices on one serial line: a [`Fleet`] whose
+/// devices share the line.
+pub struct Bus(Fleet);
 
 impl Bus {
     /// Spawns the bus on the current tokio runtime; it opens `serial.path`
@@ -100,39 +95,28 @@ impl Bus {
         let line = Line::new(&config, &serial, stats.clone());
         let span = tracing::info_span!("bus", path = %serial.path.display());
         tasks.spawn(line.run(serial.path, serial.baud, shutdown.clone()).instrument(span));
-        if let Some(path) = config.stats_file.clone() {
-            tasks.spawn(stats::write_periodically(stats.clone(), path, shutdown));
-        }
-        tasks.close();
-        let connected = stats.watch_connected();
-        Bus { stats, connected, tasks, stats_file: config.stats_file }
+        Bus(Fleet::running(stats, tasks, config.stats_file, shutdown))
     }
 
     /// The device ids, in index order.
     pub fn device_ids(&self) -> &[String] {
-        self.stats.ids()
+        self.0.device_ids()
     }
 
     /// Every device's counters, the totals and the line's counters.
     pub fn stats(&self) -> FleetStats {
-        self.stats.snapshot()
+        self.0.stats()
     }
 
     /// Waits until the line is open (all devices connected); `false` on timeout.
     pub async fn wait_open(&self, timeout: Duration) -> bool {
-        let n = self.stats.ids().len();
-        let mut connected = self.connected.clone();
-        let reached = async { connected.wait_for(|count| *count >= n).await.is_ok() };
-        tokio::time::timeout(timeout, reached).await.unwrap_or(false)
+        self.0.wait_connected(self.device_ids().len(), timeout).await
     }
 
     /// Waits for the bus to stop (cancel its shutdown token first), then
     /// writes the stats file a last time.
     pub async fn stopped(self) {
-        self.tasks.wait().await;
-        if let Some(path) = &self.stats_file {
-            stats::write_logged(path, &self.stats.snapshot()).await;
-        }
+        self.0.stopped().await
     }
 }
 
