@@ -5,12 +5,14 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::DeviceId;
+
 /// Gateway → receiver on `Topics::receiver_commands` (the receiver that holds
 /// the device), QoS 1; one message may carry several (see `decode_one_or_many`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandMessage {
     pub id: Uuid,
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub name: String,
     #[serde(with = "b64")]
     pub payload_base64: Vec<u8>,
@@ -25,14 +27,14 @@ pub struct CommandMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cancel {
     pub command_id: Uuid,
-    pub device_id: String,
+    pub device_id: DeviceId,
 }
 
 /// Receiver → gateway on `Topics::reports`, QoS 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
     pub command_id: Uuid,
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub receiver_id: String,
     #[serde(flatten)]
     pub kind: ReportKind,
@@ -87,7 +89,7 @@ pub fn join_messages(encoded: &[Vec<u8>]) -> Vec<u8> {
 /// Receiver → gateway on `Topics::presence`, QoS 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Presence {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub receiver_id: String,
     pub online: bool,
 }
@@ -123,7 +125,7 @@ mod tests {
     fn report_json_shape() {
         let r = Report {
             command_id: Uuid::nil(),
-            device_id: "d".into(),
+            device_id: DeviceId::parse("d").unwrap(),
             receiver_id: "r".into(),
             kind: ReportKind::Result { code: 3, payload_base64: b"hi".to_vec() },
         };
@@ -138,7 +140,7 @@ mod tests {
     fn a_reports_message_is_one_report_or_an_array() {
         let report = |code| Report {
             command_id: Uuid::now_v7(),
-            device_id: "d".into(),
+            device_id: DeviceId::parse("d").unwrap(),
             receiver_id: "r".into(),
             kind: ReportKind::Result { code, payload_base64: vec![code as u8] },
         };

@@ -1,15 +1,18 @@
 //! The wire contract of the system, shared by `gateway`, `receiver` and
 //! `firmware-sim`. Pure data and codecs, no I/O.
 //!
+//! - [`device_id`]: the one check of a device's name.
 //! - [`topics`]: MQTT topic names between gateway and receivers.
 //! - [`envelope`]: the JSON messages carried on those topics.
 //! - [`frame`]: the binary frame between a receiver and a device.
 //!
 //! `docs/PROTOCOL.md` describes the same contract for third parties.
 
+pub mod device_id;
 pub mod envelope;
 pub mod frame;
 pub mod topics;
 
+pub use device_id::{DeviceId, InvalidDeviceId};
 pub use frame::{Frame, FrameCodec, FrameError};
 pub use topics::Topics;

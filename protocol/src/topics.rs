@@ -79,14 +79,6 @@ impl Topics {
     }
 }
 
-/// A device id usable in a topic name and a HELLO frame: 1..=128 bytes of
-/// `A-Z a-z 0-9 - _ . :`.
-pub fn is_valid_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= crate::frame::MAX_DEVICE_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,13 +89,5 @@ mod tests {
         assert_eq!(t.submit(), "acme/commands");
         assert_eq!(t.receiver_commands("r1"), "acme/receivers/r1/commands");
         assert_eq!(t.presence_filter(), "acme/presence/+");
-    }
-
-    #[test]
-    fn device_ids_that_would_break_topics_are_invalid() {
-        assert!(is_valid_device_id("dev-0001"));
-        for bad in ["", "a/b", "a+", "#", "a b", &"x".repeat(129)] {
-            assert!(!is_valid_device_id(bad), "{bad:?}");
-        }
     }
 }

@@ -1,4 +1,4 @@
-//! `gateway demo`: a whole system in one process on embedded defaults — the
+//! The demo (`cargo run --release -p demo`): a whole system in one process on embedded defaults — the
 //! gateway with its embedded broker and a fresh SQLite file, a receiver, and a
 //! simulated fleet — then a mix of sync and async commands through the real
 //! HTTP API, and a report of what happened to each.
@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::local::{LocalOptions, LocalSystem};
+use crate::{LocalOptions, LocalSystem};
 
-/// Options of `gateway demo`.
+/// Options of the demo.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Simulated devices.

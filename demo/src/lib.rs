@@ -1,7 +1,12 @@
 //! A whole system in one process — gateway, receiver and simulated fleet on
-//! free loopback ports — for `gateway demo`. Every address
-//! is chosen at start, so it runs beside anything else (e.g. a Mosquitto
-//! holding port 1883).
+//! free loopback ports — for the demo (`cargo run --release -p demo`) and the
+//! benchmark. Every address is chosen at start, so it runs beside anything
+//! else (e.g. a Mosquitto holding port 1883).
+//!
+//! This crate is the only one that depends on all three programs: they meet
+//! nowhere else but on the wire.
+
+pub mod demo;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -11,7 +16,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use gateway::Config;
 
 /// A free loopback port: bind port 0, read it, let it go.
 pub fn free_port() -> std::io::Result<SocketAddr> {
@@ -34,7 +39,7 @@ pub struct LocalOptions {
 pub struct LocalSystem {
     pub base: String,
     pub http: reqwest::Client,
-    pub gateway: crate::Running,
+    pub gateway: gateway::Running,
     pub receiver: receiver::Running,
     pub fleet: firmware_sim::Fleet,
     pub database_url: String,
@@ -56,7 +61,7 @@ impl LocalSystem {
         };
         let mut config = Config::for_local(database_url.clone(), free_port()?, free_port()?);
         config.broker = opts.broker;
-        let gateway = crate::start(config, shutdown.clone()).await?;
+        let gateway = gateway::start(config, shutdown.clone()).await?;
         let broker = format!("mqtt://{}:{}", gateway.broker.0, gateway.broker.1);
         let receiver = receiver::start(receiver::Config::new(broker, free_port()?), shutdown.clone()).await?;
         let fleet_config = firmware_sim::FleetConfig {
