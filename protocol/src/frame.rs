@@ -20,6 +20,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 use uuid::Uuid;
 
+use crate::DeviceId;
+
 /// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = [0xA5, 0x5A];
 /// The only version this codec speaks.
@@ -41,7 +43,8 @@ const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameType {
-    /// device → receiver, first frame on a connection: body = device id (UTF-8).
+    /// device → receiver, first frame on a connection (and, on a serial bus,
+    /// receiver → device before each COMMAND): body = device id, a valid [`DeviceId`].
     Hello = 0x01,
     /// receiver → device: body = name length (u8), name (UTF-8), payload.
     Command = 0x02,
@@ -66,10 +69,11 @@ impl FrameType {
     }
 }
 
-/// A decoded, valid frame.
+/// A decoded, valid frame. A HELLO names a valid [`DeviceId`]: the decoder
+/// refuses any other body as [`FrameError::Malformed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { device_id: String },
+    Hello { device_id: DeviceId },
     Command { id: Uuid, name: String, payload: Bytes },
     Result { id: Uuid, code: i32, payload: Bytes },
     Ping,
@@ -117,8 +121,6 @@ pub enum FrameError {
 pub enum EncodeError {
     #[error("command name longer than 255 bytes")]
     NameTooLong,
-    #[error("device id empty or longer than {MAX_DEVICE_ID_LEN} bytes")]
-    BadDeviceId,
     #[error("body of {0} bytes exceeds the limit")]
     Oversized(usize),
     #[error(transparent)]
@@ -172,12 +174,8 @@ impl Encoder<Frame> for FrameCodec {
 /// Appends `frame` to `dst`.
 pub fn encode(frame: &Frame, dst: &mut BytesMut, max_body: usize) -> Result<(), EncodeError> {
     let body_len = match frame {
-        Frame::Hello { device_id } => {
-            if device_id.is_empty() || device_id.len() > MAX_DEVICE_ID_LEN {
-                return Err(EncodeError::BadDeviceId);
-            }
-            device_id.len()
-        }
+        // A DeviceId is 1 to MAX_DEVICE_ID_LEN bytes by construction.
+        Frame::Hello { device_id } => device_id.as_str().len(),
         Frame::Command { name, payload, .. } => {
             if name.len() > u8::MAX as usize {
                 return Err(EncodeError::NameTooLong);
@@ -198,7 +196,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut, max_body: usize) -> Result<(), 
     dst.put_slice(frame.id().as_bytes());
     dst.put_u32(body_len as u32);
     match frame {
-        Frame::Hello { device_id } => dst.put_slice(device_id.as_bytes()),
+        Frame::Hello { device_id } => dst.put_slice(device_id.as_str().as_bytes()),
         Frame::Command { name, payload, .. } => {
             dst.put_u8(name.len() as u8);
             dst.put_slice(name.as_bytes());
@@ -269,12 +267,10 @@ fn parse_checked(frame: &Bytes, body_len: usize) -> Result<Frame, FrameError> {
     let body = frame.slice(HEADER_LEN..HEADER_LEN + body_len);
     match kind {
         FrameType::Hello => {
-            if body.is_empty() || body.len() > MAX_DEVICE_ID_LEN {
-                return Err(FrameError::Malformed(kind, "device id length"));
-            }
-            let device_id = std::str::from_utf8(&body)
-                .map_err(|_| FrameError::Malformed(kind, "device id is not UTF-8"))?;
-            Ok(Frame::Hello { device_id: device_id.to_owned() })
+            // Length first: a long body is refused without being copied.
+            let text = std::str::from_utf8(&body).ok().filter(|id| id.len() <= MAX_DEVICE_ID_LEN);
+            let device_id = text.and_then(|id| DeviceId::parse(id).ok());
+            Ok(Frame::Hello { device_id: device_id.ok_or(FrameError::Malformed(kind, "invalid device id"))? })
         }
         FrameType::Command => {
             let name_len = *body.first().ok_or(FrameError::Malformed(kind, "empty body"))? as usize;
@@ -322,7 +318,7 @@ mod tests {
         let id = any::<u128>().prop_map(Uuid::from_u128);
         let payload = proptest::collection::vec(any::<u8>(), 0..512).prop_map(Bytes::from);
         prop_oneof![
-            "[a-zA-Z0-9_.-]{1,128}".prop_map(|device_id| Frame::Hello { device_id }),
+            "[a-zA-Z0-9_.:-]{1,128}".prop_map(|id| Frame::Hello { device_id: DeviceId::parse(&id).unwrap() }),
             (id.clone(), "[a-z_]{0,40}", payload.clone()).prop_map(|(id, name, payload)| Frame::Command {
                 id,
                 name,
@@ -361,6 +357,17 @@ mod tests {
             buf.extend_from_slice(&enc(&frame));
             let frames: Vec<_> = decode_all(&mut buf).into_iter().filter_map(Result::ok).collect();
             prop_assert_eq!(frames.last(), Some(&frame));
+        }
+
+        #[test]
+        fn a_hello_decodes_exactly_when_its_body_is_a_valid_id(body in "[a-zA-Z0-9_.:/ +#-]{0,130}") {
+            let mut raw = raw_frame(FrameType::Hello, body.as_bytes());
+            let decoded = decode_all(&mut raw);
+            prop_assert_eq!(decoded.len(), 1);
+            match &decoded[0] {
+                Ok(Frame::Hello { device_id }) => prop_assert_eq!(device_id.as_str(), body.as_str()),
+                other => prop_assert!(!DeviceId::is_valid(&body), "{:?} refused: {:?}", body, other),
+            }
         }
 
         #[test]
@@ -415,17 +422,24 @@ mod tests {
         assert_eq!(decode_all(&mut bytes), vec![Err(FrameError::UnknownType(0x7F))]);
     }
 
-    #[test]
-    fn truncated_command_body_is_malformed() {
+    /// A frame of type `kind` with `body` as given (and a nil id), whose CRC is right.
+    fn raw_frame(kind: FrameType, body: &[u8]) -> BytesMut {
         let mut raw = BytesMut::new();
         raw.put_slice(&MAGIC);
         raw.put_u8(VERSION);
-        raw.put_u8(FrameType::Command as u8);
+        raw.put_u8(kind as u8);
         raw.put_slice(&[0; 16]);
-        raw.put_u32(2);
-        raw.put_slice(&[10, b'x']); // name says 10 bytes, body has 1
+        raw.put_u32(body.len() as u32);
+        raw.put_slice(body);
         let crc = CRC32C.checksum(&raw[2..]);
         raw.put_u32(crc);
+        raw
+    }
+
+    #[test]
+    fn truncated_command_body_is_malformed() {
+        // The name says 10 bytes, the body has 1.
+        let mut raw = raw_frame(FrameType::Command, &[10, b'x']);
         assert_eq!(
             decode_all(&mut raw),
             vec![Err(FrameError::Malformed(FrameType::Command, "name longer than body"))]
@@ -438,8 +452,23 @@ mod tests {
         let long = "n".repeat(256);
         let cmd = Frame::Command { id: Uuid::nil(), name: long, payload: Bytes::new() };
         assert!(matches!(encode(&cmd, &mut b, DEFAULT_MAX_BODY), Err(EncodeError::NameTooLong)));
-        let hello = Frame::Hello { device_id: String::new() };
-        assert!(matches!(encode(&hello, &mut b, DEFAULT_MAX_BODY), Err(EncodeError::BadDeviceId)));
         assert!(b.is_empty(), "nothing written on error");
+        // A HELLO's id is a DeviceId: one the format cannot hold is refused before any encoding.
+        assert!(DeviceId::parse("").is_err() && DeviceId::parse(&"x".repeat(MAX_DEVICE_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn a_hello_naming_no_valid_device_is_a_body_error() {
+        let too_long = "x".repeat(MAX_DEVICE_ID_LEN + 1);
+        for body in [&b""[..], b"a/b", b"dev 1", b"\xff\xfe", too_long.as_bytes()] {
+            let mut raw = raw_frame(FrameType::Hello, body);
+            let expected = Err(FrameError::Malformed(FrameType::Hello, "invalid device id"));
+            assert_eq!(decode_all(&mut raw), vec![expected], "{body:?}");
+        }
+        let mut raw = raw_frame(FrameType::Hello, b"dev-1:a.b_c");
+        assert_eq!(
+            decode_all(&mut raw),
+            vec![Ok(Frame::Hello { device_id: DeviceId::parse("dev-1:a.b_c").unwrap() })]
+        );
     }
 }

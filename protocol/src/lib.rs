@@ -5,14 +5,18 @@
 //! - [`topics`]: MQTT topic names between gateway and receivers.
 //! - [`envelope`]: the JSON messages carried on those topics.
 //! - [`frame`]: the binary frame between a receiver and a device.
+//! - [`serial_line`]: the character format of a serial line (`8N1`, …), as
+//!   receivers and devices write it in their settings.
 //!
 //! `docs/PROTOCOL.md` describes the same contract for third parties.
 
 pub mod device_id;
 pub mod envelope;
 pub mod frame;
+pub mod serial_line;
 pub mod topics;
 
 pub use device_id::{DeviceId, InvalidDeviceId};
 pub use frame::{Frame, FrameCodec, FrameError};
+pub use serial_line::SerialFormat;
 pub use topics::Topics;
