@@ -4,7 +4,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Runs a gateway, a receiver and a simulated fleet in one process and sends them commands")]
+#[command(
+    version,
+    about = "Runs a gateway, a receiver and a simulated fleet in one process and sends them commands"
+)]
 struct Cli {
     #[command(flatten)]
     args: demo::demo::DemoArgs,

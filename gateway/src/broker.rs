@@ -14,7 +14,10 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
+use std::os::fd::{BorrowedFd, RawFd};
+
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use socket2::SockRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -99,7 +102,6 @@ fn wait_listening_with_nodelay(listen: SocketAddr) -> Result<(), BrokerError> {
 
 /// Finds this process's listening TCP socket on `port` and sets TCP_NODELAY on
 /// it. Returns whether one was found.
-#[allow(unsafe_code)]
 fn set_nodelay_on_listener(port: u16) -> std::io::Result<bool> {
     let mut found = false;
     for entry in std::fs::read_dir("/proc/self/fd")? {
@@ -107,66 +109,27 @@ fn set_nodelay_on_listener(port: u16) -> std::io::Result<bool> {
         let is_socket = std::fs::read_link(entry.path())
             .map(|target| target.to_string_lossy().starts_with("socket:"))
             .unwrap_or(false);
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
             continue;
         };
-        if !is_socket || !is_listener_on(fd, port) {
+        if !is_socket {
             continue;
         }
-        let one: libc::c_int = 1;
-        // SAFETY: fd is an open socket of this process (checked above); the
-        // option value is a valid c_int that outlives the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                std::ptr::addr_of!(one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
+        // SAFETY: `fd` was an open socket of this process when listed. Another
+        // thread may close it meanwhile; then the calls below fail or read
+        // another descriptor's options, and only a listener on our port — which
+        // rumqttd keeps for the life of the process — gets an option set.
+        #[allow(unsafe_code)]
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = SockRef::from(&fd);
+        let listening_here = socket.is_listener().unwrap_or(false)
+            && socket.local_addr().ok().and_then(|a| a.as_socket()).is_some_and(|a| a.port() == port);
+        if listening_here {
+            socket.set_tcp_nodelay(true)?;
+            found = true;
         }
-        found = true;
     }
     Ok(found)
-}
-
-#[allow(unsafe_code)]
-fn is_listener_on(fd: i32, port: u16) -> bool {
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid out-pointers sized for the option; a non-socket fd just fails.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            std::ptr::addr_of_mut!(accepting).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || accepting == 0 {
-        return false;
-    }
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: addr is a sockaddr_storage, large enough for any address family.
-    let rc = unsafe { libc::getsockname(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len) };
-    if rc != 0 {
-        return false;
-    }
-    // sin_port and sin6_port sit at the same offset, in network byte order.
-    let local_port = match i32::from(addr.ss_family) {
-        libc::AF_INET | libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in(6).
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read(std::ptr::addr_of!(addr).cast()) };
-            u16::from_be(sin.sin_port)
-        }
-        _ => return false,
-    };
-    local_port == port
 }
 
 #[cfg(test)]

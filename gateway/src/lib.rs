@@ -1,35 +1,47 @@
-//! The gateway (message center). How a command moves through it:
+//! The gateway (message center). Its modules follow a command's life; the
+//! step → function table is in docs/ARCHITECTURE.md.
 //!
-//! - [`http`] and [`mqtt`] (the `gateway/commands` topic) accept a submission
-//!   and hand it to [`app::App::submit`]: it is validated, then the group-commit
-//!   writer checks its device and records it in the [`store`] (durably, before
-//!   anything else) with its first attempt claimed, and it is published to the
-//!   commands topic of the receiver that holds the device.
-//! - Receivers report `delivered` and the device's result on the reports topic
-//!   (several reports per message when they have several ready); [`mqtt`]
-//!   feeds them to [`app::App::apply_reports`], which moves the commands
-//!   forward (never back) in one transaction per batch and, for each that is
-//!   final, wakes [`waiters`] (sync calls, long-polls) and answers MQTT callers
-//!   on their `reply_to`.
-//! - [`sweeper`] finds what the database says is due — scheduled commands,
-//!   lost publications and results, deadlines — re-sends or expires it.
-//! - [`broker`] embeds rumqttd when no external broker is given.
-//! - [`command`] is the pure domain: statuses, transitions, JSON view.
-//! - [`server`] wires the parts and owns shutdown; [`demo`] runs a whole system
-//!   in one process.
+//! 1. **Accept** — [`http`] and [`mqtt`] (the `<prefix>/commands` topic) take a
+//!    submission; [`submit`] validates it.
+//! 2. **Record** — [`writer`], the group-commit writer, checks the device and
+//!    stores the command in the [`store`] (durably, before anything else),
+//!    with its first attempt claimed when the device is online.
+//! 3. **Publish** — [`publish`] sends it to the commands topic of the receiver
+//!    that holds the device.
+//! 4. **Report** — receivers report `delivered` and the device's result;
+//!    [`reports`] applies them in batches (one transaction each) and
+//!    acknowledges them only after the commit.
+//! 5. **Answer** — a final command wakes [`waiters`] (sync calls, long-polls)
+//!    and MQTT callers' `reply_to`; [`cancel`] ends a command early.
+//! 6. **Sweep** — [`sweeper`] finds what the database says is due (scheduled
+//!    commands, lost publications and results, deadlines) and re-sends or
+//!    expires it.
+//!
+//! Beside the steps: [`command`] is the pure domain (statuses and the state
+//! machine, unit-tested without I/O); [`presence`] tracks which receiver holds
+//! each device (and the roll call); [`broker`] embeds rumqttd when no external
+//! broker is given; [`app`] is the shared handle; [`server`] wires the parts
+//! and owns shutdown; [`error`] and [`metrics`] are what callers and
+//! operators see.
 
 pub mod app;
 pub mod broker;
+pub mod cancel;
 pub mod command;
 pub mod config;
-pub mod demo;
+pub mod error;
 pub mod http;
-pub mod local;
+pub mod metrics;
 pub mod mqtt;
+pub mod presence;
+pub mod publish;
+pub mod reports;
 pub mod server;
 pub mod store;
+pub mod submit;
 pub mod sweeper;
 pub mod waiters;
+pub mod writer;
 
 pub use config::Config;
 pub use server::{start, Running};

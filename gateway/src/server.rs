@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use plumbing::mqtt::BrokerAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,8 +19,8 @@ pub struct Running {
     pub app: App,
     /// Where the HTTP API listens (useful with port 0).
     pub http_addr: SocketAddr,
-    /// The broker the gateway uses (embedded or external), as `(host, port)`.
-    pub broker: (String, u16),
+    /// The broker the gateway uses (embedded or external).
+    pub broker: BrokerAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -33,22 +34,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         protocol::frame::MAX_PAYLOAD
     );
     let store = Store::connect(&config.database_url).await?;
-    let broker = match &config.broker {
-        Some(url) => receiver::mqtt::parse_broker_url(url)?,
+    let broker: BrokerAddr = match &config.broker {
+        Some(url) => url.parse()?,
         None => {
             // Topic payloads carry base64 and JSON around the command payload.
             broker::start_embedded(config.mqtt_listen, config.max_payload_bytes * 2 + 64 * 1024)?;
-            (config.mqtt_listen.ip().to_string(), config.mqtt_listen.port())
+            BrokerAddr { host: config.mqtt_listen.ip().to_string(), port: config.mqtt_listen.port() }
         }
     };
     let listener = TcpListener::bind(config.http_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for HTTP on {}: {e} (use --http-listen)", config.http_listen)
     })?;
     let http_addr = listener.local_addr()?;
-    let (client, eventloop) = mqtt::main_client(&broker.0, broker.1, &config.instance_id);
+    let (client, eventloop) = mqtt::main_client(&broker, &config.instance_id);
     let app = App::new(config, store, client);
     let tasks = TaskTracker::new();
-    mqtt::spawn(app.clone(), eventloop, &broker.0, broker.1, &shutdown, &tasks);
+    mqtt::spawn(app.clone(), eventloop, &broker, &shutdown, &tasks);
     tasks.spawn(crate::sweeper::run(app.clone(), shutdown.clone()));
     let router = http::router(app.clone());
     let stop = shutdown.clone();
@@ -58,7 +59,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    tracing::info!(%http_addr, broker = %format!("{}:{}", broker.0, broker.1), "gateway started");
+    tracing::info!(%http_addr, %broker, "gateway started");
     Ok(Running { app, http_addr, broker, shutdown, tasks })
 }
 

@@ -6,6 +6,8 @@
 //! past its deadline expires. Re-sends are safe because devices answer a
 //! repeated command id from memory instead of running it again.
 //!
+//! What is due for each command is decided by `command::machine::due`.
+//!
 //! Several gateways may sweep one database: each claims a batch (a lease on
 //! `next_attempt_at`, see `Store::claim_due`), and every move it then makes is
 //! a compare-and-set, so no two instances publish the same attempt.
@@ -15,8 +17,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::command::{now_ms, Command, Status};
-use crate::store::{Change, Moved, StoreError};
+use crate::command::machine::{due, Due};
+use crate::command::{now_ms, Move, Status};
+use crate::publish::Route;
+use crate::store::{Moved, StoreError};
 
 /// Batches claimed per tick at most, so one tick cannot run forever.
 const MAX_BATCHES_PER_TICK: usize = 50;
@@ -66,18 +70,27 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
         return Ok(swept);
     }
     let commands = app.store().get_commands(&ids).await?;
-    let mut devices: Vec<String> = commands.values().map(|c| c.device_id.clone()).collect();
+    let mut devices: Vec<_> = commands.values().map(|c| &c.device_id).collect();
     devices.sort_unstable();
     devices.dedup();
     let online = app.store().online_devices(&devices).await?;
     let mut moves = Vec::new();
     // In acceptance order, so one device's commands go out in the order they came.
     for c in ids.iter().filter_map(|id| commands.get(id)).filter(|c| !c.status.is_final()) {
-        match decide(app, c, now, online.contains_key(&c.device_id)) {
-            Some((to, change)) => moves.push((c.id, to, change)),
-            None => {
+        let (command_id, device_id) = (c.id, c.device_id.as_str());
+        match due(c, now, online.contains_key(&c.device_id)) {
+            Due::Move(to, change) => {
+                tracing::debug!(%command_id, device_id, %to, "due: giving up");
+                moves.push(Move { id: c.id, to, change });
+            }
+            Due::Attempt(why) => {
+                tracing::debug!(%command_id, device_id, why, "due: another attempt");
+                moves.push(Move { id: c.id, to: Status::Sent, change: app.attempt_change(c, why) });
+            }
+            Due::Wait => {
                 // Attempts are not burnt on a device no receiver holds: the command
                 // waits (until its deadline); the device coming back wakes it early.
+                tracing::debug!(%command_id, device_id, "due, but the device is offline: waiting");
                 app.store().postpone(c, now + app.config().ack_timeout_ms as i64).await?;
                 swept.waiting += 1;
             }
@@ -100,37 +113,12 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
         }
     }
     // Online when decided, so each one's receiver is known; several go per message.
-    let sends: Vec<(&Command, &str)> =
-        claimed.iter().filter_map(|c| online.get(&c.device_id).map(|r| (c, r.as_str()))).collect();
-    swept.published = sends.len();
-    app.send_to_receivers(&sends).await;
+    let routes: Vec<Route<'_>> = claimed
+        .iter()
+        .filter_map(|command| online.get(&command.device_id).map(|receiver| Route { command, receiver }))
+        .collect();
+    swept.published = routes.len();
+    app.send_to_receivers(&routes).await;
     tracing::debug!(?swept, "swept");
     Ok(swept)
-}
-
-/// What is due for `c` now: a move, or `None` to wait for its device.
-fn decide(app: &App, c: &Command, now: i64, device_online: bool) -> Option<(Status, Change)> {
-    let give_up = |kind: &str, message: String| Change {
-        error: Some((kind.to_owned(), message.clone())),
-        detail: Some(message),
-        ..Change::default()
-    };
-    if now >= c.expires_at {
-        let message = format!("no final result by the deadline; {} attempt(s) used", c.attempts);
-        return Some((Status::Expired, give_up("deadline_passed", message)));
-    }
-    if matches!(c.status, Status::Sent | Status::Delivered) && c.attempts >= c.max_attempts {
-        let message = format!("no result after {} attempt(s)", c.attempts);
-        return Some((Status::Failed, give_up("attempts_exhausted", message)));
-    }
-    if !device_online {
-        return None;
-    }
-    let why = match c.status {
-        Status::Scheduled => "scheduled time reached",
-        Status::Pending => "not yet published",
-        Status::Sent => "no delivery report within the ack timeout",
-        _ => "no result within the result timeout",
-    };
-    Some((Status::Sent, app.attempt_change(c, why)))
 }

@@ -4,11 +4,19 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::app::App;
 use crate::command::Command;
+use crate::error::ApiError;
+use crate::submit::Submitted;
+
+/// While a caller waits, the store is re-read at least this often, so a
+/// result applied by another gateway instance is seen too.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What a waiter is sent: the command as committed once it is final.
 type Final = Option<Arc<Command>>;
@@ -79,6 +87,44 @@ impl Drop for Waiter {
             if tx.receiver_count() <= 1 {
                 map.remove(&self.id);
             }
+        }
+    }
+}
+
+impl App {
+    /// Waits until command `id` is final or `wait` has passed, and returns it
+    /// as it stands (`None`: no such command).
+    pub async fn wait_final(&self, id: Uuid, wait: Duration) -> Result<Option<Command>, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waiter = self.waiters().register(id);
+        loop {
+            let Some(command) = self.store().get_command(id).await? else {
+                return Ok(None);
+            };
+            let now = tokio::time::Instant::now();
+            if command.status.is_final() || now >= deadline {
+                return Ok(Some(command));
+            }
+            let nap = (deadline - now).min(RECHECK_EVERY);
+            if let Ok(done) = tokio::time::timeout(nap, waiter.notified()).await {
+                return Ok(Some(Arc::unwrap_or_clone(done)));
+            }
+        }
+    }
+
+    /// `wait_final` for a command just submitted with a waiter (see `submit`):
+    /// the store is read only if no notification comes within a recheck period.
+    pub async fn wait_submitted(&self, submitted: Submitted, wait: Duration) -> Result<Command, ApiError> {
+        let Submitted { command, waiter, .. } = submitted;
+        let Some(mut waiter) = waiter.filter(|_| !command.status.is_final()) else {
+            return Ok(command);
+        };
+        match tokio::time::timeout(wait.min(RECHECK_EVERY), waiter.notified()).await {
+            Ok(done) => Ok(Arc::unwrap_or_clone(done)),
+            Err(_) if wait <= RECHECK_EVERY => {
+                Ok(self.store().get_command(command.id).await?.unwrap_or(command))
+            }
+            Err(_) => Ok(self.wait_final(command.id, wait - RECHECK_EVERY).await?.unwrap_or(command)),
         }
     }
 }

@@ -73,7 +73,8 @@ impl Metrics {
         let addr = listener.local_addr()?;
         let router = self.router();
         let serve = async move {
-            let served = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            let served =
+                axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "metrics server failed");
             }

@@ -11,7 +11,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet,
+};
 use rumqttc::{Publish, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -162,7 +164,10 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!(addr("mqtt://127.0.0.1:1884").unwrap(), BrokerAddr { host: "127.0.0.1".into(), port: 1884 });
+        assert_eq!(
+            addr("mqtt://127.0.0.1:1884").unwrap(),
+            BrokerAddr { host: "127.0.0.1".into(), port: 1884 }
+        );
         assert_eq!(addr("localhost").unwrap(), BrokerAddr { host: "localhost".into(), port: 1883 });
         assert_eq!(addr("mqtt://[::1]:1883").unwrap(), BrokerAddr { host: "::1".into(), port: 1883 });
         assert!(addr("mqtt://h:notaport").is_err());

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use plumbing::mqtt::BrokerAddr;
 use tokio_util::sync::CancellationToken;
 pub mod procs;
 
@@ -140,7 +141,7 @@ pub struct System {
     pub gateway: gateway::Running,
     pub receiver: receiver::Running,
     pub fleet: firmware_sim::Fleet,
-    pub broker: (String, u16),
+    pub broker: BrokerAddr,
     pub topic_prefix: String,
     pub device_ids: Vec<String>,
     pub db: TestDb,
@@ -166,7 +167,7 @@ impl System {
         (spec.tune)(&mut config);
         let gateway = gateway::start(config, shutdown.clone()).await.expect("gateway starts");
         let broker = gateway.broker.clone();
-        let mut rconfig = receiver_config(&format!("mqtt://{}:{}", broker.0, broker.1), &topic_prefix);
+        let mut rconfig = receiver_config(&broker.to_string(), &topic_prefix);
         (spec.receiver_tune)(&mut rconfig);
         let receiver = receiver::start(rconfig, shutdown.clone()).await.expect("receiver starts");
         let http = reqwest::Client::new();
@@ -262,7 +263,7 @@ impl System {
         let mut config = gateway::Config::for_local(self.db.url.clone(), free_port(), free_port());
         config.topic_prefix = self.topic_prefix.clone();
         config.instance_id = unique("gw");
-        config.broker = Some(format!("mqtt://{}:{}", self.broker.0, self.broker.1));
+        config.broker = Some(self.broker.to_string());
         test_timeouts(&mut config);
         (self.tune)(&mut config);
         gateway::start(config, self.shutdown.clone()).await.expect("second gateway starts")
@@ -310,14 +311,14 @@ where
 }
 
 /// An MQTT client for tests (submissions, watching topics).
-pub async fn mqtt_client(broker: &(String, u16)) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let spec = receiver::mqtt::ClientSpec {
+pub async fn mqtt_client(broker: &BrokerAddr) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let spec = plumbing::mqtt::ClientSpec {
         client_id: unique("test"),
         clean_session: true,
         manual_acks: false,
         last_will: None,
     };
-    receiver::mqtt::client(&broker.0, broker.1, spec)
+    plumbing::mqtt::client(broker, spec)
 }
 
 /// Runs each named scenario `async fn name(db: Db)` once on SQLite and once on

@@ -222,8 +222,7 @@ async fn mqtt_submission_gets_accepted_and_final_replies(db: Db) {
     let rejected = next(&mut replies).await;
     assert_eq!((rejected["event"].as_str(), rejected["status_code"].as_u64()), (Some("rejected"), Some(404)));
     assert_eq!(rejected["correlation_id"], "c-2");
-    let dropped =
-        s.gateway.app.counters().mqtt_submissions_dropped.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = s.gateway.app.metrics().mqtt_submissions_dropped.get();
     assert_eq!(dropped, 2);
     s.stop().await;
 }
@@ -342,7 +341,7 @@ async fn through_mosquitto() {
     spec.broker = Broker::Mosquitto;
     let s = System::start(spec).await.expect("sqlite never skips");
     assert_eq!(
-        s.broker.1,
+        s.broker.port,
         system_tests::mosquitto_addr().rsplit(':').next().unwrap().parse::<u16>().unwrap()
     );
     for i in 0..10 {
@@ -405,7 +404,7 @@ async fn a_receiver_stopping_cleanly_takes_its_devices_offline() {
     let Some(s) = start(Db::Sqlite).await else { return };
     let own = tokio_util::sync::CancellationToken::new();
     let rconfig =
-        system_tests::receiver_config(&format!("mqtt://{}:{}", s.broker.0, s.broker.1), &s.topic_prefix);
+        system_tests::receiver_config(&s.broker.to_string(), &s.topic_prefix);
     let second = receiver::start(rconfig, own.clone()).await.unwrap();
     let fleet = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {

@@ -1,0 +1,121 @@
+//! `/v1/devices/{id}/commands` and `/v1/commands`: submit (sync or async),
+//! read with an optional long-poll, list, event log, cancel.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{json_body, page_limit, parse_id, ApiQuery};
+use crate::app::App;
+use crate::command::{rfc3339, Command, Status};
+use crate::config::MAX_WAIT_MS;
+use crate::error::ApiError;
+use crate::store::CommandFilter;
+use crate::submit::{CommandRequest, Mode};
+
+/// `POST /v1/devices/{device_id}/commands`: async → 202 with the id; sync →
+/// 200 with the final command, or 202 with it as it stands when `wait_ms` ran out.
+pub(super) async fn submit(
+    State(app): State<App>,
+    Path(device_id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let body: CommandRequest = json_body(&app, req.into_body()).await?;
+    let sync = body.mode != Some(Mode::Async);
+    let submitted = app.submit(&device_id, &body, None, sync).await?;
+    if !sync {
+        let command = submitted.command;
+        let body = json!({"id": command.id.to_string(), "status": command.status.as_str()});
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
+    let wait = Duration::from_millis(body.wait_ms.unwrap_or(app.config().default_wait_ms));
+    let command = app.wait_submitted(submitted, wait).await?;
+    Ok(command_response(&command))
+}
+
+/// 200 with a final command, 202 with one still under way.
+fn command_response(command: &Command) -> Response {
+    let status = if command.status.is_final() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    (status, Json(command.to_json())).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct LongPoll {
+    wait_ms: Option<u64>,
+}
+
+/// `GET /v1/commands/{id}?wait_ms=`: a plain GET answers 200 whatever the
+/// status; only a long-poll that timed out says 202.
+pub(super) async fn get(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<LongPoll>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let wait = q.wait_ms.unwrap_or(0);
+    if wait > MAX_WAIT_MS {
+        return Err(ApiError::bad_request(format!("wait_ms must be at most {MAX_WAIT_MS}")));
+    }
+    let command = app.wait_final(id, Duration::from_millis(wait)).await?;
+    let command = command.ok_or_else(|| ApiError::not_found(format!("no command {id}")))?;
+    if wait > 0 && !command.status.is_final() {
+        return Ok(command_response(&command));
+    }
+    Ok(Json(command.to_json()).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct CommandPage {
+    device_id: Option<String>,
+    status: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/commands?device_id=&status=&limit=&cursor=`: newest first; `next_cursor` for the next page.
+pub(super) async fn list(
+    State(app): State<App>,
+    ApiQuery(q): ApiQuery<CommandPage>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => {
+            Some(Status::parse(s).ok_or_else(|| ApiError::bad_request(format!("unknown status {s:?}")))?)
+        }
+    };
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse().map_err(|_| ApiError::bad_request(format!("bad cursor {c:?}")))?),
+    };
+    let filter = CommandFilter { device_id: q.device_id, status, before, limit: page_limit(q.limit)? };
+    let commands = app.store().list_commands(&filter).await?;
+    let next =
+        (commands.len() as i64 == filter.limit).then(|| commands.last().map(|c| c.id.to_string())).flatten();
+    let items: Vec<Value> = commands.iter().map(Command::to_json).collect();
+    Ok(Json(json!({"items": items, "next_cursor": next})))
+}
+
+/// `GET /v1/commands/{id}/events`: the command's transition log, oldest first.
+pub(super) async fn events(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    if app.store().get_command(id).await?.is_none() {
+        return Err(ApiError::not_found(format!("no command {id}")));
+    }
+    let events = app.store().events(id).await?;
+    let items: Vec<Value> = events
+        .iter()
+        .map(|e| json!({"at": rfc3339(e.at), "from": e.from, "to": e.to, "attempt": e.attempt, "detail": e.detail}))
+        .collect();
+    Ok(Json(json!({"command_id": id.to_string(), "items": items})))
+}
+
+/// `POST /v1/commands/{id}/cancel`: 200 with the canceled command; 409 when already final.
+pub(super) async fn cancel(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let command = app.cancel(parse_id(&id)?).await?;
+    Ok(Json(command.to_json()))
+}

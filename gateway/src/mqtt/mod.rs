@@ -1,0 +1,150 @@
+//! The gateway's two MQTT connections and the tasks that poll them.
+//!
+//! - **main**: publishes commands and replies; takes MQTT submissions
+//!   ([`submissions`]), presence and receiver status. Clean session, automatic
+//!   acks: a submission lost before it is stored was never acknowledged to
+//!   its caller.
+//! - **reports**: takes delivery reports and results from receivers and
+//!   hands them to the applier (`reports`). Persistent session and manual
+//!   acks: a report is acknowledged only after its effect is committed.
+
+mod submissions;
+
+use std::sync::Arc;
+
+use plumbing::mqtt::{client, drive, subscribe_all, BrokerAddr, ClientSpec, Session};
+use rumqttc::{AsyncClient, EventLoop, Publish};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::App;
+use crate::presence::roll_call;
+use crate::store::StoreError;
+use protocol::envelope::{Presence, ReceiverStatus};
+
+/// MQTT submissions handled at once; more wait for a permit in their own task.
+const SUBMISSION_CONCURRENCY: usize = 256;
+
+/// Opens the main connection; the client is what `App` publishes with.
+pub fn main_client(broker: &BrokerAddr, instance: &str) -> (AsyncClient, EventLoop) {
+    let spec = ClientSpec {
+        client_id: format!("{instance}-main"),
+        clean_session: true,
+        manual_acks: false,
+        last_will: None,
+    };
+    client(broker, spec)
+}
+
+/// Starts the tasks that serve both connections.
+pub fn spawn(
+    app: App,
+    mut main_loop: EventLoop,
+    broker: &BrokerAddr,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let spec = ClientSpec {
+        client_id: format!("{}-reports", app.config().instance_id),
+        clean_session: false,
+        manual_acks: true,
+        last_will: None,
+    };
+    let (reports_client, mut reports_loop) = client(broker, spec);
+    // Unbounded on purpose. The polling task must never wait on the applier: the
+    // applier's acks go through rumqttc's request channel, which only that
+    // polling task drains — a bounded queue here deadlocked both (seen with
+    // Mosquitto at max_inflight_messages 1000). It is still bounded: reports
+    // are acked only after they are applied, so at most the broker's in-flight
+    // window of them (rumqttd 100; Mosquitto's max_inflight_messages, ≤ 65535)
+    // can be unacknowledged, queued here or in the applier.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut main = MainSession {
+        app: app.clone(),
+        submissions: Arc::new(Semaphore::new(SUBMISSION_CONCURRENCY)),
+        shutdown: shutdown.clone(),
+    };
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        drive(&mut main_loop, &mut main, &stop).await;
+        let _ = main.app.mqtt().disconnect().await;
+    });
+    let mut reports =
+        ReportsSession { client: reports_client.clone(), filters: vec![app.topics().reports()], applier: tx };
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        drive(&mut reports_loop, &mut reports, &stop).await;
+        let _ = reports.client.disconnect().await;
+    });
+    tasks.spawn(crate::reports::apply_until_shutdown(app, reports_client, rx, shutdown.clone()));
+}
+
+/// The main connection: submissions, presence, receiver status.
+struct MainSession {
+    app: App,
+    submissions: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl Session for MainSession {
+    fn connected(&mut self) {
+        let topics = self.app.topics();
+        let filters = vec![topics.submit(), topics.presence_filter(), topics.receiver_status_filter()];
+        let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            subscribe_all(app.mqtt(), &filters).await;
+            roll_call(&app, app.mqtt(), &shutdown).await;
+        });
+    }
+
+    async fn received(&mut self, publish: Publish) -> bool {
+        let app = &self.app;
+        let topic = publish.topic.as_str();
+        if topic == app.topics().submit() {
+            // The permit is awaited in the task, never here: the polling task must
+            // not wait on work that itself waits on the polling task (replies go
+            // through the request channel only it drains).
+            let (app, submissions) = (app.clone(), self.submissions.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = submissions.acquire_owned().await else { return };
+                submissions::handle(&app, &publish.payload).await;
+            });
+        } else if topic.starts_with(&format!("{}/receivers/", app.topics().prefix())) {
+            match serde_json::from_slice::<ReceiverStatus>(&publish.payload) {
+                Ok(s) => log_store_error(app.apply_receiver_status(&s).await),
+                Err(e) => tracing::warn!(%topic, error = %e, "malformed receiver status dropped"),
+            }
+        } else {
+            match serde_json::from_slice::<Presence>(&publish.payload) {
+                Ok(p) => log_store_error(app.apply_presence(&p).await),
+                Err(e) => tracing::warn!(%topic, error = %e, "malformed presence dropped"),
+            }
+        }
+        true
+    }
+}
+
+fn log_store_error(r: Result<(), StoreError>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not record presence");
+    }
+}
+
+/// The reports connection: every publish goes to the applier.
+struct ReportsSession {
+    client: AsyncClient,
+    filters: Vec<String>,
+    applier: mpsc::UnboundedSender<Publish>,
+}
+
+impl Session for ReportsSession {
+    fn connected(&mut self) {
+        let (client, filters) = (self.client.clone(), self.filters.clone());
+        tokio::spawn(async move { subscribe_all(&client, &filters).await });
+    }
+
+    async fn received(&mut self, publish: Publish) -> bool {
+        self.applier.send(publish).is_ok()
+    }
+}

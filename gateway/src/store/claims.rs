@@ -1,0 +1,94 @@
+//! The sweeper's side of the store: claiming due commands under a lease,
+//! putting one off, and waking a device's commands when it comes back.
+
+use protocol::DeviceId;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{marks, Backend, Result, Store};
+use crate::command::Command;
+
+impl Store {
+    /// Claims up to `limit` commands that are due (`next_attempt_at <= now`) by
+    /// pushing their `next_attempt_at` to `lease_until`, so that another
+    /// gateway's sweeper skips them while this one works on them. Returns their
+    /// ids in acceptance order. A claim is only a lease: what the sweeper then
+    /// does to each command is a compare-and-set of its own, so two sweepers
+    /// holding one row (a lease expired, or an engine that ignores SKIP LOCKED)
+    /// still cannot both take the same attempt.
+    pub async fn claim_due(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {
+        let ids: Vec<String> = match self.backend {
+            Backend::Sqlite => {
+                let rows = self
+                    .query(
+                        "UPDATE commands SET next_attempt_at = ? WHERE id IN \
+                         (SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?) \
+                         RETURNING id",
+                    )
+                    .bind(lease_until)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?
+            }
+            Backend::MySql => {
+                let mut tx = self.begin().await?;
+                let rows = self
+                    .query(
+                        "SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ? \
+                         FOR UPDATE SKIP LOCKED",
+                    )
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let ids: Vec<String> = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+                if !ids.is_empty() {
+                    let sql =
+                        format!("UPDATE commands SET next_attempt_at = ? WHERE id IN ({})", marks(ids.len()));
+                    let mut q = self.query(&sql).bind(lease_until);
+                    for id in &ids {
+                        q = q.bind(id.clone());
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                ids
+            }
+        };
+        let mut ids: Vec<Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Moves the sweeper's next look at a command to `until` without another
+    /// change, if it still stands as `current` (e.g. its device is offline).
+    pub async fn postpone(&self, current: &Command, until: i64) -> Result<bool> {
+        let done = self
+            .query("UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ?")
+            .bind(until.min(current.expires_at))
+            .bind(current.id.to_string())
+            .bind(current.status.as_str())
+            .bind(current.attempts)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A device came online: its commands waiting for it, or published while
+    /// it was away, are due now.
+    pub async fn wake_device(&self, device_id: &DeviceId, now: i64) -> Result<u64> {
+        let done = self
+            .query(
+                "UPDATE commands SET next_attempt_at = ? WHERE device_id = ? AND status IN ('pending', 'sent') \
+                 AND next_attempt_at > ?",
+            )
+            .bind(now)
+            .bind(device_id.as_str())
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

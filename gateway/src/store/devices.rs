@@ -1,0 +1,197 @@
+//! The device registry (`devices`) and where each device is now
+//! (`device_presence`, written from receivers' reports; kept apart so a
+//! presence report never needs the device to be registered first).
+
+use std::collections::HashMap;
+
+use protocol::DeviceId;
+use serde_json::Value;
+use sqlx::Row;
+
+use super::rows::{device_from_row, DEVICE_SELECT};
+use super::{marks, Result, Store, StoreError};
+use crate::command::now_ms;
+
+/// A registered device and its presence. Times are milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub enabled: bool,
+    /// A JSON object of the caller's labels.
+    pub labels: Value,
+    /// A receiver reports it connected now.
+    pub online: bool,
+    /// The receiver that last reported it.
+    pub receiver_id: Option<String>,
+    pub seen_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Store {
+    /// Creates or updates a device; `true` when it was created.
+    pub async fn upsert_device(
+        &self,
+        id: &DeviceId,
+        enabled: bool,
+        labels: &Value,
+    ) -> Result<(Device, bool)> {
+        let now = now_ms();
+        let labels_text = labels.to_string();
+        let updated = self
+            .query("UPDATE devices SET enabled = ?, labels = ?, updated_at = ? WHERE id = ?")
+            .bind(i64::from(enabled))
+            .bind(&labels_text)
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        let mut created = false;
+        if updated.rows_affected() == 0 {
+            let inserted = self
+                .query("INSERT INTO devices (id, enabled, labels, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(id.as_str())
+                .bind(i64::from(enabled))
+                .bind(&labels_text)
+                .bind(now)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::from);
+            match inserted {
+                Ok(_) => created = true,
+                // Created concurrently by another request: ours becomes an update.
+                Err(StoreError::Duplicate(_)) => {
+                    return Box::pin(self.upsert_device(id, enabled, labels)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let device = self
+            .get_device(id.as_str())
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("device {id} vanished after upsert")))?;
+        Ok((device, created))
+    }
+
+    pub async fn get_device(&self, id: &str) -> Result<Option<Device>> {
+        let sql = format!("{DEVICE_SELECT} WHERE d.id = ?");
+        let row = self.query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    /// These devices, those that exist, by id (one query per 200).
+    pub async fn get_devices(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, Device>> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(200) {
+            let sql = format!("{DEVICE_SELECT} WHERE d.id IN ({})", marks(chunk.len()));
+            let mut q = self.query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let device = device_from_row(&row)?;
+                found.insert(device.id.clone(), device);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Devices in id order, after `after` (the previous page's last id).
+    pub async fn list_devices(&self, after: Option<&str>, limit: i64) -> Result<Vec<Device>> {
+        let sql = format!("{DEVICE_SELECT} WHERE d.id > ? ORDER BY d.id LIMIT ?");
+        let rows = self.query(&sql).bind(after.unwrap_or("")).bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// Records that a receiver gained or lost a device (registered or not yet).
+    /// An offline report from a receiver the device has since left is ignored.
+    pub async fn set_presence(&self, device_id: &DeviceId, receiver_id: &str, online: bool) -> Result<bool> {
+        let now = now_ms();
+        let done = if online {
+            self.query(
+                "UPDATE device_presence SET online = 1, receiver_id = ?, seen_at = ? WHERE device_id = ?",
+            )
+            .bind(receiver_id)
+            .bind(now)
+            .bind(device_id.as_str())
+            .execute(&self.pool)
+            .await?
+        } else {
+            self.query(
+                "UPDATE device_presence SET online = 0, seen_at = ? WHERE device_id = ? AND receiver_id = ?",
+            )
+            .bind(now)
+            .bind(device_id.as_str())
+            .bind(receiver_id)
+            .execute(&self.pool)
+            .await?
+        };
+        if done.rows_affected() > 0 || !online {
+            return Ok(done.rows_affected() > 0);
+        }
+        let inserted = self
+            .query(
+                "INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)",
+            )
+            .bind(device_id.as_str())
+            .bind(receiver_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from);
+        match inserted {
+            Ok(_) => Ok(true),
+            Err(StoreError::Duplicate(_)) => {
+                Box::pin(self.set_presence(device_id, receiver_id, online)).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Marks every device of a receiver offline (the receiver went away).
+    pub async fn receiver_gone(&self, receiver_id: &str) -> Result<u64> {
+        let done = self
+            .query("UPDATE device_presence SET online = 0, seen_at = ? WHERE receiver_id = ? AND online = 1")
+            .bind(now_ms())
+            .bind(receiver_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Marks offline every device reported online by a receiver not in
+    /// `alive`; returns how many.
+    pub async fn receivers_gone_except(&self, alive: &[String]) -> Result<u64> {
+        let mut sql = "UPDATE device_presence SET online = 0, seen_at = ? WHERE online = 1".to_owned();
+        if !alive.is_empty() {
+            sql += &format!(" AND receiver_id NOT IN ({})", marks(alive.len()));
+        }
+        let mut q = self.query(&sql).bind(now_ms());
+        for r in alive {
+            q = q.bind(r.clone());
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected())
+    }
+
+    /// Which of these devices a receiver reports connected now, and which receiver.
+    pub async fn online_devices(&self, device_ids: &[&DeviceId]) -> Result<HashMap<DeviceId, String>> {
+        let mut online = HashMap::new();
+        for chunk in device_ids.chunks(500) {
+            let sql = format!(
+                "SELECT device_id, receiver_id FROM device_presence WHERE online = 1 AND device_id IN ({})",
+                marks(chunk.len())
+            );
+            let mut q = self.query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let id = DeviceId::try_from(row.try_get::<String, _>("device_id")?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                online.insert(id, row.try_get::<String, _>("receiver_id")?);
+            }
+        }
+        Ok(online)
+    }
+}

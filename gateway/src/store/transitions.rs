@@ -1,0 +1,275 @@
+//! Status changes: each a compare-and-set on the status and attempts just
+//! read, committed with its event rows. `command::machine::step` decides what
+//! a move writes; this module only makes it atomic, one command or a batch at
+//! a time.
+
+use std::collections::{HashMap, HashSet};
+
+use uuid::Uuid;
+
+use super::rows::MOVED_COLUMNS;
+use super::{marks, Result, Store, StoreError, Tx};
+use crate::command::machine::step;
+use crate::command::{now_ms, Change, Command, Move, Status};
+
+/// How many times a compare-and-set is retried when another writer moved the row first.
+const CAS_RETRIES: usize = 8;
+/// Rows per multi-row compare-and-set UPDATE.
+const CAS_CHUNK: usize = 128;
+
+/// What a move did.
+#[derive(Debug)]
+pub enum Moved {
+    /// The command moved from `from`; `command` is its new state.
+    Yes {
+        from: Status,
+        command: Command,
+    },
+    /// The move is not legal from where the command stands (e.g. already final).
+    Refused(Command),
+    NotFound,
+}
+
+impl Store {
+    /// Moves a command to `to` if that is legal from where it stands, applying
+    /// `change` and logging the move, atomically. `Contention` if the row kept
+    /// changing under every attempt.
+    pub async fn transition(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
+        for _ in 0..CAS_RETRIES {
+            let Some(current) = self.get_command(id).await? else {
+                return Ok(Moved::NotFound);
+            };
+            let Some((next, events)) = step(&current, to, change, now_ms()) else {
+                return Ok(Moved::Refused(current));
+            };
+            let mut tx = self.begin().await?;
+            if !self.update_if_unchanged(&mut tx, &current, &next).await? {
+                continue;
+            }
+            self.insert_events(&mut tx, &events).await?;
+            tx.commit().await?;
+            return Ok(Moved::Yes { from: current.status, command: next });
+        }
+        Err(StoreError::Contention(format!("command {id} kept changing under {CAS_RETRIES} attempts")))
+    }
+
+    /// Applies many moves in one transaction (one commit, one multi-row event
+    /// insert): the batch form of `transition`, with the same rules.
+    pub async fn transition_many(&self, moves: &[Move]) -> Result<Vec<Moved>> {
+        let ids: Vec<Uuid> = moves.iter().map(|m| m.id).collect();
+        let read = self.get_commands(&ids).await?;
+        self.transition_many_from(&read, moves).await
+    }
+
+    /// `transition_many` from commands the caller has just read (the base of
+    /// every compare-and-set). Moves are applied in order, a later move of the
+    /// same command seeing the earlier one, and each command is written once,
+    /// from the state read to the last one reached (a fast device's
+    /// `delivered` and result cost one UPDATE). Rows are written in id order,
+    /// so two batches never wait on each other's locks in a cycle. A command
+    /// whose compare-and-set lost to another writer has its moves retried one
+    /// by one after the commit.
+    pub async fn transition_many_from(
+        &self,
+        read: &HashMap<Uuid, Command>,
+        moves: &[Move],
+    ) -> Result<Vec<Moved>> {
+        let now = now_ms();
+        let mut current = read.clone();
+        let mut outcomes = Vec::with_capacity(moves.len());
+        let mut events = Vec::new();
+        for Move { id, to, change } in moves {
+            let Some(cur) = current.get(id) else {
+                outcomes.push(Moved::NotFound);
+                continue;
+            };
+            let Some((next, logged)) = step(cur, *to, change, now) else {
+                outcomes.push(Moved::Refused(cur.clone()));
+                continue;
+            };
+            events.extend(logged);
+            outcomes.push(Moved::Yes { from: cur.status, command: next.clone() });
+            current.insert(*id, next);
+        }
+        let mut changed: Vec<Uuid> =
+            moves.iter().map(|m| m.id).filter(|id| current.get(id) != read.get(id)).collect();
+        changed.sort_unstable();
+        changed.dedup();
+        let pairs: Vec<(&Command, &Command)> = changed.iter().map(|id| (&read[id], &current[id])).collect();
+        let mut lost = HashSet::new();
+        let mut tx = self.begin().await?;
+        if !self.update_all_if_unchanged(&mut tx, &pairs).await? {
+            // Some row moved under us: start over row by row to learn which.
+            tx.rollback().await?;
+            tx = self.begin().await?;
+            for (before, after) in &pairs {
+                if !self.update_if_unchanged(&mut tx, before, after).await? {
+                    lost.insert(before.id);
+                }
+            }
+        }
+        events.retain(|e| !lost.contains(&e.command_id));
+        self.insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        let mut done = Vec::with_capacity(moves.len());
+        for (m, outcome) in moves.iter().zip(outcomes) {
+            done.push(if lost.contains(&m.id) {
+                self.transition(m.id, m.to, &m.change).await?
+            } else {
+                outcome
+            });
+        }
+        Ok(done)
+    }
+
+    /// The compare-and-set for many commands at once, with one UPDATE per
+    /// chunk of up to `CAS_CHUNK` rows: true if every row still had its read
+    /// status and attempts and so was written; false if any had moved (then
+    /// the caller must roll back: the other rows of the chunk were written).
+    async fn update_all_if_unchanged(&self, tx: &mut Tx, pairs: &[(&Command, &Command)]) -> Result<bool> {
+        for chunk in pairs.chunks(CAS_CHUNK) {
+            if let [(before, after)] = chunk {
+                if !self.update_if_unchanged(tx, before, after).await? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            // Padded to a power of two with copies of the first row (a repeated
+            // WHEN never wins, a repeated IN item matches once), so that few
+            // statement shapes exist and the prepared-statement cache keeps them.
+            let size = chunk.len().next_power_of_two();
+            let rows: Vec<&(&Command, &Command)> =
+                chunk.iter().chain(std::iter::repeat(&chunk[0])).take(size).collect();
+            let whens = vec!["WHEN ? THEN ?"; size].join(" ");
+            let sets: Vec<String> =
+                MOVED_COLUMNS.iter().map(|(name, _)| format!("{name} = CASE id {whens} END")).collect();
+            let checks = vec!["WHEN ? THEN status = ? AND attempts = ?"; size].join(" ");
+            let sql = format!(
+                "UPDATE commands SET {} WHERE id IN ({}) AND CASE id {checks} ELSE 0 END",
+                sets.join(", "),
+                marks(size)
+            );
+            let mut q = self.query(&sql);
+            for (_, value) in &MOVED_COLUMNS {
+                for (before, after) in &rows {
+                    q = value(after).bind_to(q.bind(before.id.to_string()));
+                }
+            }
+            for (before, _) in &rows {
+                q = q.bind(before.id.to_string());
+            }
+            for (before, _) in &rows {
+                q = q.bind(before.id.to_string()).bind(before.status.as_str()).bind(before.attempts);
+            }
+            if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The compare-and-set itself: writes `next` if the row still has `current`'s status and attempts.
+    async fn update_if_unchanged(&self, tx: &mut Tx, current: &Command, next: &Command) -> Result<bool> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let sets: Vec<String> = MOVED_COLUMNS.iter().map(|(name, _)| format!("{name} = ?")).collect();
+            format!("UPDATE commands SET {} WHERE id = ? AND status = ? AND attempts = ?", sets.join(", "))
+        });
+        let mut q = self.query(&SQL);
+        for (_, value) in &MOVED_COLUMNS {
+            q = value(next).bind_to(q);
+        }
+        let done = q
+            .bind(current.id.to_string())
+            .bind(current.status.as_str())
+            .bind(current.attempts)
+            .execute(&mut **tx)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Failure, FailureKind, NewCommand, Payload};
+    use protocol::DeviceId;
+
+    fn new_command(device_id: &DeviceId) -> NewCommand {
+        let now = now_ms();
+        NewCommand {
+            id: Uuid::now_v7(),
+            device_id: device_id.clone(),
+            name: "noop".into(),
+            payload: Payload::json(&serde_json::json!({})),
+            max_attempts: 5,
+            status: Status::Pending,
+            first_attempt_detail: None,
+            created_at: now,
+            scheduled_at: None,
+            expires_at: now + 60_000,
+            next_attempt_at: now + 60_000,
+            idempotency_key: None,
+            request_hash: String::new(),
+            reply_to: None,
+        }
+    }
+
+    fn next_states(read: &HashMap<Uuid, Command>, to: Status, change: &Change) -> HashMap<Uuid, Command> {
+        read.iter().map(|(id, c)| (*id, step(c, to, change, now_ms()).unwrap().0)).collect()
+    }
+
+    /// The multi-row compare-and-set writes every row, or reports that one had
+    /// moved (and the caller's rollback leaves every row as it was).
+    #[tokio::test]
+    async fn many_rows_in_one_compare_and_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite:{}", dir.path().join("gw.db").display())).await.unwrap();
+        let device = DeviceId::parse("d").unwrap();
+        store.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
+        let news: Vec<NewCommand> = (0..5).map(|_| new_command(&device)).collect();
+        store.insert_commands(&news).await.unwrap();
+        let ids: Vec<Uuid> = news.iter().map(|n| n.id).collect();
+        let sent =
+            Change { bump_attempts: true, next_attempt_at: Some(now_ms() + 5_000), ..Change::default() };
+
+        let read = store.get_commands(&ids).await.unwrap();
+        let next = next_states(&read, Status::Sent, &sent);
+        let pairs: Vec<(&Command, &Command)> = ids.iter().map(|id| (&read[id], &next[id])).collect();
+        let mut tx = store.begin().await.unwrap();
+        assert!(store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
+        tx.commit().await.unwrap();
+        let now = store.get_commands(&ids).await.unwrap();
+        for id in &ids {
+            assert_eq!(now[id], next[id], "every row written, each with its own values");
+        }
+
+        // One command moves behind the batch's back: the batch must not overwrite it.
+        let read = now;
+        let canceled = Change {
+            error: Some(Failure { kind: FailureKind::Canceled, message: "test".into() }),
+            ..Change::default()
+        };
+        assert!(matches!(
+            store.transition(ids[3], Status::Canceled, &canceled).await.unwrap(),
+            Moved::Yes { .. }
+        ));
+        let delivered = Change { delivered: true, ..Change::default() };
+        let next = next_states(&read, Status::Delivered, &delivered);
+        let pairs: Vec<(&Command, &Command)> = ids.iter().map(|id| (&read[id], &next[id])).collect();
+        let mut tx = store.begin().await.unwrap();
+        assert!(!store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
+        tx.rollback().await.unwrap();
+        let after = store.get_commands(&ids).await.unwrap();
+        assert_eq!(after[&ids[3]].status, Status::Canceled);
+        assert!(ids.iter().filter(|id| **id != ids[3]).all(|id| after[id] == read[id]));
+
+        // The batch form finds out which one lost and applies the rest.
+        let moves: Vec<Move> =
+            ids.iter().map(|id| Move { id: *id, to: Status::Delivered, change: delivered.clone() }).collect();
+        let outcomes = store.transition_many(&moves).await.unwrap();
+        let yes = outcomes.iter().filter(|o| matches!(o, Moved::Yes { .. })).count();
+        assert_eq!(yes, 4);
+        assert!(matches!(&outcomes[3], Moved::Refused(c) if c.status == Status::Canceled));
+        store.close().await;
+    }
+}

@@ -1,0 +1,246 @@
+//! Accepting a command: validate what the caller sent, have the group-commit
+//! writer record it (durably, before anything is published), publish it when
+//! its device is online, and register the caller's waiter first when it
+//! wants to wait.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use protocol::DeviceId;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::field;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::command::{now_ms, parse_rfc3339, Command, NewCommand, Payload, ReplyTo, Status};
+use crate::config::{MAX_ATTEMPTS, MAX_TTL_MS, MAX_WAIT_MS};
+use crate::error::{ApiError, ErrorKind};
+use crate::store::{request_hash, Inserted};
+use crate::waiters::Waiter;
+use crate::writer::{InsertRequest, Stored};
+
+/// A command submission as callers send it (HTTP body; MQTT adds routing fields).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// 1 to 255 bytes.
+    pub name: String,
+    #[serde(default)]
+    pub payload: Option<Value>,
+    #[serde(default)]
+    pub payload_base64: Option<String>,
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// How long a sync call waits, in ms (at most `MAX_WAIT_MS`).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+    /// The deadline for a final result, in ms from acceptance.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    #[serde(default)]
+    pub max_attempts: Option<i64>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// RFC 3339; async only. Nothing is published before it.
+    #[serde(default)]
+    pub scheduled_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Sync,
+    Async,
+}
+
+/// How a submission ended for the caller.
+#[derive(Debug)]
+pub struct Submitted {
+    pub command: Command,
+    /// False when an idempotency key matched an earlier command.
+    pub created: bool,
+    /// Registered before the command was published, when the caller asked to wait.
+    pub waiter: Option<Waiter>,
+}
+
+impl App {
+    /// Validates, records (durably, before anything is published) and, when
+    /// its device is online and it is not scheduled, publishes a command.
+    /// Returns once it is stored and handed to the broker client. With `wait`,
+    /// the result carries a waiter for `wait_submitted`.
+    ///
+    /// Errors: 404 unknown device (or an id no device can have), 409 disabled
+    /// device or idempotency key reused with another request, 400/413 invalid
+    /// fields, 503 store unavailable.
+    #[tracing::instrument(name = "submit", skip_all, fields(device_id = device_id, command_id = field::Empty))]
+    pub async fn submit(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        reply_to: Option<&ReplyTo>,
+        wait: bool,
+    ) -> Result<Submitted, ApiError> {
+        let result = self.submit_inner(device_id, req, reply_to, wait).await;
+        match &result {
+            Ok(s) => {
+                self.metrics().accepted.inc();
+                tracing::debug!(command_id = %s.command.id, status = %s.command.status, created = s.created, "accepted");
+            }
+            Err(e) => {
+                self.metrics().rejected.inc();
+                tracing::debug!(kind = e.kind.as_str(), error = %e, "refused");
+            }
+        }
+        result
+    }
+
+    async fn submit_inner(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        reply_to: Option<&ReplyTo>,
+        wait: bool,
+    ) -> Result<Submitted, ApiError> {
+        let device_id = DeviceId::parse(device_id).map_err(|_| {
+            ApiError::not_found(format!("unknown device {device_id:?} (not a valid device id)"))
+        })?;
+        let new = self.validate(device_id, req, reply_to)?;
+        tracing::Span::current().record("command_id", field::display(new.id));
+        let Stored { inserted, receiver } = self.insert(new.clone()).await?;
+        match inserted {
+            Inserted::Created(command) => {
+                // Before the publish, so a quick result cannot slip past it.
+                let waiter = wait.then(|| self.waiters().register(command.id));
+                if let Some(receiver) = receiver.filter(|_| command.status == Status::Sent) {
+                    self.send_to_receiver(&command, &receiver).await;
+                }
+                Ok(Submitted { command, created: true, waiter })
+            }
+            Inserted::Existing(command) => {
+                let waiter = wait.then(|| self.waiters().register(command.id));
+                // It may have become final between the read and the registration.
+                let command = match &waiter {
+                    Some(_) if !command.status.is_final() => {
+                        self.store().get_command(command.id).await?.unwrap_or(command)
+                    }
+                    _ => command,
+                };
+                Ok(Submitted { command, created: false, waiter })
+            }
+            Inserted::KeyConflict(existing) => Err(ApiError::conflict(format!(
+                "idempotency key {:?} was used for command {} with a different request",
+                new.idempotency_key.unwrap_or_default(),
+                existing.id
+            ))),
+        }
+    }
+
+    /// Checks every field and builds the command to store.
+    fn validate(
+        &self,
+        device_id: DeviceId,
+        req: &CommandRequest,
+        reply_to: Option<&ReplyTo>,
+    ) -> Result<NewCommand, ApiError> {
+        let bad = |m: &str| Err(ApiError::bad_request(m));
+        if req.name.is_empty() || req.name.len() > 255 {
+            return bad("name must be 1 to 255 bytes");
+        }
+        let payload = self.payload(req)?;
+        if req.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
+            return Err(ApiError::bad_request(format!("wait_ms must be at most {MAX_WAIT_MS}")));
+        }
+        let ttl = req.ttl_ms.unwrap_or(self.config().default_ttl_ms);
+        if ttl == 0 || ttl > MAX_TTL_MS {
+            return Err(ApiError::bad_request(format!("ttl_ms must be 1 to {MAX_TTL_MS}")));
+        }
+        let max_attempts = req.max_attempts.unwrap_or(self.config().default_max_attempts);
+        if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
+            return Err(ApiError::bad_request(format!("max_attempts must be 1 to {MAX_ATTEMPTS}")));
+        }
+        if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
+            return bad("idempotency_key must be 1 to 255 bytes");
+        }
+        let now = now_ms();
+        let expires_at = now + ttl as i64;
+        let scheduled_at = scheduled_at(req, expires_at)?;
+        // A time in the past runs at once.
+        let status =
+            if scheduled_at.is_some_and(|at| at > now) { Status::Scheduled } else { Status::Pending };
+        // Until published, the sweeper looks at it when scheduled, or after the
+        // ack timeout (the immediate publish failed, or the device is offline).
+        let next_attempt_at = match status {
+            Status::Scheduled => scheduled_at.unwrap_or(now),
+            _ => now + self.config().ack_timeout_ms as i64,
+        };
+        let hash = request_hash(&[
+            req.name.as_bytes(),
+            &payload.bytes,
+            &[u8::from(payload.is_json)],
+            &ttl.to_be_bytes(),
+            &max_attempts.to_be_bytes(),
+            req.scheduled_at.as_deref().unwrap_or_default().as_bytes(),
+        ]);
+        Ok(NewCommand {
+            id: Uuid::now_v7(),
+            device_id,
+            name: req.name.clone(),
+            payload,
+            max_attempts,
+            status,
+            first_attempt_detail: None,
+            created_at: now,
+            scheduled_at,
+            expires_at,
+            next_attempt_at,
+            idempotency_key: req.idempotency_key.clone(),
+            request_hash: hash,
+            reply_to: reply_to.cloned(),
+        })
+    }
+
+    /// `payload` (JSON) or `payload_base64` (bytes), within the size limit.
+    fn payload(&self, req: &CommandRequest) -> Result<Payload, ApiError> {
+        let payload = match (&req.payload, &req.payload_base64) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request("give payload or payload_base64, not both"))
+            }
+            (Some(v), None) => Payload::json(v),
+            (None, Some(b)) => match BASE64.decode(b.as_bytes()) {
+                Ok(bytes) => Payload { bytes, is_json: false },
+                Err(e) => return Err(ApiError::bad_request(format!("payload_base64 is not base64: {e}"))),
+            },
+            (None, None) => Payload::json(&Value::Null),
+        };
+        let max = self.config().max_payload_bytes;
+        if payload.bytes.len() > max {
+            let message = format!("payload is {} bytes, the limit is {max}", payload.bytes.len());
+            return Err(ApiError::new(ErrorKind::PayloadTooLarge, message));
+        }
+        Ok(payload)
+    }
+
+    /// Stores a new command through the group-commit writer.
+    async fn insert(&self, new: NewCommand) -> Result<Stored, ApiError> {
+        let (done, answer) = oneshot::channel();
+        let gone = || ApiError::new(ErrorKind::StoreUnavailable, "the command writer stopped");
+        self.inner.inserts.send(InsertRequest { new, done }).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// `scheduled_at` in ms: async only, RFC 3339, before the deadline.
+fn scheduled_at(req: &CommandRequest, expires_at: i64) -> Result<Option<i64>, ApiError> {
+    let Some(text) = &req.scheduled_at else { return Ok(None) };
+    if req.mode != Some(Mode::Async) {
+        return Err(ApiError::bad_request("scheduled_at needs \"mode\": \"async\""));
+    }
+    match parse_rfc3339(text) {
+        None => Err(ApiError::bad_request(format!("scheduled_at {text:?} is not an RFC 3339 time"))),
+        Some(at) if at >= expires_at => Err(ApiError::bad_request(
+            "scheduled_at is at or after the command's deadline (acceptance + ttl_ms)",
+        )),
+        Some(at) => Ok(Some(at)),
+    }
+}
