@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes_of_id::{id_of, payload_for};
-use receiver::mqtt::{client, ClientSpec};
+use plumbing::mqtt::{client, BrokerAddr, ClientSpec};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -37,16 +37,11 @@ pub(crate) struct BaselineResult {
     pub(crate) latency: Option<Latency>,
 }
 
-/// Runs the baseline against the broker at `host:port`, topics under `prefix`.
-pub(crate) async fn run(
-    host: &str,
-    port: u16,
-    prefix: &str,
-    shape: &Shape,
-) -> anyhow::Result<BaselineResult> {
+/// Runs the baseline against `broker`, topics under `prefix`.
+pub(crate) async fn run(broker: &BrokerAddr, prefix: &str, shape: &Shape) -> anyhow::Result<BaselineResult> {
     let pending: Pending = Arc::default();
-    let (device, device_loop) = device_side(host, port, prefix).await?;
-    let (caller, caller_loop) = caller_side(host, port, prefix, pending.clone()).await?;
+    let (device, device_loop) = device_side(broker, prefix).await?;
+    let (caller, caller_loop) = caller_side(broker, prefix, pending.clone()).await?;
     let result = tokio::select! {
         r = measure(&caller, prefix, shape, &pending) => r,
         r = device_loop => bail!("baseline device side: {}", loop_end(r)),
@@ -120,11 +115,10 @@ async fn send_all(
 /// Subscribed to every device's command topic; answers each command with a
 /// QoS 1 report carrying its id. Returns once the subscription is acknowledged.
 async fn device_side(
-    host: &str,
-    port: u16,
+    broker: &BrokerAddr,
     prefix: &str,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<anyhow::Result<()>>)> {
-    let (client, eventloop) = client(host, port, spec(prefix, "device"));
+    let (client, eventloop) = client(broker, spec(prefix, "device"));
     client.subscribe(format!("{prefix}/devices/+/commands"), QoS::AtLeastOnce).await?;
     let (to_responder, mut commands) = mpsc::channel::<u64>(RESPONDER_QUEUE);
     let (subscribed, ready) = oneshot::channel();
@@ -150,12 +144,11 @@ async fn device_side(
 
 /// Subscribed to the reports topic; completes the pending request each report names.
 async fn caller_side(
-    host: &str,
-    port: u16,
+    broker: &BrokerAddr,
     prefix: &str,
     pending: Pending,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<anyhow::Result<()>>)> {
-    let (client, eventloop) = client(host, port, spec(prefix, "caller"));
+    let (client, eventloop) = client(broker, spec(prefix, "caller"));
     client.subscribe(format!("{prefix}/reports"), QoS::AtLeastOnce).await?;
     let (subscribed, ready) = oneshot::channel();
     let handle = tokio::spawn(poll(eventloop, subscribed, move |payload| {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use plumbing::mqtt::BrokerAddr;
 
 use crate::dbstats::{DbCounters, PerCommand, Snapshot};
 use crate::pipeline::{System, SystemOptions};
@@ -218,9 +219,9 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let baseline = match args.scheduled {
         Some(_) => None,
         None => {
-            let (host, port) = baseline_broker(args.broker.as_deref())?;
+            let broker = baseline_broker(args.broker.as_deref())?;
             let before = readings(&Children::default());
-            let baseline = baseline::run(&host, port, &prefix, &shape).await.context("broker baseline")?;
+            let baseline = baseline::run(&broker, &prefix, &shape).await.context("broker baseline")?;
             cpu.phase("baseline", &before, &readings(&Children::default()), shape.commands);
             Some(baseline)
         }
@@ -312,13 +313,13 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
 
 /// With no --broker, an embedded rumqttd in this process configured like the
 /// gateway's (same code: `gateway::broker::start_embedded`).
-fn baseline_broker(broker: Option<&str>) -> anyhow::Result<(String, u16)> {
+fn baseline_broker(broker: Option<&str>) -> anyhow::Result<BrokerAddr> {
     match broker {
-        Some(url) => Ok(receiver::mqtt::parse_broker_url(url)?),
+        Some(url) => Ok(url.parse()?),
         None => {
-            let addr = gateway::local::free_port()?;
+            let addr = demo::free_port()?;
             gateway::broker::start_embedded(addr, EMBEDDED_MAX_PACKET)?;
-            Ok((addr.ip().to_string(), addr.port()))
+            Ok(BrokerAddr { host: addr.ip().to_string(), port: addr.port() })
         }
     }
 }

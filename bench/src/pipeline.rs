@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
-use gateway::local::free_port;
+use demo::free_port;
 use serde::Serialize;
 use serde_json::{json, Value};
 

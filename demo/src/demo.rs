@@ -39,7 +39,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })
     .await?;
     let (gw, rx) = (&system.gateway, &system.receiver);
-    println!("gateway   {}  (embedded MQTT broker at mqtt://{}:{})", system.base, gw.broker.0, gw.broker.1);
+    println!("gateway   {}  (embedded MQTT broker at {})", system.base, gw.broker);
     println!("database  {}", system.database_url);
     println!("receiver  devices connect to {}", rx.tcp_addr);
     println!("fleet     {} devices connected and online\n", args.devices);

@@ -62,7 +62,7 @@ impl LocalSystem {
         let mut config = Config::for_local(database_url.clone(), free_port()?, free_port()?);
         config.broker = opts.broker;
         let gateway = gateway::start(config, shutdown.clone()).await?;
-        let broker = format!("mqtt://{}:{}", gateway.broker.0, gateway.broker.1);
+        let broker = gateway.broker.to_string();
         let receiver = receiver::start(receiver::Config::new(broker, free_port()?), shutdown.clone()).await?;
         let fleet_config = firmware_sim::FleetConfig {
             connect: receiver.tcp_addr,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 
-/// Settings of `gateway serve` (and of the gateway inside `gateway demo`).
+/// Settings of `gateway serve` (and of the gateway inside the demo).
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Database: `sqlite:PATH` (embedded default) or `mysql://USER:PASS@HOST:PORT/DB` (MySQL/MariaDB).
