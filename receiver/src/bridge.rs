@@ -1,22 +1,23 @@
 //! The receiver's MQTT side: one connection, the table of connected devices,
 //! and routing of commands to the connection task that owns each device.
+//! Every report about a command goes out through here ([`Bridge::report`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Packet, QoS};
+use plumbing::memory::RecentIds;
+use plumbing::mqtt::{client, BrokerAddr, ClientSpec, Session};
+use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::mqtt::{client, ClientSpec};
-use crate::recent::RecentIds;
 use crate::{Config, Counters};
 use protocol::envelope::{Cancel, CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
-use protocol::Topics;
+use protocol::{DeviceId, Topics};
 
 /// Commands queued for one device while its connection writes earlier ones.
 /// When full, further commands are reported undeliverable (the gateway re-sends).
@@ -35,10 +36,10 @@ struct Inner {
     receiver_id: String,
     counters: Arc<Counters>,
     /// Connected devices. A std mutex: held for map lookups only, never across `.await`.
-    devices: Mutex<HashMap<String, Slot>>,
+    devices: Mutex<HashMap<DeviceId, Slot>>,
     next_conn: AtomicU64,
     /// Recently canceled command ids, so queued copies are not written.
-    canceled: Mutex<RecentIds>,
+    canceled: Mutex<RecentIds<Uuid>>,
     /// Serialised reports for the task that publishes them, several per message.
     reports: mpsc::UnboundedSender<Vec<u8>>,
     /// The command subscription of the current broker connection is made (a
@@ -64,15 +65,17 @@ struct Slot {
 /// A device's registration, held by its connection task.
 #[derive(Debug)]
 pub struct Attached {
+    /// Which registration this is; pass it back to [`Bridge::detach`].
     pub conn: u64,
+    /// The device's commands, in order ([`DEVICE_QUEUE`] at most); closed
+    /// when a newer registration of the same device takes over.
     pub commands: mpsc::Receiver<CommandMessage>,
 }
 
 impl Bridge {
     pub(crate) fn start(
         config: &Config,
-        host: &str,
-        port: u16,
+        broker: &BrokerAddr,
         counters: Arc<Counters>,
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
@@ -91,7 +94,7 @@ impl Bridge {
             manual_acks: false,
             last_will: Some(will),
         };
-        let (client, eventloop) = client(host, port, spec);
+        let (client, eventloop) = client(broker, spec);
         let (reports, queued) = mpsc::unbounded_channel();
         tasks.spawn(publish_reports(client.clone(), topics.reports(), queued, shutdown.clone()));
         let bridge = Bridge {
@@ -118,17 +121,17 @@ impl Bridge {
     }
 
     /// Ids of the devices connected now.
-    pub fn connected(&self) -> Vec<String> {
+    pub fn connected(&self) -> Vec<DeviceId> {
         self.inner.devices.lock().expect("devices lock").keys().cloned().collect()
     }
 
     /// Registers a device's connection (replacing an older one of the same
     /// device) so that its commands are routed to it, and reports it online.
-    pub async fn attach(&self, device_id: &str) -> Attached {
+    pub async fn attach(&self, device_id: &DeviceId) -> Attached {
         let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         // Dropping the old slot's sender tells the older connection task to end.
-        self.inner.devices.lock().expect("devices lock").insert(device_id.to_owned(), Slot { conn, tx });
+        self.inner.devices.lock().expect("devices lock").insert(device_id.clone(), Slot { conn, tx });
         // Until this receiver's command subscription is made (after each
         // connect), its presence waits: `announce` reports every device held then.
         if self.inner.subscribed.load(Ordering::SeqCst) {
@@ -138,7 +141,7 @@ impl Bridge {
     }
 
     /// Unregisters a connection if it is still the device's current one.
-    pub async fn detach(&self, device_id: &str, conn: u64) {
+    pub async fn detach(&self, device_id: &DeviceId, conn: u64) {
         let removed = {
             let mut devices = self.inner.devices.lock().expect("devices lock");
             let current = devices.get(device_id).is_some_and(|s| s.conn == conn);
@@ -155,8 +158,7 @@ impl Bridge {
     }
 
     /// Why a command must not be written to its device now, if it must not:
-    /// the gateway canceled it, or its deadline passed. Every transport asks
-    /// this right before writing.
+    /// the gateway canceled it, or its deadline passed.
     pub fn refusal(&self, cmd: &CommandMessage) -> Option<&'static str> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -171,26 +173,55 @@ impl Bridge {
         }
     }
 
+    /// Every transport asks this right before writing: true, with `cmd`
+    /// reported undeliverable, when it must not be written now (see [`Bridge::refusal`]).
+    pub async fn refused(&self, cmd: &CommandMessage) -> bool {
+        let Some(reason) = self.refusal(cmd) else { return false };
+        self.undeliverable(cmd.id, &cmd.device_id, reason).await;
+        true
+    }
+
+    /// Counts a command that could not be written and reports it undeliverable.
+    pub async fn undeliverable(&self, command_id: Uuid, device_id: &DeviceId, reason: impl Into<String>) {
+        self.inner.counters.undeliverable.inc();
+        self.report(command_id, device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
+    }
+
+    /// Counts a device's answer and reports it (`code` 0 is success).
+    pub async fn result(&self, command_id: Uuid, device_id: &DeviceId, code: i32, payload: Vec<u8>) {
+        self.inner.counters.results_forwarded.inc();
+        self.report(command_id, device_id, ReportKind::Result { code, payload_base64: payload }).await;
+    }
+
     /// Queues a report about a command for the gateway; reports go out in the
     /// order they were queued, joined into one message when several are ready.
-    pub async fn report(&self, command_id: Uuid, device_id: &str, kind: ReportKind) {
+    pub async fn report(&self, command_id: Uuid, device_id: &DeviceId, kind: ReportKind) {
+        match &kind {
+            ReportKind::Delivered => tracing::debug!(%command_id, %device_id, "report: delivered"),
+            ReportKind::Result { code, .. } => {
+                tracing::debug!(%command_id, %device_id, code, "report: result")
+            }
+            ReportKind::Undeliverable { reason } => {
+                tracing::debug!(%command_id, %device_id, %reason, "report: undeliverable")
+            }
+        }
         let report = Report {
             command_id,
-            device_id: device_id.to_owned(),
+            device_id: device_id.clone(),
             receiver_id: self.inner.receiver_id.clone(),
             kind,
         };
         let body = serde_json::to_vec(&report).expect("serialisable");
         if self.inner.reports.send(body).is_err() {
-            tracing::warn!(%command_id, "shutting down; report not published");
+            tracing::warn!(%command_id, %device_id, "shutting down; report not published");
         }
     }
 
-    async fn presence(&self, device_id: &str, online: bool) {
+    async fn presence(&self, device_id: &DeviceId, online: bool) {
         let p =
-            Presence { device_id: device_id.to_owned(), receiver_id: self.inner.receiver_id.clone(), online };
+            Presence { device_id: device_id.clone(), receiver_id: self.inner.receiver_id.clone(), online };
         let body = serde_json::to_vec(&p).expect("serialisable");
-        let topic = self.inner.topics.presence(device_id);
+        let topic = self.inner.topics.presence(device_id.as_str());
         match publish_until_shutdown(&self.inner.client, topic, body, &self.inner.shutdown).await {
             Ok(()) => {}
             // The goodbye's ReceiverStatus covers every device.
@@ -205,12 +236,9 @@ impl Bridge {
     /// subscriptions), then say we are here and re-announce every device.
     async fn announce(self) {
         let topics = &self.inner.topics;
-        for topic in [topics.receiver_commands(&self.inner.receiver_id), topics.cancels(), topics.rollcall()]
-        {
-            if let Err(e) = self.inner.client.subscribe(topic, QoS::AtLeastOnce).await {
-                tracing::warn!(error = %e, "subscribe failed");
-            }
-        }
+        let filters =
+            [topics.receiver_commands(&self.inner.receiver_id), topics.cancels(), topics.rollcall()];
+        plumbing::mqtt::subscribe_all(&self.inner.client, &filters).await;
         // Queued after the subscriptions on the same connection, so the broker
         // has them before any gateway hears of a device here.
         self.inner.subscribed.store(true, Ordering::SeqCst);
@@ -234,6 +262,7 @@ impl Bridge {
 
     /// Hands a command to its device's connection task, or reports why not.
     fn route(&self, msg: CommandMessage) {
+        tracing::debug!(command_id = %msg.id, device_id = %msg.device_id, attempt = msg.attempt, "command routed");
         let refused = {
             let devices = self.inner.devices.lock().expect("devices lock");
             match devices.get(&msg.device_id) {
@@ -246,7 +275,7 @@ impl Bridge {
             }
         };
         if let Some((msg, reason)) = refused {
-            Counters::bump(&self.inner.counters.undeliverable);
+            self.inner.counters.undeliverable.inc();
             let bridge = self.clone();
             // Not from the polling task: a full request channel would deadlock it.
             tokio::spawn(async move {
@@ -256,7 +285,8 @@ impl Bridge {
         }
     }
 
-    fn on_publish(&self, p: &rumqttc::Publish) {
+    /// Routes a commands message, records a cancel, or answers a roll call.
+    fn on_publish(&self, p: &Publish) {
         if p.topic == self.inner.topics.rollcall() {
             // Not from the polling task: a full request channel would deadlock it.
             tokio::spawn(self.clone().report_presence());
@@ -265,7 +295,8 @@ impl Bridge {
         if p.topic == self.inner.topics.cancels() {
             match serde_json::from_slice::<Cancel>(&p.payload) {
                 Ok(c) => {
-                    self.inner.canceled.lock().expect("canceled lock").insert(c.command_id);
+                    tracing::debug!(command_id = %c.command_id, device_id = %c.device_id, "cancel received");
+                    self.inner.canceled.lock().expect("canceled lock").insert(c.command_id, ());
                 }
                 Err(e) => tracing::warn!(error = %e, "malformed cancel dropped"),
             }
@@ -277,29 +308,9 @@ impl Bridge {
         }
     }
 
-    async fn poll(self, mut eventloop: EventLoop, shutdown: CancellationToken) {
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                event = eventloop.poll() => event,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    tracing::info!("connected to the broker");
-                    tokio::spawn(self.clone().announce());
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&p),
-                Ok(_) => {}
-                Err(e) => {
-                    self.inner.subscribed.store(false, Ordering::SeqCst);
-                    tracing::warn!(error = %e, "MQTT connection error; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                }
-            }
-        }
+    /// Drives the MQTT connection until shutdown, then says goodbye.
+    async fn poll(mut self, mut eventloop: rumqttc::EventLoop, shutdown: CancellationToken) {
+        plumbing::mqtt::drive(&mut eventloop, &mut self, &shutdown).await;
         // A clean goodbye: the gateway marks every device of this receiver offline
         // now rather than at the keepalive. One message, what the last will would
         // have said (a clean disconnect suppresses the will), not one per device:
@@ -330,6 +341,24 @@ impl Bridge {
         {
             tracing::warn!("the goodbye did not leave within 2 s; the broker's last will says it instead");
         }
+    }
+}
+
+/// The bridge's side of [`plumbing::mqtt::drive`]: runs on the polling task,
+/// so anything that publishes or subscribes is spawned.
+impl Session for Bridge {
+    fn connected(&mut self) {
+        tracing::info!("connected to the broker");
+        tokio::spawn(self.clone().announce());
+    }
+
+    async fn received(&mut self, publish: Publish) -> bool {
+        self.on_publish(&publish);
+        true
+    }
+
+    fn disconnected(&mut self, _error: &ConnectionError) {
+        self.inner.subscribed.store(false, Ordering::SeqCst);
     }
 }
 

@@ -11,22 +11,35 @@
 //!   port (RS-485 style, one request in flight per bus).
 //! - [`modbus`] bridges devices that speak Modbus (RTU on a serial line, or
 //!   TCP) by mapping command names to Modbus functions.
-//! - [`mqtt`] is client set-up shared with the gateway.
+//! - [`line`]: a serial line's settings and opening it (serial and Modbus RTU).
+//! - `turns`: the round robin that gives each device of a bus its turn.
+//! - [`metrics`]: the receiver's counters, on `/metrics` with `--metrics-listen`.
+//!
+//! MQTT client set-up, back-off and the bounded id memories come from `plumbing`.
+//!
+//! Every step of a command here is logged at debug level with its
+//! `command_id` and `device_id`: `RUST_LOG=debug` and a grep for a command id
+//! show its whole life in the receiver.
 
 pub mod bridge;
+pub mod line;
+pub mod metrics;
 pub mod modbus;
-pub mod mqtt;
-mod recent;
 pub mod serial;
 pub mod tcp;
+mod turns;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use anyhow::Context;
+use plumbing::metrics::Metrics;
+use plumbing::mqtt::BrokerAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use metrics::Counters;
 
 /// Settings of one receiver.
 #[derive(Debug, Clone, clap::Args)]
@@ -51,9 +64,13 @@ pub struct Config {
     /// `meter-1=tcp://127.0.0.1:5020/1`). Env: `;`-separated.
     #[arg(long = "modbus", env = "RECEIVER_MODBUS", value_delimiter = ';')]
     pub modbus: Vec<String>,
+    /// Serve Prometheus metrics on GET http://ADDR/metrics (off when absent).
+    #[arg(long, env = "RECEIVER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
+    /// Defaults for everything but the broker URL and the device listener.
     pub fn new(broker: String, tcp_listen: SocketAddr) -> Config {
         Config {
             broker,
@@ -62,31 +79,8 @@ impl Config {
             topic_prefix: protocol::topics::DEFAULT_PREFIX.into(),
             serial: Vec::new(),
             modbus: Vec::new(),
+            metrics_listen: None,
         }
-    }
-}
-
-/// Counters the receiver keeps (logged at shutdown, read by tests).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub commands_written: AtomicU64,
-    pub results_forwarded: AtomicU64,
-    /// Result frames for a command this connection already answered.
-    pub duplicate_results: AtomicU64,
-    /// Frames dropped for CRC, length, version, type or body errors.
-    pub bad_frames: AtomicU64,
-    /// Commands that could not be written (device not here, queue full, expired).
-    pub undeliverable: AtomicU64,
-    pub connections_rejected: AtomicU64,
-}
-
-impl Counters {
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -95,26 +89,43 @@ impl Counters {
 pub struct Running {
     /// Where devices connect (useful with port 0).
     pub tcp_addr: SocketAddr,
+    /// Where `GET /metrics` is served, when `--metrics-listen` is given (the
+    /// bound address, useful with port 0).
+    pub metrics_addr: Option<SocketAddr>,
+    /// The counters also on `/metrics`; readable with `.get()`.
     pub counters: Arc<Counters>,
     pub bridge: bridge::Bridge,
     tasks: TaskTracker,
 }
 
-/// Starts a receiver; it runs until `shutdown` is cancelled.
+/// Starts a receiver; it runs until `shutdown` is cancelled. Fails on a bad
+/// broker URL, `--serial` or `--modbus` spec, or an address it cannot listen on.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let (host, port) = mqtt::parse_broker_url(&config.broker)?;
+    let broker: BrokerAddr = config.broker.parse()?;
     let listener = TcpListener::bind(config.tcp_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for devices on {}: {e} (use --tcp-listen)", config.tcp_listen)
     })?;
     let tcp_addr = listener.local_addr()?;
-    let counters = Arc::new(Counters::default());
+    let metrics = Metrics::default();
+    let counters = Arc::new(Counters::register(&metrics));
     let tasks = TaskTracker::new();
-    let bridge = bridge::Bridge::start(&config, &host, port, counters.clone(), &shutdown, &tasks);
+    let metrics_addr = match config.metrics_listen {
+        Some(listen) => {
+            let (addr, serve) = metrics
+                .serve(listen, shutdown.clone())
+                .await
+                .with_context(|| format!("cannot serve metrics on {listen} (use --metrics-listen)"))?;
+            tasks.spawn(serve);
+            Some(addr)
+        }
+        None => None,
+    };
+    let bridge = bridge::Bridge::start(&config, &broker, counters.clone(), &shutdown, &tasks);
     tasks.spawn(tcp::serve(listener, bridge.clone(), counters.clone(), shutdown.clone(), tasks.clone()));
     serial::start(&config.serial, &bridge, &counters, &shutdown, &tasks)?;
     modbus::start(&config.modbus, &bridge, &counters, &shutdown, &tasks)?;
-    tracing::info!(%tcp_addr, broker = %config.broker, receiver_id = %config.receiver_id, "receiver started");
-    Ok(Running { tcp_addr, counters, bridge, tasks })
+    tracing::info!(%tcp_addr, ?metrics_addr, %broker, receiver_id = %config.receiver_id, "receiver started");
+    Ok(Running { tcp_addr, metrics_addr, counters, bridge, tasks })
 }
 
 impl Running {

@@ -11,19 +11,18 @@
 //! (reconnect / reopen), with back-off while that fails.
 //!
 //! Modbus devices do not know command ids, so the bus task remembers the last
-//! [`MEMORY`] ids per device with their results and answers a re-sent id from
-//! that memory. The memory dies with the receiver: a command re-sent after a
+//! [`MEMORY`] ids per device with their results (a `plumbing::memory::RecentIds`)
+//! and answers a re-sent id from that memory. The memory dies with the receiver: a command re-sent after a
 //! receiver restart runs again (harmless for the absolute writes offered here).
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
+use plumbing::backoff::Backoff;
+use plumbing::memory::RecentIds;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -32,15 +31,18 @@ use tokio::time::Instant;
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
-use tokio_serial::{ClearBuffer, DataBits, Parity, SerialPort, SerialPortBuilderExt, StopBits};
+use tokio_serial::{ClearBuffer, SerialPort};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
+use crate::line::SerialLine;
+use crate::turns::Turns;
 use crate::Counters;
 use protocol::envelope::{CommandMessage, ReportKind};
+use protocol::{DeviceId, SerialFormat};
 
 /// How long a request may take unless the spec says `timeout_ms`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -52,8 +54,10 @@ pub const MEMORY: usize = 4096;
 pub const CODE_BAD_PAYLOAD: i32 = 400;
 /// Result code of a command name that is not one of [`Op`]'s.
 pub const CODE_UNKNOWN_COMMAND: i32 = 404;
-/// Back-off between failed attempts to open a bus or to reach a silent device.
+/// Back-off between failed attempts to open a bus or to reach a silent device:
+/// from this…
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// …doubling up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// One `--modbus` device:
@@ -76,7 +80,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// request in flight at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub link: Link,
     pub unit: u8,
     pub timeout: Duration,
@@ -88,16 +92,8 @@ pub struct DeviceSpec {
 pub enum Link {
     /// `HOST:PORT`, resolved at each connect.
     Tcp(String),
+    /// A serial line (Modbus RTU).
     Rtu(SerialLine),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SerialLine {
-    pub path: String,
-    pub baud: u32,
-    pub data_bits: DataBits,
-    pub parity: Parity,
-    pub stop_bits: StopBits,
 }
 
 impl Link {
@@ -136,9 +132,8 @@ impl FromStr for DeviceSpec {
 
 fn parse_spec(spec: &str) -> Result<DeviceSpec, String> {
     let (device_id, rest) = spec.split_once('=').ok_or("expected DEVICE_ID=tcp://… or DEVICE_ID=rtu://…")?;
-    if !protocol::topics::is_valid_device_id(device_id) {
-        return Err(format!("{device_id:?} is not a valid device id"));
-    }
+    let device_id =
+        DeviceId::parse(device_id).map_err(|_| format!("{device_id:?} is not a valid device id"))?;
     let (rest, options) = rest.split_once('?').unwrap_or((rest, ""));
     let (link, unit) = if let Some(r) = rest.strip_prefix("tcp://") {
         let (addr, unit) = r.rsplit_once('/').ok_or("missing /UNIT")?;
@@ -152,13 +147,8 @@ fn parse_spec(spec: &str) -> Result<DeviceSpec, String> {
     } else {
         return Err("the address starts with tcp:// or rtu://".into());
     };
-    let mut parsed = DeviceSpec {
-        device_id: device_id.to_owned(),
-        link,
-        unit,
-        timeout: DEFAULT_TIMEOUT,
-        probe_every: DEFAULT_PROBE,
-    };
+    let mut parsed =
+        DeviceSpec { device_id, link, unit, timeout: DEFAULT_TIMEOUT, probe_every: DEFAULT_PROBE };
     for option in options.split('&').filter(|o| !o.is_empty()) {
         let (key, value) =
             option.split_once('=').ok_or_else(|| format!("option {option:?} is not KEY=VALUE"))?;
@@ -182,30 +172,15 @@ fn parse_line(line: &str) -> Result<SerialLine, String> {
     if path.is_empty() {
         return Err("missing serial port path".into());
     }
-    let (baud, framing) = settings.split_once(',').unwrap_or((settings, "8E1"));
+    let (baud, format) = match settings.split_once(',') {
+        None => (settings, SerialFormat::EIGHT_E_ONE),
+        Some((baud, framing)) => {
+            (baud, framing.parse().map_err(|_| format!("bad framing {framing:?} (e.g. 8N1, 8E1, 7O2)"))?)
+        }
+    };
     let baud =
         if baud.is_empty() { 19200 } else { baud.parse().map_err(|_| format!("bad baud rate {baud:?}"))? };
-    let bad_framing = || format!("bad framing {framing:?} (e.g. 8N1, 8E1, 7O2)");
-    let &[d, p, s] = framing.as_bytes() else { return Err(bad_framing()) };
-    let data_bits = match d {
-        b'5' => DataBits::Five,
-        b'6' => DataBits::Six,
-        b'7' => DataBits::Seven,
-        b'8' => DataBits::Eight,
-        _ => return Err(bad_framing()),
-    };
-    let parity = match p.to_ascii_uppercase() {
-        b'N' => Parity::None,
-        b'E' => Parity::Even,
-        b'O' => Parity::Odd,
-        _ => return Err(bad_framing()),
-    };
-    let stop_bits = match s {
-        b'1' => StopBits::One,
-        b'2' => StopBits::Two,
-        _ => return Err(bad_framing()),
-    };
-    Ok(SerialLine { path: path.to_owned(), baud, data_bits, parity, stop_bits })
+    Ok(SerialLine { path: path.to_owned(), baud, format })
 }
 
 /// A command, parsed from its name and JSON payload.
@@ -438,11 +413,14 @@ fn group(specs: Vec<DeviceSpec>) -> anyhow::Result<Vec<BusSpec>> {
 struct Bus {
     link: Link,
     devices: Vec<Device>,
-    /// The device whose commands are taken first next time (round robin).
-    turn: usize,
+    /// Whose commands are taken first next time.
+    turns: Turns,
     bridge: Bridge,
     counters: Arc<Counters>,
 }
+
+/// Results of the last [`MEMORY`] commands a device ran: code and JSON payload.
+type Memory = RecentIds<Uuid, (i32, Arc<[u8]>)>;
 
 struct Device {
     spec: DeviceSpec,
@@ -450,7 +428,14 @@ struct Device {
     attached: Option<(u64, mpsc::Receiver<CommandMessage>)>,
     memory: Memory,
     next_probe: Instant,
-    backoff: Duration,
+    /// Probe delays while the device does not answer.
+    backoff: Backoff,
+}
+
+impl Device {
+    fn queue(&mut self) -> Option<&mut mpsc::Receiver<CommandMessage>> {
+        self.attached.as_mut().map(|(_, commands)| commands)
+    }
 }
 
 /// Why `serve` returned.
@@ -483,29 +468,24 @@ impl Bus {
             .map(|spec| Device {
                 spec,
                 attached: None,
-                memory: Memory::default(),
+                memory: Memory::new(MEMORY),
                 next_probe: now,
-                backoff: BACKOFF_MIN,
+                backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
             })
             .collect();
-        Bus { link, devices, turn: 0, bridge, counters }
+        Bus { link, devices, turns: Turns::default(), bridge, counters }
     }
 
     /// Opens the bus, serves it, rebuilds it when it breaks; until shutdown.
     async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut was_down = false;
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = connect(&self.link, self.connect_timeout()) => c,
             };
-            let mut next_pause = |answered: bool| {
-                let pause = if answered { BACKOFF_MIN } else { backoff };
-                backoff = if answered { BACKOFF_MIN } else { (backoff * 2).min(BACKOFF_MAX) };
-                pause
-            };
-            let pause = match opened {
+            let answered = match opened {
                 Ok(ctx) => {
                     if was_down {
                         tracing::info!("bus open again");
@@ -515,7 +495,7 @@ impl Bus {
                     match self.serve(ctx, &shutdown).await {
                         // At shutdown the bridge says goodbye for every device at once.
                         Ended::Shutdown => return,
-                        Ended::Broken { answered } => next_pause(answered),
+                        Ended::Broken { answered } => answered,
                     }
                 }
                 Err(e) => {
@@ -524,12 +504,16 @@ impl Bus {
                         was_down = true;
                     }
                     self.detach_all().await;
-                    next_pause(false)
+                    false
                 }
             };
+            // A bus that answered since the last pause starts over from the shortest.
+            if answered {
+                backoff.reset();
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
@@ -542,7 +526,7 @@ impl Bus {
         let now = Instant::now();
         for d in self.devices.iter_mut().filter(|d| d.attached.is_none()) {
             d.next_probe = now;
-            d.backoff = BACKOFF_MIN;
+            d.backoff.reset();
         }
     }
 
@@ -551,11 +535,11 @@ impl Bus {
         let mut answered = false;
         loop {
             let (probe_at, probe_index) = self.next_probe();
-            // Both branches are cancel-safe: `next_command` takes a message only
+            // Both branches are cancel-safe: `Turns::next` takes a message only
             // when it returns it, and a sleep loses nothing.
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return Ended::Shutdown,
-                (i, cmd) = next_command(&mut self.devices, &mut self.turn) => match cmd {
+                (i, cmd) = self.turns.next(&mut self.devices, Device::queue) => match cmd {
                     Some(cmd) => self.command(&mut ctx, i, cmd).await,
                     None => {
                         // The bridge dropped our queue: another connection took the id.
@@ -601,7 +585,7 @@ impl Bus {
     async fn answered(&mut self, i: usize) {
         let d = &mut self.devices[i];
         d.next_probe = Instant::now() + d.spec.probe_every;
-        d.backoff = BACKOFF_MIN;
+        d.backoff.reset();
         if d.attached.is_none() {
             let attached = self.bridge.attach(&d.spec.device_id).await;
             tracing::info!(device_id = %d.spec.device_id, unit = d.spec.unit, "device online");
@@ -614,8 +598,7 @@ impl Bus {
         let d = &mut self.devices[i];
         tracing::info!(device_id = %d.spec.device_id, error = %failure, "request failed; rebuilding the context");
         if matches!(failure, Failure::Timeout(_)) {
-            d.next_probe = Instant::now() + d.backoff;
-            d.backoff = (d.backoff * 2).min(BACKOFF_MAX);
+            d.next_probe = Instant::now() + d.backoff.next_delay();
             if let Some((conn, _)) = d.attached.take() {
                 tracing::info!(device_id = %d.spec.device_id, "device offline: no answer");
                 self.bridge.detach(&d.spec.device_id, conn).await;
@@ -643,30 +626,28 @@ impl Bus {
     /// Runs one command for device `i`. `Err` when the context must be rebuilt;
     /// `Ok(true)` when the device answered.
     async fn command(&mut self, ctx: &mut Context, i: usize, cmd: CommandMessage) -> Result<bool, ()> {
-        let device_id = self.devices[i].spec.device_id.clone();
-        if let Some((code, payload)) = self.devices[i].memory.get(cmd.id) {
+        let device_id = &cmd.device_id;
+        if let Some((code, payload)) = self.devices[i].memory.get(&cmd.id) {
             tracing::debug!(command_id = %cmd.id, %device_id, "re-sent command answered from memory");
-            let kind = ReportKind::Result { code, payload_base64: payload.to_vec() };
-            self.result(&cmd, kind).await;
+            self.bridge.result(cmd.id, device_id, *code, payload.to_vec()).await;
             return Ok(false);
         }
-        if let Some(reason) = self.bridge.refusal(&cmd) {
-            Counters::bump(&self.counters.undeliverable);
-            self.bridge.report(cmd.id, &device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
+        if self.bridge.refused(&cmd).await {
             return Ok(false);
         }
         let op = match Op::parse(&cmd.name, &cmd.payload_base64) {
             Ok(op) => op,
             Err(e) => {
                 let payload = serde_json::to_vec(&json!({ "error": e.to_string() })).expect("serialisable");
-                self.result(&cmd, ReportKind::Result { code: e.code(), payload_base64: payload }).await;
+                self.bridge.result(cmd.id, device_id, e.code(), payload).await;
                 return Ok(false);
             }
         };
         // tokio-modbus writes and reads in one call: just before it is the last
         // point where the receiver can say anything, so `delivered` goes now.
-        Counters::bump(&self.counters.commands_written);
-        self.bridge.report(cmd.id, &device_id, ReportKind::Delivered).await;
+        self.counters.commands_written.inc();
+        tracing::debug!(command_id = %cmd.id, %device_id, ?op, "request written");
+        self.bridge.report(cmd.id, device_id, ReportKind::Delivered).await;
         let (code, payload) = match self.call(ctx, i, op.request()).await {
             Ok(Ok(response)) => match op.answer(response) {
                 Some(payload) => (0, payload),
@@ -679,41 +660,15 @@ impl Bus {
             // No result: the gateway re-sends after its result timeout.
             Err(_) => return Err(()),
         };
+        tracing::debug!(command_id = %cmd.id, %device_id, code, "answer read");
         let payload = serde_json::to_vec(&payload).expect("serialisable");
-        self.devices[i].memory.insert(cmd.id, code, payload.clone());
-        self.result(&cmd, ReportKind::Result { code, payload_base64: payload }).await;
+        self.devices[i].memory.insert(cmd.id, (code, payload.as_slice().into()));
+        self.bridge.result(cmd.id, device_id, code, payload).await;
         Ok(true)
-    }
-
-    async fn result(&self, cmd: &CommandMessage, kind: ReportKind) {
-        Counters::bump(&self.counters.results_forwarded);
-        self.bridge.report(cmd.id, &cmd.device_id, kind).await;
     }
 }
 
 type CallResult = Result<Result<Response, ExceptionCode>, Failure>;
-
-/// The next queued command of an online device, taking devices in turn from
-/// `turn` so that a busy device cannot starve the others on its bus. Pending
-/// while no online device has one.
-fn next_command<'a>(
-    devices: &'a mut [Device],
-    turn: &'a mut usize,
-) -> impl Future<Output = (usize, Option<CommandMessage>)> + 'a {
-    std::future::poll_fn(move |cx| {
-        let n = devices.len();
-        for k in 0..n {
-            let i = (*turn + k) % n;
-            if let Some((_, commands)) = devices[i].attached.as_mut() {
-                if let Poll::Ready(cmd) = commands.poll_recv(cx) {
-                    *turn = (i + 1) % n;
-                    return Poll::Ready((i, cmd));
-                }
-            }
-        }
-        Poll::Pending
-    })
-}
 
 /// Builds a fresh context: a new TCP connection or a freshly opened serial port.
 async fn connect(link: &Link, timeout: Duration) -> io::Result<Context> {
@@ -726,12 +681,7 @@ async fn connect(link: &Link, timeout: Duration) -> io::Result<Context> {
             Ok(tokio_modbus::client::tcp::attach(stream))
         }
         Link::Rtu(line) => {
-            let port = tokio_serial::new(&line.path, line.baud)
-                .data_bits(line.data_bits)
-                .parity(line.parity)
-                .stop_bits(line.stop_bits)
-                .open_native_async()
-                .map_err(io::Error::from)?;
+            let port = line.open().map_err(io::Error::from)?;
             // A late answer to a request that timed out may still sit in the
             // line's input buffer; it must not pass for the next request's.
             port.clear(ClearBuffer::Input).map_err(io::Error::from)?;
@@ -740,33 +690,10 @@ async fn connect(link: &Link, timeout: Duration) -> io::Result<Context> {
     }
 }
 
-/// Results of the last [`MEMORY`] commands a device ran.
-#[derive(Default)]
-struct Memory {
-    results: HashMap<Uuid, (i32, Arc<[u8]>)>,
-    order: VecDeque<Uuid>,
-}
-
-impl Memory {
-    fn get(&self, id: Uuid) -> Option<(i32, Arc<[u8]>)> {
-        self.results.get(&id).cloned()
-    }
-
-    fn insert(&mut self, id: Uuid, code: i32, payload: Vec<u8>) {
-        if self.results.insert(id, (code, payload.into())).is_none() {
-            self.order.push_back(id);
-            if self.order.len() > MEMORY {
-                if let Some(old) = self.order.pop_front() {
-                    self.results.remove(&old);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::serial_line::Parity;
 
     fn spec(s: &str) -> DeviceSpec {
         s.parse().unwrap_or_else(|e| panic!("{e}"))
@@ -788,17 +715,14 @@ mod tests {
     #[test]
     fn rtu_spec() {
         let d = spec("pump-2=rtu:///dev/ttyUSB0:9600,7O2/3");
-        let line = SerialLine {
-            path: "/dev/ttyUSB0".into(),
-            baud: 9600,
-            data_bits: DataBits::Seven,
-            parity: Parity::Odd,
-            stop_bits: StopBits::Two,
-        };
+        let line = SerialLine { path: "/dev/ttyUSB0".into(), baud: 9600, format: "7O2".parse().unwrap() };
         assert_eq!((d.link, d.unit), (Link::Rtu(line), 3));
         let d = spec("p=rtu:///dev/ttyS1/247");
         let Link::Rtu(line) = d.link else { panic!("rtu") };
-        assert_eq!((line.path.as_str(), line.baud, line.parity), ("/dev/ttyS1", 19200, Parity::Even));
+        assert_eq!(
+            (line.path.as_str(), line.baud, line.format.parity()),
+            ("/dev/ttyS1", 19200, Parity::Even)
+        );
         assert_eq!(spec("p=rtu:///tmp/a:115200/1").link.key(), "/tmp/a");
     }
 
@@ -887,13 +811,13 @@ mod tests {
 
     #[test]
     fn memory_forgets_the_oldest() {
-        let mut m = Memory::default();
+        let mut m = Memory::new(MEMORY);
         let first = Uuid::now_v7();
-        m.insert(first, 0, b"{}".to_vec());
+        m.insert(first, (0, b"{}".as_slice().into()));
         for _ in 0..MEMORY {
-            m.insert(Uuid::now_v7(), 0, Vec::new());
+            m.insert(Uuid::now_v7(), (0, Arc::from([])));
         }
-        assert!(m.get(first).is_none());
-        assert_eq!(m.results.len(), MEMORY);
+        assert!(m.get(&first).is_none());
+        assert_eq!(m.len(), MEMORY);
     }
 }

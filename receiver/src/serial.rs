@@ -12,18 +12,16 @@
 //! wrote each id for. Devices announce themselves with a HELLO (device →
 //! receiver) when they start or when their line comes back.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::poll_fn;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt};
+use plumbing::backoff::Backoff;
+use plumbing::memory::RecentIds;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_serial::{DataBits, Parity, SerialPortBuilderExt, StopBits};
 use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,10 +29,12 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
+use crate::line::SerialLine;
+use crate::turns::Turns;
 use crate::{sleep_until, Counters};
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::frame::{self, EncodeError, DEFAULT_MAX_BODY};
-use protocol::{Frame, FrameCodec, FrameError};
+use protocol::{DeviceId, Frame, FrameCodec, FrameError, SerialFormat};
 
 /// How long the bus waits for a RESULT before it moves on, unless the spec says.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_millis(2000);
@@ -53,8 +53,8 @@ const ID_MEMORY: usize = 4096;
 ///
 /// - `SETTINGS` is `BAUD` followed by optional comma-separated items in any
 ///   order: a frame format `DPS` — data bits `5`–`8`, parity `N`/`E`/`O`,
-///   stop bits `1`/`2` (default `8N1`) — and `timeout=MS`, the per-request
-///   timeout (default 2000 ms).
+///   stop bits `1`/`2` (default `8N1`, see [`SerialFormat`]) — and
+///   `timeout=MS`, the per-request timeout (default 2000 ms).
 /// - `IDS` is a comma-separated list of device ids attached as soon as the
 ///   port opens. Devices not listed are attached when they announce
 ///   themselves with a HELLO. Ids containing `:` cannot be listed (they can
@@ -64,13 +64,10 @@ const ID_MEMORY: usize = 4096;
 /// `/dev/ttyS1:19200,7O2,timeout=500`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PortSpec {
-    pub path: String,
-    pub baud: u32,
-    pub data_bits: DataBits,
-    pub parity: Parity,
-    pub stop_bits: StopBits,
+    pub line: SerialLine,
+    /// How long the bus waits for each RESULT.
     pub timeout: Duration,
-    pub devices: Vec<String>,
+    pub devices: Vec<DeviceId>,
 }
 
 /// A `--serial` value that cannot be used.
@@ -92,9 +89,7 @@ pub enum SpecError {
 #[derive(Debug, Clone, PartialEq)]
 struct Settings {
     baud: u32,
-    data_bits: DataBits,
-    parity: Parity,
-    stop_bits: StopBits,
+    format: SerialFormat,
     timeout: Duration,
 }
 
@@ -105,48 +100,18 @@ impl FromStr for Settings {
         let mut items = text.split(',');
         let baud = items.next().unwrap_or_default();
         let baud = baud.parse::<u32>().ok().filter(|b| *b > 0).ok_or_else(|| SpecError::Baud(baud.into()))?;
-        let mut settings = Settings {
-            baud,
-            data_bits: DataBits::Eight,
-            parity: Parity::None,
-            stop_bits: StopBits::One,
-            timeout: DEFAULT_REQUEST_TIMEOUT,
-        };
+        let mut settings =
+            Settings { baud, format: SerialFormat::default(), timeout: DEFAULT_REQUEST_TIMEOUT };
         for item in items {
             if let Some(ms) = item.strip_prefix("timeout=") {
                 let ms = ms.parse::<u64>().ok().filter(|ms| *ms > 0);
                 settings.timeout = Duration::from_millis(ms.ok_or_else(|| SpecError::Timeout(item.into()))?);
             } else {
-                (settings.data_bits, settings.parity, settings.stop_bits) =
-                    parse_format(item).ok_or_else(|| SpecError::Setting(item.into()))?;
+                settings.format = item.parse().map_err(|_| SpecError::Setting(item.into()))?;
             }
         }
         Ok(settings)
     }
-}
-
-/// `8N1`, `7E2`, … (case-insensitive parity).
-fn parse_format(text: &str) -> Option<(DataBits, Parity, StopBits)> {
-    let [d, p, s] = text.as_bytes() else { return None };
-    let data = match d {
-        b'5' => DataBits::Five,
-        b'6' => DataBits::Six,
-        b'7' => DataBits::Seven,
-        b'8' => DataBits::Eight,
-        _ => return None,
-    };
-    let parity = match p.to_ascii_uppercase() {
-        b'N' => Parity::None,
-        b'E' => Parity::Even,
-        b'O' => Parity::Odd,
-        _ => return None,
-    };
-    let stop = match s {
-        b'1' => StopBits::One,
-        b'2' => StopBits::Two,
-        _ => return None,
-    };
-    Some((data, parity, stop))
 }
 
 impl FromStr for PortSpec {
@@ -171,28 +136,15 @@ impl FromStr for PortSpec {
         if path.is_empty() {
             return Err(SpecError::Shape);
         }
-        let settings: Settings = settings.parse()?;
+        let Settings { baud, format, timeout } = settings.parse()?;
         let devices = match ids {
             None => Vec::new(),
-            Some(ids) => ids.split(',').map(parse_device_id).collect::<Result<_, _>>()?,
+            Some(ids) => ids
+                .split(',')
+                .map(|id| DeviceId::parse(id).map_err(|_| SpecError::DeviceId(id.to_owned())))
+                .collect::<Result<_, _>>()?,
         };
-        Ok(PortSpec {
-            path,
-            baud: settings.baud,
-            data_bits: settings.data_bits,
-            parity: settings.parity,
-            stop_bits: settings.stop_bits,
-            timeout: settings.timeout,
-            devices,
-        })
-    }
-}
-
-fn parse_device_id(id: &str) -> Result<String, SpecError> {
-    if protocol::topics::is_valid_device_id(id) {
-        Ok(id.to_owned())
-    } else {
-        Err(SpecError::DeviceId(id.to_owned()))
+        Ok(PortSpec { line: SerialLine { path, baud, format }, timeout, devices })
     }
 }
 
@@ -210,7 +162,7 @@ pub fn start(
         .map(|s| s.parse::<PortSpec>().map_err(|e| anyhow::anyhow!("--serial {s:?}: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for spec in ports {
-        let span = tracing::info_span!("serial", port = %spec.path);
+        let span = tracing::info_span!("serial", port = %spec.line.path);
         let port =
             Port { spec, bridge: bridge.clone(), counters: counters.clone(), ids: IdMemory::default() };
         tasks.spawn(port.run(shutdown.clone()).instrument(span));
@@ -219,43 +171,44 @@ pub fn start(
 }
 
 /// What a port remembers across reopens about the command ids it wrote.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct IdMemory {
     /// Command id → the device it was written for (oldest forgotten first).
-    written: HashMap<Uuid, String>,
-    order: VecDeque<Uuid>,
+    written: RecentIds<Uuid, DeviceId>,
     /// Ids whose RESULT was forwarded since their last write.
-    answered: HashSet<Uuid>,
+    answered: RecentIds<Uuid>,
+}
+
+impl Default for IdMemory {
+    fn default() -> Self {
+        IdMemory { written: RecentIds::new(ID_MEMORY), answered: RecentIds::new(ID_MEMORY) }
+    }
 }
 
 impl IdMemory {
-    fn wrote(&mut self, id: Uuid, device: &str) {
+    fn wrote(&mut self, id: Uuid, device: &DeviceId) {
         // A re-sent command's answer must go through again.
-        self.answered.remove(&id);
-        if self.written.insert(id, device.to_owned()).is_none() {
-            self.order.push_back(id);
-        }
-        while self.order.len() > ID_MEMORY {
-            if let Some(old) = self.order.pop_front() {
-                self.written.remove(&old);
-                self.answered.remove(&old);
-            }
-        }
+        self.answered.forget(&id);
+        self.written.insert(id, device.clone());
     }
 
     /// The device a RESULT belongs to, if it is the first for its write.
-    fn answer(&mut self, id: Uuid) -> Result<&str, Unforwarded> {
-        let device = self.written.get(&id).ok_or(Unforwarded::Unknown)?;
-        if !self.answered.insert(id) {
-            return Err(Unforwarded::Duplicate);
+    fn answer(&mut self, id: Uuid) -> Result<DeviceId, Unforwarded> {
+        let device = self.written.get(&id).ok_or(Unforwarded::Unknown)?.clone();
+        if !self.answered.insert(id, ()) {
+            return Err(Unforwarded::Duplicate(device));
         }
         Ok(device)
     }
 }
 
+/// Why a RESULT is not forwarded.
+#[derive(Debug)]
 enum Unforwarded {
+    /// This port never wrote the id (or forgot it).
     Unknown,
-    Duplicate,
+    /// The write of the id, to this device, was answered already.
+    Duplicate(DeviceId),
 }
 
 /// One configured port, for the life of the receiver.
@@ -276,17 +229,17 @@ enum End {
 impl Port {
     /// Opens, serves, reopens with backoff, until shutdown.
     async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
         let mut reported = false;
         while !shutdown.is_cancelled() {
-            match self.open() {
+            match self.spec.line.open() {
                 Ok(stream) => {
                     tracing::info!("port open");
                     reported = false;
                     if let End::Shutdown = self.session(stream, &shutdown).await {
                         break;
                     }
-                    backoff = INITIAL_BACKOFF;
+                    backoff.reset();
                 }
                 // Logged once per outage; the retries are quiet.
                 Err(error) if !reported => {
@@ -297,18 +250,9 @@ impl Port {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-    }
-
-    fn open(&self) -> tokio_serial::Result<tokio_serial::SerialStream> {
-        tokio_serial::new(&self.spec.path, self.spec.baud)
-            .data_bits(self.spec.data_bits)
-            .parity(self.spec.parity)
-            .stop_bits(self.spec.stop_bits)
-            .open_native_async()
     }
 
     /// Serves one open of the port; its devices are detached when it ends
@@ -317,9 +261,9 @@ impl Port {
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut bus = Bus { port: self, devices: Vec::new(), next: 0, in_flight: None };
+        let mut bus = Bus { port: self, devices: Vec::new(), turns: Turns::default(), in_flight: None };
         for id in bus.port.spec.devices.clone() {
-            bus.attach(&id).await;
+            bus.attach(id).await;
         }
         let end = bus.serve(Framed::new(stream, FrameCodec::default()), shutdown).await;
         if let End::Gone(error) = &end {
@@ -334,31 +278,29 @@ impl Port {
 
 /// A device attached on this bus.
 struct BusDevice {
-    id: String,
+    id: DeviceId,
     conn: u64,
     commands: tokio::sync::mpsc::Receiver<CommandMessage>,
+}
+
+impl BusDevice {
+    fn queue(&mut self) -> Option<&mut tokio::sync::mpsc::Receiver<CommandMessage>> {
+        Some(&mut self.commands)
+    }
 }
 
 /// The request the bus waits for.
 struct InFlight {
     id: Uuid,
-    device: String,
+    device: DeviceId,
     deadline: Instant,
-}
-
-/// What woke the bus when it was idle.
-enum Next {
-    Command(usize, CommandMessage),
-    /// The device's registration was taken over (e.g. it connected over TCP).
-    Replaced(usize),
 }
 
 /// One session's state: the devices on the line and the request in flight.
 struct Bus<'a> {
     port: &'a mut Port,
     devices: Vec<BusDevice>,
-    /// Where the round-robin scan for the next command starts.
-    next: usize,
+    turns: Turns,
     in_flight: Option<InFlight>,
 }
 
@@ -372,9 +314,8 @@ impl Bus<'_> {
         loop {
             let deadline = self.in_flight.as_ref().map(|f| f.deadline);
             let idle = self.in_flight.is_none();
-            let start = self.next;
             // Cancel-safe: `next()` keeps partial frames in the codec buffer,
-            // and `poll_next` only takes a command when it returns it.
+            // and `Turns::next` only takes a command when it returns it.
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return End::Shutdown,
                 item = line.next() => match item {
@@ -383,12 +324,10 @@ impl Bus<'_> {
                     Some(Ok(item)) => self.on_item(item, &mut line).await,
                 },
                 _ = sleep_until(deadline) => self.on_timeout(&mut line).await,
-                next = poll_fn(|cx| poll_next(&mut self.devices, start, cx)), if idle => match next {
-                    Next::Command(index, cmd) => {
-                        self.next = index + 1;
-                        self.write_command(index, cmd, &mut line).await
-                    }
-                    Next::Replaced(index) => {
+                (index, cmd) = self.turns.next(&mut self.devices, BusDevice::queue), if idle => match cmd {
+                    Some(cmd) => self.write_command(index, cmd, &mut line).await,
+                    // The device's registration was taken over (e.g. it connected over TCP).
+                    None => {
                         let gone = self.devices.remove(index);
                         tracing::info!(device_id = %gone.id, "device taken over by another connection");
                         Ok(())
@@ -401,17 +340,13 @@ impl Bus<'_> {
         }
     }
 
-    async fn attach(&mut self, device_id: &str) {
+    async fn attach(&mut self, device_id: DeviceId) {
         if self.devices.iter().any(|d| d.id == device_id) {
             return;
         }
-        let attached = self.port.bridge.attach(device_id).await;
+        let attached = self.port.bridge.attach(&device_id).await;
         tracing::info!(%device_id, "device attached");
-        self.devices.push(BusDevice {
-            id: device_id.to_owned(),
-            conn: attached.conn,
-            commands: attached.commands,
-        });
+        self.devices.push(BusDevice { id: device_id, conn: attached.conn, commands: attached.commands });
     }
 
     /// Handles one decoded item; `Err` only when the port failed.
@@ -420,20 +355,16 @@ impl Bus<'_> {
         T: AsyncRead + AsyncWrite + Unpin,
     {
         match item {
-            Ok(Frame::Result { id, code, payload }) => {
-                self.on_result(id, ReportKind::Result { code, payload_base64: payload.to_vec() }).await;
-            }
-            Ok(Frame::Hello { device_id }) if protocol::topics::is_valid_device_id(&device_id) => {
-                self.attach(&device_id).await;
-            }
+            Ok(Frame::Result { id, code, payload }) => self.on_result(id, code, payload.to_vec()).await,
+            Ok(Frame::Hello { device_id }) => self.attach(device_id).await,
             Ok(Frame::Ping) => return line.send(&Frame::Pong).await.map_err(into_io),
             Ok(Frame::Pong) => {}
-            Ok(other @ (Frame::Hello { .. } | Frame::Command { .. })) => {
-                Counters::bump(&self.port.counters.bad_frames);
+            Ok(other @ Frame::Command { .. }) => {
+                self.port.counters.bad_frames.inc();
                 tracing::debug!(frame = ?other, "unexpected frame from the line dropped");
             }
             Err(error) => {
-                Counters::bump(&self.port.counters.bad_frames);
+                self.port.counters.bad_frames.inc();
                 tracing::debug!(%error, "bad input skipped");
             }
         }
@@ -442,23 +373,22 @@ impl Bus<'_> {
 
     /// Forwards the first RESULT per write of a command id this port wrote,
     /// in time or late; drops (and counts) duplicates and unknown ids.
-    async fn on_result(&mut self, id: Uuid, kind: ReportKind) {
+    async fn on_result(&mut self, id: Uuid, code: i32, payload: Vec<u8>) {
         if self.in_flight.as_ref().is_some_and(|f| f.id == id) {
             self.in_flight = None;
         }
         match self.port.ids.answer(id) {
-            Ok(device) => {
-                let device = device.to_owned();
-                Counters::bump(&self.port.counters.results_forwarded);
-                self.port.bridge.report(id, &device, kind).await;
+            Ok(device_id) => {
+                tracing::debug!(command_id = %id, %device_id, code, "result frame read");
+                self.port.bridge.result(id, &device_id, code, payload).await;
             }
-            Err(Unforwarded::Duplicate) => {
-                Counters::bump(&self.port.counters.duplicate_results);
-                tracing::debug!(command_id = %id, "duplicate result dropped");
+            Err(Unforwarded::Duplicate(device_id)) => {
+                self.port.counters.duplicate_results.inc();
+                tracing::debug!(command_id = %id, %device_id, "duplicate result dropped");
             }
             Err(Unforwarded::Unknown) => {
                 // No device to report it for: counted as bad input.
-                Counters::bump(&self.port.counters.bad_frames);
+                self.port.counters.bad_frames.inc();
                 tracing::warn!(command_id = %id, "result for a command never written on this port dropped");
             }
         }
@@ -489,7 +419,7 @@ impl Bus<'_> {
             return Ok(());
         }
         line.read_buffer_mut().advance(1);
-        Counters::bump(&self.port.counters.bad_frames);
+        self.port.counters.bad_frames.inc();
         let mut codec = FrameCodec::default();
         while let Ok(Some(item)) = codec.decode(line.read_buffer_mut()) {
             self.on_item(item, line).await?;
@@ -508,16 +438,15 @@ impl Bus<'_> {
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
-        let device = self.devices[index].id.clone();
-        if let Some(reason) = self.port.bridge.refusal(&cmd) {
-            self.undeliverable(cmd.id, &device, reason.into()).await;
+        if self.port.bridge.refused(&cmd).await {
             return Ok(());
         }
+        let device = self.devices[index].id.clone();
         let id = cmd.id;
         let bytes = match addressed_command(&device, cmd.id, cmd.name, cmd.payload_base64) {
             Ok(bytes) => bytes,
             Err(e) => {
-                self.undeliverable(id, &device, format!("cannot frame the command: {e}")).await;
+                self.port.bridge.undeliverable(id, &device, format!("cannot frame the command: {e}")).await;
                 return Ok(());
             }
         };
@@ -526,47 +455,27 @@ impl Bus<'_> {
         let stream = line.get_mut();
         stream.write_all(&bytes).await?;
         stream.flush().await?;
-        Counters::bump(&self.port.counters.commands_written);
+        self.port.counters.commands_written.inc();
+        tracing::debug!(command_id = %id, device_id = %device, "command frame written");
         self.port.ids.wrote(id, &device);
         self.port.bridge.report(id, &device, ReportKind::Delivered).await;
         let deadline = Instant::now() + self.port.spec.timeout;
         self.in_flight = Some(InFlight { id, device, deadline });
         Ok(())
     }
-
-    async fn undeliverable(&self, id: Uuid, device: &str, reason: String) {
-        Counters::bump(&self.port.counters.undeliverable);
-        self.port.bridge.report(id, device, ReportKind::Undeliverable { reason }).await;
-    }
 }
 
 /// The bytes for one request: HELLO naming `device`, then the COMMAND.
 fn addressed_command(
-    device: &str,
+    device: &DeviceId,
     id: Uuid,
     name: String,
     payload: Vec<u8>,
 ) -> Result<BytesMut, EncodeError> {
     let mut bytes = BytesMut::new();
-    frame::encode(&Frame::Hello { device_id: device.to_owned() }, &mut bytes, DEFAULT_MAX_BODY)?;
+    frame::encode(&Frame::Hello { device_id: device.clone() }, &mut bytes, DEFAULT_MAX_BODY)?;
     frame::encode(&Frame::Command { id, name, payload: payload.into() }, &mut bytes, DEFAULT_MAX_BODY)?;
     Ok(bytes)
-}
-
-/// The next queued command, scanning the devices round-robin from `start`, so
-/// a busy device cannot starve the others. Registers for wake-ups on every
-/// device's queue when none has one.
-fn poll_next(devices: &mut [BusDevice], start: usize, cx: &mut Context<'_>) -> Poll<Next> {
-    let n = devices.len();
-    for k in 0..n {
-        let index = (start + k) % n;
-        match devices[index].commands.poll_recv(cx) {
-            Poll::Ready(Some(cmd)) => return Poll::Ready(Next::Command(index, cmd)),
-            Poll::Ready(None) => return Poll::Ready(Next::Replaced(index)),
-            Poll::Pending => {}
-        }
-    }
-    Poll::Pending
 }
 
 fn into_io(error: EncodeError) -> std::io::Error {
@@ -579,6 +488,7 @@ fn into_io(error: EncodeError) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::serial_line::Parity;
 
     fn spec(text: &str) -> PortSpec {
         text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
@@ -587,28 +497,31 @@ mod tests {
     #[test]
     fn path_baud_and_ids() {
         let s = spec("/dev/ttyUSB0:115200:dev-1,dev-2");
-        assert_eq!((s.path.as_str(), s.baud), ("/dev/ttyUSB0", 115200));
+        assert_eq!((s.line.path.as_str(), s.line.baud), ("/dev/ttyUSB0", 115200));
         assert_eq!(s.devices, ["dev-1", "dev-2"]);
-        assert_eq!((s.data_bits, s.parity, s.stop_bits), (DataBits::Eight, Parity::None, StopBits::One));
+        assert_eq!(s.line.format.to_string(), "8N1");
         assert_eq!(s.timeout, DEFAULT_REQUEST_TIMEOUT);
     }
 
     #[test]
     fn frame_format_and_timeout() {
         let s = spec("/dev/ttyUSB0:9600,7e2,timeout=500:dev-1");
-        assert_eq!((s.data_bits, s.parity, s.stop_bits), (DataBits::Seven, Parity::Even, StopBits::Two));
+        assert_eq!(s.line.format.to_string(), "7E2");
         assert_eq!(s.timeout, Duration::from_millis(500));
         let s = spec("/dev/ttyS1:19200,timeout=50,8O1");
-        assert_eq!((s.parity, s.timeout), (Parity::Odd, Duration::from_millis(50)));
+        assert_eq!((s.line.format.parity(), s.timeout), (Parity::Odd, Duration::from_millis(50)));
         assert!(s.devices.is_empty());
     }
 
     #[test]
     fn paths_may_contain_colons_and_ids_may_look_like_numbers() {
         let s = spec("/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.0-port0:115200");
-        assert_eq!(s.path, "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.0-port0");
+        assert_eq!(s.line.path, "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.0-port0");
         let s = spec("/dev/ttyS0:9600:1234");
-        assert_eq!((s.baud, s.devices.as_slice()), (9600, ["1234".to_owned()].as_slice()));
+        assert_eq!(
+            (s.line.baud, s.devices.as_slice()),
+            (9600, [DeviceId::parse("1234").unwrap()].as_slice())
+        );
     }
 
     #[test]
@@ -628,47 +541,13 @@ mod tests {
     fn results_are_forwarded_once_per_write_and_only_for_known_ids() {
         let mut ids = IdMemory::default();
         let id = Uuid::from_u128(1);
+        let d = DeviceId::parse("d").unwrap();
+        let answer = |ids: &mut IdMemory| ids.answer(id).map(String::from);
         assert!(matches!(ids.answer(id), Err(Unforwarded::Unknown)));
-        ids.wrote(id, "d");
-        assert_eq!(ids.answer(id).ok(), Some("d"));
-        assert!(matches!(ids.answer(id), Err(Unforwarded::Duplicate)));
-        ids.wrote(id, "d");
-        assert_eq!(ids.answer(id).ok(), Some("d"), "a re-send's answer goes through");
-    }
-
-    #[test]
-    fn round_robin_starts_after_the_last_served_device() {
-        let waker = futures::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        let mut devices = Vec::new();
-        let mut senders = Vec::new();
-        for i in 0..3 {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            senders.push(tx);
-            devices.push(BusDevice { id: format!("d{i}"), conn: i, commands: rx });
-        }
-        let msg = |device: &str| CommandMessage {
-            id: Uuid::now_v7(),
-            device_id: device.into(),
-            name: "x".into(),
-            payload_base64: Vec::new(),
-            attempt: 1,
-            expires_at_ms: i64::MAX,
-        };
-        for _ in 0..2 {
-            senders[0].try_send(msg("d0")).unwrap();
-        }
-        senders[2].try_send(msg("d2")).unwrap();
-        let order: Vec<usize> = [0, 1, 0]
-            .iter()
-            .scan(0, |start, _| match poll_next(&mut devices, *start, &mut cx) {
-                Poll::Ready(Next::Command(i, _)) => {
-                    *start = i + 1;
-                    Some(i)
-                }
-                _ => None,
-            })
-            .collect();
-        assert_eq!(order, [0, 2, 0]);
+        ids.wrote(id, &d);
+        assert_eq!(answer(&mut ids).ok().as_deref(), Some("d"));
+        assert!(matches!(ids.answer(id), Err(Unforwarded::Duplicate(_))));
+        ids.wrote(id, &d);
+        assert_eq!(answer(&mut ids).ok().as_deref(), Some("d"), "a re-send's answer goes through");
     }
 }

@@ -13,13 +13,13 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::bridge::Bridge;
-use crate::recent::RecentIds;
 use crate::{sleep_until, Counters};
+use plumbing::memory::RecentIds;
 use protocol::envelope::{CommandMessage, ReportKind};
-use protocol::{Frame, FrameCodec};
-use uuid::Uuid;
+use protocol::{DeviceId, Frame, FrameCodec};
 
 /// A device must name itself this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +32,8 @@ const ANSWERED_MEMORY: usize = 4096;
 /// result within that time says "delivered" too, so a quick device costs one
 /// report (one message, one row update at the gateway) instead of two.
 const DELIVERED_HOLD: Duration = Duration::from_millis(20);
+
+type Socket = Framed<TcpStream, FrameCodec>;
 
 /// Accepts device connections until shutdown.
 pub(crate) async fn serve(
@@ -82,11 +84,12 @@ impl Connection {
         let device_id = match tokio::time::timeout(HELLO_TIMEOUT, self.hello(&mut framed)).await {
             Ok(Some(id)) => id,
             Ok(None) | Err(_) => {
-                Counters::bump(&self.counters.connections_rejected);
+                self.counters.connections_rejected.inc();
                 tracing::info!(%peer, "connection closed: no valid HELLO");
                 return;
             }
         };
+        // Every event of this connection, each command's included, carries the device id.
         let span = tracing::info_span!("device", %device_id, %peer);
         async {
             tracing::info!("device connected");
@@ -104,15 +107,13 @@ impl Connection {
     }
 
     /// Reads up to the first HELLO; `None` if the peer is not a device.
-    async fn hello(&self, framed: &mut Framed<TcpStream, FrameCodec>) -> Option<String> {
+    async fn hello(&self, framed: &mut Socket) -> Option<DeviceId> {
         let mut bad = 0;
         while let Some(item) = framed.next().await {
             match item.ok()? {
-                Ok(Frame::Hello { device_id }) if protocol::topics::is_valid_device_id(&device_id) => {
-                    return Some(device_id)
-                }
+                Ok(Frame::Hello { device_id }) => return Some(device_id),
                 _ => {
-                    Counters::bump(&self.counters.bad_frames);
+                    self.counters.bad_frames.inc();
                     bad += 1;
                     if bad >= BAD_FRAMES_BEFORE_HELLO {
                         return None;
@@ -127,8 +128,8 @@ impl Connection {
     /// back then is sent (the frame was written).
     async fn serve(
         &self,
-        device_id: &str,
-        framed: Framed<TcpStream, FrameCodec>,
+        device_id: &DeviceId,
+        framed: Socket,
         commands: tokio::sync::mpsc::Receiver<CommandMessage>,
         shutdown: CancellationToken,
     ) {
@@ -141,8 +142,8 @@ impl Connection {
 
     async fn serve_until_gone(
         &self,
-        device_id: &str,
-        mut framed: Framed<TcpStream, FrameCodec>,
+        device_id: &DeviceId,
+        mut framed: Socket,
         mut commands: tokio::sync::mpsc::Receiver<CommandMessage>,
         held: &mut VecDeque<(Uuid, Instant)>,
         shutdown: CancellationToken,
@@ -163,7 +164,7 @@ impl Connection {
                     // None: a newer connection of the same device took over.
                     let Some(cmd) = cmd else { return };
                     // A re-sent command's answer must go through again.
-                    answered.forget(cmd.id);
+                    answered.forget(&cmd.id);
                     match self.write_command(device_id, &mut framed, cmd).await {
                         Written::Yes(id) => held.push_back((id, Instant::now())),
                         Written::Refused => {}
@@ -182,7 +183,7 @@ impl Connection {
                         }
                     }
                     Some(Ok(Err(e))) => {
-                        Counters::bump(&self.counters.bad_frames);
+                        self.counters.bad_frames.inc();
                         tracing::debug!(error = %e, "bad frame dropped");
                     }
                 },
@@ -191,31 +192,24 @@ impl Connection {
     }
 
     /// Writes one command frame; the caller then owes its `delivered` report.
-    async fn write_command(
-        &self,
-        device_id: &str,
-        framed: &mut Framed<TcpStream, FrameCodec>,
-        cmd: CommandMessage,
-    ) -> Written {
-        if let Some(reason) = self.bridge.refusal(&cmd) {
-            Counters::bump(&self.counters.undeliverable);
-            self.bridge.report(cmd.id, device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
+    async fn write_command(&self, device_id: &DeviceId, framed: &mut Socket, cmd: CommandMessage) -> Written {
+        if self.bridge.refused(&cmd).await {
             return Written::Refused;
         }
-        let frame = Frame::Command { id: cmd.id, name: cmd.name, payload: cmd.payload_base64.into() };
+        let id = cmd.id;
+        let frame = Frame::Command { id, name: cmd.name, payload: cmd.payload_base64.into() };
         match framed.send(&frame).await {
             Ok(()) => {
-                Counters::bump(&self.counters.commands_written);
-                Written::Yes(cmd.id)
+                self.counters.commands_written.inc();
+                tracing::debug!(command_id = %id, "command frame written");
+                Written::Yes(id)
             }
             Err(protocol::frame::EncodeError::Io(e)) => {
-                tracing::info!(command_id = %cmd.id, error = %e, "write failed; not delivered");
+                tracing::info!(command_id = %id, error = %e, "write failed; not delivered");
                 Written::Gone
             }
             Err(e) => {
-                Counters::bump(&self.counters.undeliverable);
-                let kind = ReportKind::Undeliverable { reason: format!("cannot frame the command: {e}") };
-                self.bridge.report(cmd.id, device_id, kind).await;
+                self.bridge.undeliverable(id, device_id, format!("cannot frame the command: {e}")).await;
                 Written::Refused
             }
         }
@@ -224,27 +218,26 @@ impl Connection {
     /// Handles one frame from the device. False if the socket is gone.
     async fn on_frame(
         &self,
-        device_id: &str,
-        framed: &mut Framed<TcpStream, FrameCodec>,
-        answered: &mut RecentIds,
+        device_id: &DeviceId,
+        framed: &mut Socket,
+        answered: &mut RecentIds<Uuid>,
         frame: Frame,
     ) -> bool {
         match frame {
             Frame::Result { id, code, payload } => {
-                if !answered.insert(id) {
-                    Counters::bump(&self.counters.duplicate_results);
+                tracing::debug!(command_id = %id, code, "result frame read");
+                if !answered.insert(id, ()) {
+                    self.counters.duplicate_results.inc();
                     tracing::debug!(command_id = %id, "duplicate result dropped");
                     return true;
                 }
-                Counters::bump(&self.counters.results_forwarded);
-                let kind = ReportKind::Result { code, payload_base64: payload.to_vec() };
-                self.bridge.report(id, device_id, kind).await;
+                self.bridge.result(id, device_id, code, payload.to_vec()).await;
                 true
             }
             Frame::Ping => framed.send(&Frame::Pong).await.is_ok(),
             Frame::Pong => true,
             Frame::Hello { .. } | Frame::Command { .. } => {
-                Counters::bump(&self.counters.bad_frames);
+                self.counters.bad_frames.inc();
                 true
             }
         }
