@@ -121,11 +121,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         None => None,
     };
     let bridge = bridge::Bridge::start(&config, &broker, counters.clone(), &shutdown, &tasks);
-    tasks.spawn(tcp::serve(listener, bridge.clone(), counters.clone(), shutdown.clone(), tasks.clone()));
-    serial::start(&config.serial, &bridge, &counters, &shutdown, &tasks)?;
-    modbus::start(&config.modbus, &bridge, &counters, &shutdown, &tasks)?;
+    let env = Env { bridge: bridge.clone(), counters: counters.clone(), shutdown, tasks: tasks.clone() };
+    tasks.spawn(tcp::serve(listener, env.clone()));
+    serial::start(&config.serial, &env)?;
+    modbus::start(&config.modbus, &env)?;
     tracing::info!(%tcp_addr, ?metrics_addr, %broker, receiver_id = %config.receiver_id, "receiver started");
     Ok(Running { tcp_addr, metrics_addr, counters, bridge, tasks })
+}
+
+/// What every device transport (TCP, serial, Modbus) runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Env {
+    /// Where commands come from and reports go.
+    pub(crate) bridge: bridge::Bridge,
+    pub(crate) counters: Arc<Counters>,
+    /// Cancelled when the receiver stops.
+    pub(crate) shutdown: CancellationToken,
+    /// Where the transport's tasks go, so `Running::stopped` waits for them.
+    pub(crate) tasks: TaskTracker,
 }
 
 impl Running {
@@ -143,4 +156,15 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// `text` parsed as a `T`, or a panic showing the text and why (the tests of
+/// the `--serial` and `--modbus` spec parsers).
+#[cfg(test)]
+pub(crate) fn parsed<T>(text: &str) -> T
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
 }

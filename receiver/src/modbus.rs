@@ -33,14 +33,13 @@ use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_serial::{ClearBuffer, SerialPort};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
 use crate::line::SerialLine;
 use crate::turns::Turns;
-use crate::Counters;
+use crate::{Counters, Env};
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::{DeviceId, SerialFormat};
 
@@ -356,18 +355,12 @@ fn exception_result(e: ExceptionCode) -> (i32, serde_json::Value) {
 }
 
 /// Starts one task per bus; fails on a bad spec or a device id given twice.
-pub fn start(
-    specs: &[String],
-    bridge: &Bridge,
-    counters: &Arc<Counters>,
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-) -> anyhow::Result<()> {
+pub(crate) fn start(specs: &[String], env: &Env) -> anyhow::Result<()> {
     let parsed = specs.iter().map(|s| s.parse()).collect::<Result<Vec<DeviceSpec>, _>>()?;
     for bus in group(parsed)? {
         let span = tracing::info_span!("modbus", bus = %bus.link);
-        let bus = Bus::new(bus.link, bus.devices, bridge.clone(), counters.clone());
-        tasks.spawn(bus.run(shutdown.clone()).instrument(span));
+        let bus = Bus::new(bus.link, bus.devices, env.bridge.clone(), env.counters.clone());
+        env.tasks.spawn(bus.run(env.shutdown.clone()).instrument(span));
     }
     Ok(())
 }
@@ -693,19 +686,16 @@ async fn connect(link: &Link, timeout: Duration) -> io::Result<Context> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parsed;
     use protocol::serial_line::Parity;
-
-    fn spec(s: &str) -> DeviceSpec {
-        s.parse().unwrap_or_else(|e| panic!("{e}"))
-    }
 
     #[test]
     fn tcp_spec() {
-        let d = spec("meter-1=tcp://127.0.0.1:5020/1");
+        let d: DeviceSpec = parsed("meter-1=tcp://127.0.0.1:5020/1");
         assert_eq!(d.device_id, "meter-1");
         assert_eq!(d.link, Link::Tcp("127.0.0.1:5020".into()));
         assert_eq!((d.unit, d.timeout, d.probe_every), (1, DEFAULT_TIMEOUT, DEFAULT_PROBE));
-        let d = spec("m=tcp://plc.local:502/0?timeout_ms=250&probe_ms=5000");
+        let d: DeviceSpec = parsed("m=tcp://plc.local:502/0?timeout_ms=250&probe_ms=5000");
         assert_eq!(
             (d.unit, d.timeout, d.probe_every),
             (0, Duration::from_millis(250), Duration::from_secs(5))
@@ -714,16 +704,16 @@ mod tests {
 
     #[test]
     fn rtu_spec() {
-        let d = spec("pump-2=rtu:///dev/ttyUSB0:9600,7O2/3");
+        let d: DeviceSpec = parsed("pump-2=rtu:///dev/ttyUSB0:9600,7O2/3");
         let line = SerialLine { path: "/dev/ttyUSB0".into(), baud: 9600, format: "7O2".parse().unwrap() };
         assert_eq!((d.link, d.unit), (Link::Rtu(line), 3));
-        let d = spec("p=rtu:///dev/ttyS1/247");
+        let d: DeviceSpec = parsed("p=rtu:///dev/ttyS1/247");
         let Link::Rtu(line) = d.link else { panic!("rtu") };
         assert_eq!(
             (line.path.as_str(), line.baud, line.format.parity()),
             ("/dev/ttyS1", 19200, Parity::Even)
         );
-        assert_eq!(spec("p=rtu:///tmp/a:115200/1").link.key(), "/tmp/a");
+        assert_eq!(parsed::<DeviceSpec>("p=rtu:///tmp/a:115200/1").link.key(), "/tmp/a");
     }
 
     #[test]
@@ -748,14 +738,14 @@ mod tests {
     #[test]
     fn grouping_into_buses() {
         let specs = ["a=rtu:///tmp/p:9600/1", "b=rtu:///tmp/p:9600/2", "c=tcp://h:1/1", "d=tcp://h:1/2"];
-        let buses = group(specs.iter().map(|s| spec(s)).collect()).unwrap();
+        let buses = group(specs.iter().map(|s| parsed(s)).collect()).unwrap();
         assert_eq!(buses.iter().map(|b| b.devices.len()).collect::<Vec<_>>(), [2, 2]);
         for clash in [
             ["a=rtu:///tmp/p:9600/1", "b=rtu:///tmp/p:19200/2"],
             ["a=rtu:///tmp/p:9600/1", "b=rtu:///tmp/p:9600/1"],
             ["a=tcp://h:1/1", "a=tcp://h:2/1"],
         ] {
-            assert!(group(clash.iter().map(|s| spec(s)).collect()).is_err(), "{clash:?}");
+            assert!(group(clash.iter().map(|s| parsed(s)).collect()).is_err(), "{clash:?}");
         }
     }
 

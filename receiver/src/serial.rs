@@ -24,14 +24,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
 use crate::line::SerialLine;
 use crate::turns::Turns;
-use crate::{sleep_until, Counters};
+use crate::{sleep_until, Counters, Env};
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::frame::{self, EncodeError, DEFAULT_MAX_BODY};
 use protocol::{DeviceId, Frame, FrameCodec, FrameError, SerialFormat};
@@ -150,22 +149,20 @@ impl FromStr for PortSpec {
 
 /// Parses every spec, then starts one task per port. A bad spec fails start-up;
 /// a port that cannot be opened does not (it is retried with backoff).
-pub fn start(
-    specs: &[String],
-    bridge: &Bridge,
-    counters: &Arc<Counters>,
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-) -> anyhow::Result<()> {
+pub(crate) fn start(specs: &[String], env: &Env) -> anyhow::Result<()> {
     let ports = specs
         .iter()
         .map(|s| s.parse::<PortSpec>().map_err(|e| anyhow::anyhow!("--serial {s:?}: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for spec in ports {
         let span = tracing::info_span!("serial", port = %spec.line.path);
-        let port =
-            Port { spec, bridge: bridge.clone(), counters: counters.clone(), ids: IdMemory::default() };
-        tasks.spawn(port.run(shutdown.clone()).instrument(span));
+        let port = Port {
+            spec,
+            bridge: env.bridge.clone(),
+            counters: env.counters.clone(),
+            ids: IdMemory::default(),
+        };
+        env.tasks.spawn(port.run(env.shutdown.clone()).instrument(span));
     }
     Ok(())
 }
@@ -488,15 +485,12 @@ fn into_io(error: EncodeError) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parsed;
     use protocol::serial_line::Parity;
-
-    fn spec(text: &str) -> PortSpec {
-        text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
-    }
 
     #[test]
     fn path_baud_and_ids() {
-        let s = spec("/dev/ttyUSB0:115200:dev-1,dev-2");
+        let s: PortSpec = parsed("/dev/ttyUSB0:115200:dev-1,dev-2");
         assert_eq!((s.line.path.as_str(), s.line.baud), ("/dev/ttyUSB0", 115200));
         assert_eq!(s.devices, ["dev-1", "dev-2"]);
         assert_eq!(s.line.format.to_string(), "8N1");
@@ -505,19 +499,19 @@ mod tests {
 
     #[test]
     fn frame_format_and_timeout() {
-        let s = spec("/dev/ttyUSB0:9600,7e2,timeout=500:dev-1");
+        let s: PortSpec = parsed("/dev/ttyUSB0:9600,7e2,timeout=500:dev-1");
         assert_eq!(s.line.format.to_string(), "7E2");
         assert_eq!(s.timeout, Duration::from_millis(500));
-        let s = spec("/dev/ttyS1:19200,timeout=50,8O1");
+        let s: PortSpec = parsed("/dev/ttyS1:19200,timeout=50,8O1");
         assert_eq!((s.line.format.parity(), s.timeout), (Parity::Odd, Duration::from_millis(50)));
         assert!(s.devices.is_empty());
     }
 
     #[test]
     fn paths_may_contain_colons_and_ids_may_look_like_numbers() {
-        let s = spec("/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.0-port0:115200");
+        let s: PortSpec = parsed("/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.0-port0:115200");
         assert_eq!(s.line.path, "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.0-port0");
-        let s = spec("/dev/ttyS0:9600:1234");
+        let s: PortSpec = parsed("/dev/ttyS0:9600:1234");
         assert_eq!(
             (s.line.baud, s.devices.as_slice()),
             (9600, [DeviceId::parse("1234").unwrap()].as_slice())

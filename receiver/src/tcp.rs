@@ -11,12 +11,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bridge::Bridge;
-use crate::{sleep_until, Counters};
+use crate::{sleep_until, Counters, Env};
 use plumbing::memory::RecentIds;
 use protocol::envelope::{CommandMessage, ReportKind};
 use protocol::{DeviceId, Frame, FrameCodec};
@@ -36,13 +35,8 @@ const DELIVERED_HOLD: Duration = Duration::from_millis(20);
 type Socket = Framed<TcpStream, FrameCodec>;
 
 /// Accepts device connections until shutdown.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    bridge: Bridge,
-    counters: Arc<Counters>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
+pub(crate) async fn serve(listener: TcpListener, env: Env) {
+    let Env { bridge, counters, shutdown, tasks } = env;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
