@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use protocol::frame::MAX_DEVICE_ID_LEN;
+use protocol::DeviceId;
 
 /// Everything a [`crate::Fleet`] needs; built once and handed over.
 #[derive(Debug, Clone)]
@@ -51,26 +51,40 @@ impl Default for FleetConfig {
 }
 
 impl FleetConfig {
-    /// The ids of the devices this config describes, in index order.
-    pub fn device_ids(&self) -> Vec<String> {
-        (self.id_start..self.id_start + self.devices).map(|index| device_id(&self.id_prefix, index)).collect()
+    /// The ids of the devices this config describes, in index order. Fails
+    /// on the first that is not a valid [`DeviceId`] (a prefix with a space
+    /// or a `/`, or too long for a HELLO frame).
+    pub fn device_ids(&self) -> Result<Vec<DeviceId>, ConfigError> {
+        (self.id_start..self.id_start + self.devices)
+            .map(|index| checked_id(&self.id_prefix, index))
+            .collect()
     }
 
     /// Checks what [`crate::Fleet::start`] would otherwise have to quietly fix
-    /// or could not use (an id too long for a HELLO frame).
+    /// or could not use (an id a HELLO frame cannot carry).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_fail_ratio(self.fail_ratio)?;
-        check_drop_ratio(self.drop_ratio)?;
+        check_probability(self.fail_ratio, ConfigError::FailRatioRange)?;
+        check_probability(self.drop_ratio, ConfigError::DropRatioRange)?;
         check_latency(self.latency_ms)?;
         if let Some(churn) = self.churn_ms {
             check_churn(churn)?;
         }
-        let last = device_id(&self.id_prefix, self.id_start + self.devices.max(1) - 1);
-        if last.len() > MAX_DEVICE_ID_LEN {
-            return Err(ConfigError::DeviceIdTooLong(last));
-        }
+        // The ids differ only in their digits, and the last is the longest.
+        checked_id(&self.id_prefix, self.id_start + self.devices.max(1) - 1)?;
         Ok(())
     }
+}
+
+/// [`device_id`], parsed.
+fn checked_id(prefix: &str, index: usize) -> Result<DeviceId, ConfigError> {
+    let id = device_id(prefix, index);
+    DeviceId::parse(&id).map_err(|_| {
+        if id.len() > DeviceId::MAX_LEN {
+            ConfigError::DeviceIdTooLong(id)
+        } else {
+            ConfigError::InvalidDeviceId(id)
+        }
+    })
 }
 
 /// A configuration value that cannot be used.
@@ -94,8 +108,10 @@ pub enum ConfigError {
     ChurnOrder(u64, u64),
     #[error("churn time must be at least 1 ms (a device would drop every connection at once)")]
     ChurnZero,
-    #[error("device id {0:?} is longer than {MAX_DEVICE_ID_LEN} bytes")]
+    #[error("device id {0:?} is longer than {max} bytes", max = DeviceId::MAX_LEN)]
     DeviceIdTooLong(String),
+    #[error("device id {0:?} is not 1 to 128 characters of A-Z a-z 0-9 - _ . :")]
+    InvalidDeviceId(String),
 }
 
 /// `<prefix><index>`, the index zero-padded to 4 digits: `dev-0007`.
@@ -105,44 +121,51 @@ pub fn device_id(prefix: &str, index: usize) -> String {
 
 /// Parses `A..B` (milliseconds, inclusive) or a single `A` meaning `A..A`.
 pub fn parse_latency_ms(text: &str) -> Result<(u64, u64), ConfigError> {
-    let range = parse_range(text).ok_or_else(|| ConfigError::BadLatency(text.to_owned()))?;
-    check_latency(range)?;
-    Ok(range)
+    parse_checked_range(text, ConfigError::BadLatency, check_latency)
 }
 
 /// Parses the time to a forced disconnect like [`parse_latency_ms`]; the
 /// minimum must be at least 1 ms.
 pub fn parse_churn_ms(text: &str) -> Result<(u64, u64), ConfigError> {
-    let range = parse_range(text).ok_or_else(|| ConfigError::BadChurn(text.to_owned()))?;
-    check_churn(range)?;
-    Ok(range)
+    parse_checked_range(text, ConfigError::BadChurn, check_churn)
 }
 
 /// Parses a probability in `0.0..=1.0`.
 pub fn parse_fail_ratio(text: &str) -> Result<f64, ConfigError> {
-    let ratio = parse_ratio(text).ok_or_else(|| ConfigError::BadFailRatio(text.to_owned()))?;
-    check_fail_ratio(ratio)?;
-    Ok(ratio)
+    parse_probability(text, ConfigError::BadFailRatio, ConfigError::FailRatioRange)
 }
 
 /// Parses a probability in `0.0..=1.0`.
 pub fn parse_drop_ratio(text: &str) -> Result<f64, ConfigError> {
-    let ratio = parse_ratio(text).ok_or_else(|| ConfigError::BadDropRatio(text.to_owned()))?;
-    check_drop_ratio(ratio)?;
-    Ok(ratio)
+    parse_probability(text, ConfigError::BadDropRatio, ConfigError::DropRatioRange)
 }
 
-/// `A..B`, `A..=B` or `A`, unchecked; `None` if it is none of these.
-fn parse_range(text: &str) -> Option<(u64, u64)> {
+/// A range of milliseconds from `text` that `check` accepts; `not_a_range`
+/// names the setting when `text` is not `A..B`, `A..=B` or `A`.
+fn parse_checked_range(
+    text: &str,
+    not_a_range: fn(String) -> ConfigError,
+    check: fn((u64, u64)) -> Result<(), ConfigError>,
+) -> Result<(u64, u64), ConfigError> {
     let number = |s: &str| s.trim().parse::<u64>().ok();
-    match text.split_once("..") {
-        Some((min, max)) => Some((number(min)?, number(max.trim_start_matches('='))?)),
+    let range = match text.split_once("..") {
+        Some((min, max)) => number(min).zip(number(max.trim_start_matches('='))),
         None => number(text).map(|single| (single, single)),
-    }
+    };
+    let range = range.ok_or_else(|| not_a_range(text.to_owned()))?;
+    check(range)?;
+    Ok(range)
 }
 
-fn parse_ratio(text: &str) -> Option<f64> {
-    text.trim().parse::<f64>().ok()
+/// A probability from `text`; the two errors name the setting.
+fn parse_probability(
+    text: &str,
+    not_a_number: fn(String) -> ConfigError,
+    out_of_range: fn(f64) -> ConfigError,
+) -> Result<f64, ConfigError> {
+    let ratio = text.trim().parse::<f64>().map_err(|_| not_a_number(text.to_owned()))?;
+    check_probability(ratio, out_of_range)?;
+    Ok(ratio)
 }
 
 fn check_latency((min, max): (u64, u64)) -> Result<(), ConfigError> {
@@ -162,23 +185,12 @@ fn check_churn((min, max): (u64, u64)) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn check_fail_ratio(ratio: f64) -> Result<(), ConfigError> {
-    if !is_probability(ratio) {
-        return Err(ConfigError::FailRatioRange(ratio));
+/// `ratio` if it is in `0.0..=1.0` (not NaN), else `out_of_range(ratio)`.
+fn check_probability(ratio: f64, out_of_range: fn(f64) -> ConfigError) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(out_of_range(ratio));
     }
     Ok(())
-}
-
-fn check_drop_ratio(ratio: f64) -> Result<(), ConfigError> {
-    if !is_probability(ratio) {
-        return Err(ConfigError::DropRatioRange(ratio));
-    }
-    Ok(())
-}
-
-/// False for NaN too.
-fn is_probability(ratio: f64) -> bool {
-    (0.0..=1.0).contains(&ratio)
 }
 
 #[cfg(test)]
@@ -191,7 +203,7 @@ mod tests {
         assert_eq!(device_id("dev-", 42), "dev-0042");
         assert_eq!(device_id("x", 12345), "x12345");
         let config = FleetConfig { devices: 2, id_start: 9, ..FleetConfig::default() };
-        assert_eq!(config.device_ids(), ["dev-0009", "dev-0010"]);
+        assert_eq!(config.device_ids().unwrap(), ["dev-0009", "dev-0010"]);
     }
 
     #[test]
@@ -250,5 +262,7 @@ mod tests {
         let config = FleetConfig { id_prefix: "p".repeat(130), ..FleetConfig::default() };
         assert!(matches!(config.validate(), Err(ConfigError::DeviceIdTooLong(_))));
         assert_eq!(FleetConfig::default().validate(), Ok(()));
+        let config = FleetConfig { id_prefix: "a/".into(), ..FleetConfig::default() };
+        assert_eq!(config.validate(), Err(ConfigError::InvalidDeviceId("a/0000".into())));
     }
 }

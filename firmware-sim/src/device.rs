@@ -1,41 +1,39 @@
-//! One simulated device: connect (with backoff), say HELLO, then serve frames
-//! until the connection drops or the fleet shuts down; again and again.
+//! One simulated device on TCP: connect (with backoff), say HELLO, then serve
+//! frames until the connection drops or the fleet shuts down; again and again.
 //!
-//! Commands run one at a time, in arrival order, from a small queue. PINGs are
-//! answered at once, even while a command is "executing". The command memory
-//! and counters belong to the device, not the connection, so they survive
-//! reconnects.
+//! Commands are handled by the device's [`Firmware`] (one at a time, in
+//! arrival order, from a small queue); PINGs are answered at once, even while
+//! a command is "executing". The firmware, with its memory and counters,
+//! belongs to the device, not the connection, so it survives reconnects.
 //!
 //! Faults on demand: `drop_ratio` loses commands with a new id before they
-//! are looked at, `churn_ms` makes the device hang up on its own.
+//! are looked at (in the firmware), `churn_ms` makes the device hang up on its own.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use plumbing::backoff::Backoff;
 use protocol::frame::EncodeError;
-use protocol::{Frame, FrameCodec, FrameError};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use protocol::{DeviceId, Frame, FrameCodec, FrameError};
+use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::execute::{execute, requested_delay};
-use crate::memory::{Answer, CommandMemory};
+use crate::firmware::{sleep_until, Behaviour, Firmware};
+use crate::memory::Answer;
 use crate::stats::DeviceCounters;
-use crate::FleetConfig;
 
 /// Commands waiting behind the one executing. When full, the device stops
 /// reading, so a flooding receiver is held back by TCP rather than by memory.
 const MAX_QUEUED_COMMANDS: usize = 64;
 /// Give up on a connect attempt after this long and back off.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// First reconnect delay; doubled per failure up to [`MAX_BACKOFF`].
+/// First reconnect delay; doubled per failure up to [`MAX_BACKOFF`], with
+/// jitter so a fleet that lost its receiver does not knock on its door in lockstep.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -56,102 +54,39 @@ enum SessionEnd {
     Write(#[from] EncodeError),
 }
 
-/// A command taken off the wire, not yet looked at.
-#[derive(Debug)]
-struct Incoming {
-    id: Uuid,
-    name: String,
-    payload: Bytes,
-}
-
-/// The command being executed and when it will be done.
-#[derive(Debug)]
-struct InFlight {
-    command: Incoming,
-    done_at: Instant,
-}
-
-/// The knobs a device reads from the fleet config.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Behaviour {
-    connect: std::net::SocketAddr,
-    pub(crate) fail_ratio: f64,
-    pub(crate) latency_ms: (u64, u64),
-    pub(crate) duplicate_results: bool,
-    pub(crate) drop_ratio: f64,
-    churn_ms: Option<(u64, u64)>,
-}
-
-impl Behaviour {
-    /// Takes the config as given, but never panics on it: a NaN or
-    /// out-of-range ratio is clamped and a reversed range is reordered.
-    pub(crate) fn from_config(config: &FleetConfig) -> Self {
-        Self {
-            connect: config.connect,
-            fail_ratio: probability(config.fail_ratio),
-            latency_ms: ordered(config.latency_ms),
-            duplicate_results: config.duplicate_results,
-            drop_ratio: probability(config.drop_ratio),
-            churn_ms: config.churn_ms.map(ordered),
-        }
-    }
-}
-
-pub(crate) fn probability(ratio: f64) -> f64 {
-    if ratio.is_nan() {
-        0.0
-    } else {
-        ratio.clamp(0.0, 1.0)
-    }
-}
-
-fn ordered((a, b): (u64, u64)) -> (u64, u64) {
-    (a.min(b), a.max(b))
+/// The delays between reconnects.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF)
 }
 
 /// A device and everything it keeps between connections.
 pub(crate) struct Device {
-    id: String,
-    behaviour: Arc<Behaviour>,
-    counters: DeviceCounters,
-    memory: CommandMemory,
-    rng: StdRng,
-    queue: VecDeque<Incoming>,
-    in_flight: Option<InFlight>,
+    firmware: Firmware,
 }
 
 impl Device {
-    pub(crate) fn new(id: String, behaviour: Arc<Behaviour>, counters: DeviceCounters) -> Self {
-        Self {
-            id,
-            behaviour,
-            counters,
-            memory: CommandMemory::default(),
-            rng: StdRng::from_entropy(),
-            queue: VecDeque::new(),
-            in_flight: None,
-        }
+    pub(crate) fn new(id: DeviceId, behaviour: Arc<Behaviour>, counters: DeviceCounters) -> Self {
+        Self { firmware: Firmware::new(id, behaviour, counters) }
     }
 
     /// Connects, serves, reconnects with backoff, until `shutdown`.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         while !shutdown.is_cancelled() {
             match self.connect(&shutdown).await {
                 Ok(Some(conn)) => {
                     backoff.reset();
                     let end = self.serve(conn, &shutdown).await;
-                    self.counters.set_connected(false);
+                    self.firmware.counters().set_connected(false);
                     tracing::info!(reason = %end, "disconnected");
                     self.after_disconnect(&shutdown).await;
                 }
                 Ok(None) => break,
                 Err(error) => tracing::debug!(%error, "connect failed"),
             }
-            let delay = backoff.next_delay(&mut self.rng);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
         tracing::debug!("device stopped");
@@ -159,7 +94,8 @@ impl Device {
 
     /// A framed connection, `None` on shutdown.
     async fn connect(&self, shutdown: &CancellationToken) -> std::io::Result<Option<Connection>> {
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.behaviour.connect));
+        let addr = self.firmware.behaviour().connect;
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             result = attempt => result.map_err(|_| std::io::ErrorKind::TimedOut)??,
@@ -173,15 +109,15 @@ impl Device {
     /// Says HELLO, then serves frames until the connection ends.
     async fn serve(&mut self, mut conn: Connection, shutdown: &CancellationToken) -> SessionEnd {
         // Counted before the HELLO goes out, so whoever reads the HELLO also sees the connect.
-        self.counters.set_connected(true);
-        tracing::info!(addr = %self.behaviour.connect, "connected");
+        self.firmware.counters().set_connected(true);
+        tracing::info!(addr = %self.firmware.behaviour().connect, "connected");
         let churn_at = self.churn_deadline();
-        let hello = Frame::Hello { device_id: self.id.clone() };
+        let hello = Frame::Hello { device_id: self.firmware.id().clone() };
         if let Err(end) = send(&mut conn, hello, shutdown).await {
             return end;
         }
         loop {
-            if let Err(end) = self.answer_queued_duplicates(&mut conn, shutdown).await {
+            if let Err(end) = self.answer_queued_repeats(&mut conn, shutdown).await {
                 return end;
             }
             if let Err(end) = self.next_event(&mut conn, churn_at, shutdown).await {
@@ -192,8 +128,8 @@ impl Device {
 
     /// When this connection is to be dropped on purpose, if churn is on.
     fn churn_deadline(&mut self) -> Option<Instant> {
-        let (min, max) = self.behaviour.churn_ms?;
-        let after = Duration::from_millis(self.rng.gen_range(min..=max));
+        let (min, max) = self.firmware.behaviour().churn_ms?;
+        let after = Duration::from_millis(self.firmware.rng().gen_range(min..=max));
         Some(Instant::now() + after)
     }
 
@@ -205,16 +141,16 @@ impl Device {
         churn_at: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        let room = self.queue.len() < MAX_QUEUED_COMMANDS;
-        let done_at = self.in_flight.as_ref().map(|f| f.done_at);
+        let room = self.firmware.queued() < MAX_QUEUED_COMMANDS;
+        let done_at = self.firmware.done_at();
         // The waits are cancel-safe: `next()` keeps partial frames in the codec
-        // buffer, and the deadlines live in `self.in_flight` and the caller, not
+        // buffer, and the deadlines live in the firmware and the caller, not
         // in the futures. A churn only ends the connection between events, so a
         // finished command is always remembered before its RESULT is sent.
         tokio::select! {
             _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
             _ = sleep_until(churn_at) => {
-                self.counters.update(|s| s.churns += 1);
+                self.firmware.counters().update(|s| s.churns += 1);
                 Err(SessionEnd::Churn)
             }
             item = conn.next(), if room => match item {
@@ -223,7 +159,7 @@ impl Device {
                 Some(Ok(item)) => self.on_item(item, conn, shutdown).await,
             },
             _ = sleep_until(done_at) => {
-                match self.finish_in_flight() {
+                match self.firmware.finish() {
                     Some((id, answer)) => self.send_result(conn, id, answer, shutdown).await,
                     None => Ok(()),
                 }
@@ -238,7 +174,7 @@ impl Device {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         match item {
-            Ok(Frame::Command { id, name, payload }) => self.queue.push_back(Incoming { id, name, payload }),
+            Ok(Frame::Command { id, name, payload }) => self.firmware.receive(id, name, payload),
             Ok(Frame::Ping) => send(conn, Frame::Pong, shutdown).await?,
             Ok(other) => self.bad_frame(&format!("unexpected {other:?}")),
             Err(error) => self.bad_frame(&error.to_string()),
@@ -248,66 +184,20 @@ impl Device {
 
     fn bad_frame(&self, what: &str) {
         tracing::warn!(what, "bad frame ignored");
-        self.counters.update(|s| s.bad_frames += 1);
+        self.firmware.counters().update(|s| s.bad_frames += 1);
     }
 
-    /// Takes queued commands in order while the device is idle: repeats are
-    /// answered from memory, a new id is lost at `drop_ratio` or else starts
-    /// executing. Deciding here rather than on arrival means a repeat of the
-    /// running command is never "new": it waits for, and gets, its answer.
-    async fn answer_queued_duplicates(
+    /// Lets the firmware take its queued commands while idle, sending the
+    /// answers of repeats as it goes.
+    async fn answer_queued_repeats(
         &mut self,
         conn: &mut Connection,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        while self.in_flight.is_none() {
-            let Some(command) = self.queue.pop_front() else {
-                break;
-            };
-            match self.memory.answer(&command.id).cloned() {
-                Some(answer) => {
-                    tracing::info!(command_id = %command.id, "duplicate command, answering from memory");
-                    self.counters.update(|s| s.duplicates += 1);
-                    self.send_result(conn, command.id, answer, shutdown).await?;
-                }
-                None if self.rng.gen_bool(self.behaviour.drop_ratio) => self.lose(&command),
-                None => self.start(command),
-            }
+        while let Some((id, answer)) = self.firmware.take_queued() {
+            self.send_result(conn, id, answer, shutdown).await?;
         }
         Ok(())
-    }
-
-    /// Loses a command with a new id, as the line would: it is not run, not
-    /// remembered and not answered, so a re-send is new again.
-    fn lose(&self, command: &Incoming) {
-        tracing::info!(command_id = %command.id, "command dropped (drop ratio)");
-        self.counters.update(|s| s.dropped += 1);
-    }
-
-    fn start(&mut self, command: Incoming) {
-        tracing::debug!(command_id = %command.id, name = %command.name, "executing");
-        self.counters.update(|s| s.received += 1);
-        let (min, max) = self.behaviour.latency_ms;
-        let latency = Duration::from_millis(self.rng.gen_range(min..=max));
-        let done_at = Instant::now() + latency + requested_delay(&command.payload);
-        self.in_flight = Some(InFlight { command, done_at });
-    }
-
-    /// Completes the running command: its answer is decided, remembered and counted.
-    fn finish_in_flight(&mut self) -> Option<(Uuid, Answer)> {
-        let InFlight { command, .. } = self.in_flight.take()?;
-        let random_failure = self.rng.gen_bool(self.behaviour.fail_ratio);
-        let answer = execute(&self.id, &command.name, &command.payload, random_failure);
-        let repeated = self.memory.remember(command.id, answer.clone());
-        if repeated {
-            tracing::error!(command_id = %command.id, "command id executed a second time");
-        }
-        self.counters.update(|s| {
-            s.executed += 1;
-            s.failed += u64::from(answer.code != 0);
-            s.executed_ids_repeated += u64::from(repeated);
-        });
-        Some((command.id, answer))
     }
 
     async fn send_result(
@@ -317,25 +207,24 @@ impl Device {
         answer: Answer,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        let frame = Frame::Result { id, code: answer.code, payload: answer.payload };
-        if self.behaviour.duplicate_results {
-            send(conn, frame.clone(), shutdown).await?;
+        for frame in self.firmware.result_frames(id, answer) {
+            send(conn, frame, shutdown).await?;
         }
-        send(conn, frame, shutdown).await
+        Ok(())
     }
 
     /// A real device does not stop working because the link dropped: the
     /// running command completes (its result is lost, its answer remembered);
     /// queued ones are dropped, the receiver will send them again.
     async fn after_disconnect(&mut self, shutdown: &CancellationToken) {
-        self.queue.clear();
-        let done_at = self.in_flight.as_ref().map(|f| f.done_at);
+        self.firmware.link_lost();
+        let done_at = self.firmware.done_at();
         if done_at.is_some() {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = sleep_until(done_at) => {
-                    if let Some((id, _)) = self.finish_in_flight() {
-                        tracing::info!(command_id = %id, "executed while disconnected, result not sent");
+                    if let Some((id, _)) = self.firmware.finish() {
+                        tracing::debug!(command_id = %id, device_id = %self.firmware.id(), "executed while disconnected, result not sent");
                     }
                 }
             }
@@ -352,75 +241,20 @@ async fn send(conn: &mut Connection, frame: Frame, shutdown: &CancellationToken)
     }
 }
 
-/// Sleeps until `deadline`, or forever if there is none. A deadline already
-/// reached is ready at once: tokio's timer rounds every deadline up to its next
-/// 1 ms tick, which made a zero-latency device take about a millisecond.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) if deadline <= Instant::now() => {}
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Reconnect delays: 100 ms doubling to 2 s, each scaled by a random 50–100 %
-/// so a fleet that lost its receiver does not knock on its door in lockstep.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: INITIAL_BACKOFF }
-    }
-}
-
-impl Backoff {
-    fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(MAX_BACKOFF);
-        base.mul_f64(rng.gen_range(0.5..=1.0))
-    }
-
-    fn reset(&mut self) {
-        self.next = INITIAL_BACKOFF;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-        let mut rng = StdRng::seed_from_u64(1);
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         let bases = [100, 200, 400, 800, 1600, 2000, 2000];
         for base in bases {
-            let delay = backoff.next_delay(&mut rng);
+            let delay = backoff.next_delay();
             let base = Duration::from_millis(base);
             assert!(delay >= base / 2 && delay <= base, "{delay:?} outside {base:?}/2..={base:?}");
         }
         backoff.reset();
-        assert!(backoff.next_delay(&mut rng) <= INITIAL_BACKOFF);
-    }
-
-    #[test]
-    fn behaviour_never_panics_on_odd_config() {
-        let config = FleetConfig { fail_ratio: f64::NAN, latency_ms: (9, 3), ..FleetConfig::default() };
-        let behaviour = Behaviour::from_config(&config);
-        assert_eq!(behaviour.fail_ratio, 0.0);
-        assert_eq!(behaviour.latency_ms, (3, 9));
-        let config = FleetConfig {
-            fail_ratio: 4.0,
-            drop_ratio: f64::NAN,
-            churn_ms: Some((80, 50)),
-            ..FleetConfig::default()
-        };
-        let behaviour = Behaviour::from_config(&config);
-        assert_eq!(behaviour.fail_ratio, 1.0);
-        assert_eq!(behaviour.drop_ratio, 0.0);
-        assert_eq!(behaviour.churn_ms, Some((50, 80)));
+        assert!(backoff.next_delay() <= INITIAL_BACKOFF);
     }
 }

@@ -10,7 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::device::{Behaviour, Device};
+use protocol::DeviceId;
+
+use crate::device::Device;
+use crate::firmware::Behaviour;
 use crate::stats::{self, DeviceCounters, FleetStats, SharedStats};
 use crate::FleetConfig;
 
@@ -24,9 +27,10 @@ pub struct Fleet {
 
 impl Fleet {
     /// Spawns the devices on the current tokio runtime and returns at once.
-    /// They run until `shutdown` is cancelled. Panics outside a tokio runtime.
+    /// They run until `shutdown` is cancelled. Panics outside a tokio runtime,
+    /// or when the config's device ids are not valid (see [`FleetConfig::validate`]).
     pub fn start(config: FleetConfig, shutdown: CancellationToken) -> Fleet {
-        let stats = SharedStats::new(config.device_ids());
+        let stats = SharedStats::new(valid_ids(&config));
         let behaviour = Arc::new(Behaviour::from_config(&config));
         let tasks = TaskTracker::new();
         for (index, id) in stats.ids().iter().enumerate() {
@@ -55,7 +59,7 @@ impl Fleet {
     }
 
     /// The device ids, in index order.
-    pub fn device_ids(&self) -> &[String] {
+    pub fn device_ids(&self) -> &[DeviceId] {
         self.stats.ids()
     }
 
@@ -79,4 +83,10 @@ impl Fleet {
             stats::write_logged(path, &self.stats.snapshot()).await;
         }
     }
+}
+
+/// The config's device ids; a config that would name a device with an id a
+/// HELLO cannot carry is a caller's mistake ([`FleetConfig::validate`] says so).
+pub(crate) fn valid_ids(config: &FleetConfig) -> Vec<DeviceId> {
+    config.device_ids().unwrap_or_else(|e| panic!("invalid fleet config: {e}"))
 }

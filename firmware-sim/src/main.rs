@@ -4,16 +4,14 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
 use firmware_sim::serial::parse_line;
 use firmware_sim::{
     parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, Bus, Fleet, FleetConfig,
     SerialConfig,
 };
-use tokio::signal::unix::{signal, SignalKind};
+use plumbing::cli::shutdown_signal;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// A simulated fleet of devices, each a TCP connection to a receiver, or all
 /// on one serial line (--serial).
@@ -89,32 +87,19 @@ impl Cli {
     }
 }
 
-/// Errors end the program with one readable line (and its causes) and exit code 1,
-/// never a backtrace.
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    plumbing::cli::main("info", run())
 }
 
 async fn run() -> anyhow::Result<()> {
     let (config, serial) = Cli::parse().into_config();
     config.validate()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
     let shutdown = CancellationToken::new();
     match serial {
         Some(serial) => {
             tracing::info!(devices = config.devices, line = %serial.path.display(), "starting bus");
             let bus = Bus::start(config, serial, shutdown.clone());
-            wait_for_signal().await?;
+            shutdown_signal().await;
             tracing::info!("stopping");
             shutdown.cancel();
             bus.stopped().await;
@@ -122,21 +107,13 @@ async fn run() -> anyhow::Result<()> {
         None => {
             tracing::info!(devices = config.devices, connect = %config.connect, "starting fleet");
             let fleet = Fleet::start(config, shutdown.clone());
-            wait_for_signal().await?;
+            shutdown_signal().await;
             tracing::info!("stopping");
             shutdown.cancel();
             fleet.stopped().await;
         }
     }
     Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT"),
-        _ = term.recv() => Ok(()),
-    }
 }
 
 /// `host:port`, resolved once at startup (the first address wins).

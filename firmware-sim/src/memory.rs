@@ -2,9 +2,10 @@
 //! most recent [`CAPACITY`] ids, so a command sent again is answered but not
 //! re-run, and — only so the stats can prove it — every id it ever executed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 
 use bytes::Bytes;
+use plumbing::memory::RecentIds;
 use uuid::Uuid;
 
 /// How many answered command ids a device keeps.
@@ -20,9 +21,7 @@ pub(crate) struct Answer {
 /// Bounded id → answer memory, forgetting the oldest first.
 #[derive(Debug)]
 pub(crate) struct CommandMemory {
-    capacity: usize,
-    answers: HashMap<Uuid, Answer>,
-    order: VecDeque<Uuid>,
+    answers: RecentIds<Uuid, Answer>,
     /// Unbounded on purpose: it is the honest check behind
     /// `executed_ids_repeated`, independent of the bounded memory it audits.
     executed_ever: HashSet<Uuid>,
@@ -36,7 +35,7 @@ impl Default for CommandMemory {
 
 impl CommandMemory {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Self { capacity, answers: HashMap::new(), order: VecDeque::new(), executed_ever: HashSet::new() }
+        Self { answers: RecentIds::new(capacity), executed_ever: HashSet::new() }
     }
 
     /// The stored answer for `id`, if it is still remembered.
@@ -48,14 +47,8 @@ impl CommandMemory {
     /// had been executed before, which only happens once it was forgotten.
     pub(crate) fn remember(&mut self, id: Uuid, answer: Answer) -> bool {
         let repeated = !self.executed_ever.insert(id);
-        if self.answers.insert(id, answer).is_none() {
-            self.order.push_back(id);
-        }
-        while self.order.len() > self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.answers.remove(&oldest);
-            }
-        }
+        // Only an id not remembered is executed, so this never meets one already there.
+        self.answers.insert(id, answer);
         repeated
     }
 }

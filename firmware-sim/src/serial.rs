@@ -13,15 +13,15 @@
 //! Faults for the line: `noise_ratio` writes a burst of random bytes before
 //! an outgoing frame, `flip_ratio` flips one random bit of an outgoing frame.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::StreamExt;
+use plumbing::backoff::Backoff;
 use protocol::frame::{self, DEFAULT_MAX_BODY};
-use protocol::{Frame, FrameCodec, FrameError};
+use protocol::{DeviceId, Frame, FrameCodec, FrameError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -33,9 +33,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::device::{probability, Behaviour};
-use crate::execute::{execute, requested_delay};
-use crate::memory::{Answer, CommandMemory};
+use crate::firmware::{probability, sleep_until, Behaviour, Firmware};
+use crate::memory::Answer;
 use crate::stats::{DeviceCounters, FleetStats, SharedStats};
 use crate::{Fleet, FleetConfig};
 
@@ -43,7 +42,7 @@ use crate::{Fleet, FleetConfig};
 pub const DEFAULT_BAUD: u32 = 115_200;
 /// Most bytes in one noise burst.
 const MAX_NOISE_BURST: usize = 16;
-/// First reopen delay; doubled per failure up to [`MAX_BACKOFF`].
+/// First reopen delay; doubled (with jitter) per failure up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -88,8 +87,10 @@ pub struct Bus(Fleet);
 impl Bus {
     /// Spawns the bus on the current tokio runtime; it opens `serial.path`
     /// (again and again, with backoff, when it fails) until `shutdown`.
+    /// Panics outside a tokio runtime, or when the config's device ids are
+    /// not valid (see [`FleetConfig::validate`]).
     pub fn start(config: FleetConfig, serial: SerialConfig, shutdown: CancellationToken) -> Bus {
-        let stats = SharedStats::new(config.device_ids());
+        let stats = SharedStats::new(crate::fleet::valid_ids(&config));
         stats.update_line(|_| {});
         let tasks = TaskTracker::new();
         let line = Line::new(&config, &serial, stats.clone());
@@ -99,7 +100,7 @@ impl Bus {
     }
 
     /// The device ids, in index order.
-    pub fn device_ids(&self) -> &[String] {
+    pub fn device_ids(&self) -> &[DeviceId] {
         self.0.device_ids()
     }
 
@@ -120,26 +121,10 @@ impl Bus {
     }
 }
 
-/// One device on the bus: what it keeps across reopens of the line.
-struct BusDevice {
-    id: String,
-    counters: DeviceCounters,
-    memory: CommandMemory,
-    queue: VecDeque<Incoming>,
-    in_flight: Option<(Incoming, Instant)>,
-}
-
-#[derive(Debug)]
-struct Incoming {
-    id: Uuid,
-    name: String,
-    payload: Bytes,
-}
-
 /// The line's owner: the devices, the faults, the shared counters.
 struct Line {
-    devices: Vec<BusDevice>,
-    behaviour: Behaviour,
+    /// The devices on the bus: what each keeps across reopens of the line.
+    devices: Vec<Firmware>,
     noise_ratio: f64,
     flip_ratio: f64,
     stats: Arc<SharedStats>,
@@ -152,21 +137,17 @@ type Framed_<T> = Framed<T, FrameCodec>;
 
 impl Line {
     fn new(config: &FleetConfig, serial: &SerialConfig, stats: Arc<SharedStats>) -> Line {
+        let behaviour = Arc::new(Behaviour::from_config(config));
         let devices = stats
             .ids()
             .iter()
             .enumerate()
-            .map(|(index, id)| BusDevice {
-                id: id.clone(),
-                counters: DeviceCounters::new(stats.clone(), index),
-                memory: CommandMemory::default(),
-                queue: VecDeque::new(),
-                in_flight: None,
+            .map(|(index, id)| {
+                Firmware::new(id.clone(), behaviour.clone(), DeviceCounters::new(stats.clone(), index))
             })
             .collect();
         Line {
             devices,
-            behaviour: Behaviour::from_config(config),
             noise_ratio: probability(serial.noise_ratio),
             flip_ratio: probability(serial.flip_ratio),
             stats,
@@ -176,21 +157,20 @@ impl Line {
     }
 
     async fn run(mut self, path: PathBuf, baud: u32, shutdown: CancellationToken) {
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
         while !shutdown.is_cancelled() {
             match tokio_serial::new(path.to_string_lossy(), baud).open_native_async() {
                 Ok(port) => {
                     let end = self.serve(Framed::new(port, FrameCodec::default()), &shutdown).await;
                     tracing::info!(reason = %end, "line closed");
-                    backoff = INITIAL_BACKOFF;
+                    backoff.reset();
                 }
                 Err(error) => tracing::debug!(%error, "cannot open the line"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -206,7 +186,7 @@ impl Line {
         for device in &mut self.devices {
             // Queued commands are lost with the line; the running ones finish
             // and are answered on the next open (the receiver forwards late results).
-            device.queue.clear();
+            device.link_lost();
         }
         end
     }
@@ -217,7 +197,7 @@ impl Line {
     {
         tracing::info!("line open");
         for index in 0..self.devices.len() {
-            let hello = Frame::Hello { device_id: self.devices[index].id.clone() };
+            let hello = Frame::Hello { device_id: self.devices[index].id().clone() };
             if let Err(error) = self.send(line, &hello).await {
                 return error;
             }
@@ -226,7 +206,7 @@ impl Line {
             if let Err(error) = self.start_queued(line).await {
                 return error;
             }
-            let done_at = self.devices.iter().filter_map(|d| d.in_flight.as_ref().map(|f| f.1)).min();
+            let done_at = self.devices.iter().filter_map(Firmware::done_at).min();
             // Cancel-safe: `next()` keeps partial frames in the codec buffer and
             // the deadlines live in the devices.
             let step = tokio::select! {
@@ -250,7 +230,7 @@ impl Line {
             l.opens += u64::from(open);
         });
         for device in &self.devices {
-            device.counters.set_connected(open);
+            device.counters().set_connected(open);
         }
     }
 
@@ -265,10 +245,10 @@ impl Line {
         let selected = self.selected.take();
         match item {
             Ok(Frame::Hello { device_id }) => {
-                self.selected = self.devices.iter().position(|d| d.id == device_id);
+                self.selected = self.devices.iter().position(|d| *d.id() == device_id);
             }
             Ok(Frame::Command { id, name, payload }) => match selected {
-                Some(index) => self.devices[index].queue.push_back(Incoming { id, name, payload }),
+                Some(index) => self.devices[index].receive(id, name, payload),
                 None => {
                     tracing::debug!(command_id = %id, "command for no device of this bus ignored");
                     self.stats.update_line(|l| l.unaddressed_commands += 1);
@@ -287,29 +267,15 @@ impl Line {
         self.stats.update_line(|l| l.bad_input += 1);
     }
 
-    /// Lets every idle device take its queued commands: repeats are answered
-    /// from memory, a new id is lost at `drop_ratio` or starts executing.
+    /// Lets every idle device take its queued commands, sending the answers
+    /// of repeats as they come.
     async fn start_queued<T>(&mut self, line: &mut Framed_<T>) -> std::io::Result<()>
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
         for index in 0..self.devices.len() {
-            while self.devices[index].in_flight.is_none() {
-                let Some(command) = self.devices[index].queue.pop_front() else { break };
-                let device = &mut self.devices[index];
-                if let Some(answer) = device.memory.answer(&command.id).cloned() {
-                    tracing::info!(device_id = %device.id, command_id = %command.id, "duplicate, answering from memory");
-                    device.counters.update(|s| s.duplicates += 1);
-                    self.send_result(line, command.id, answer).await?;
-                } else if self.rng.gen_bool(self.behaviour.drop_ratio) {
-                    device.counters.update(|s| s.dropped += 1);
-                } else {
-                    device.counters.update(|s| s.received += 1);
-                    let (min, max) = self.behaviour.latency_ms;
-                    let latency = Duration::from_millis(self.rng.gen_range(min..=max));
-                    let done_at = Instant::now() + latency + requested_delay(&command.payload);
-                    device.in_flight = Some((command, done_at));
-                }
+            while let Some((id, answer)) = self.devices[index].take_queued() {
+                self.send_result(line, index, id, answer).await?;
             }
         }
         Ok(())
@@ -322,40 +288,30 @@ impl Line {
     {
         let now = Instant::now();
         for index in 0..self.devices.len() {
-            if self.devices[index].in_flight.as_ref().is_some_and(|f| f.1 <= now) {
-                let (id, answer) = self.finish(index);
-                self.send_result(line, id, answer).await?;
+            if self.devices[index].done_at().is_some_and(|at| at <= now) {
+                if let Some((id, answer)) = self.devices[index].finish() {
+                    self.send_result(line, index, id, answer).await?;
+                }
             }
         }
         Ok(())
     }
 
-    fn finish(&mut self, index: usize) -> (Uuid, Answer) {
-        let random_failure = self.rng.gen_bool(self.behaviour.fail_ratio);
-        let device = &mut self.devices[index];
-        let (command, _) = device.in_flight.take().expect("called for a running command");
-        let answer = execute(&device.id, &command.name, &command.payload, random_failure);
-        let repeated = device.memory.remember(command.id, answer.clone());
-        if repeated {
-            tracing::error!(device_id = %device.id, command_id = %command.id, "command id executed a second time");
-        }
-        device.counters.update(|s| {
-            s.executed += 1;
-            s.failed += u64::from(answer.code != 0);
-            s.executed_ids_repeated += u64::from(repeated);
-        });
-        (command.id, answer)
-    }
-
-    async fn send_result<T>(&mut self, line: &mut Framed_<T>, id: Uuid, answer: Answer) -> std::io::Result<()>
+    /// Sends device `index`'s answer to command `id`.
+    async fn send_result<T>(
+        &mut self,
+        line: &mut Framed_<T>,
+        index: usize,
+        id: Uuid,
+        answer: Answer,
+    ) -> std::io::Result<()>
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
-        let frame = Frame::Result { id, code: answer.code, payload: answer.payload };
-        if self.behaviour.duplicate_results {
+        for frame in self.devices[index].result_frames(id, answer) {
             self.send(line, &frame).await?;
         }
-        self.send(line, &frame).await
+        Ok(())
     }
 
     /// Writes one frame, with the line's faults applied.
@@ -383,14 +339,6 @@ impl Line {
         let port = line.get_mut();
         port.write_all(&bytes).await?;
         port.flush().await
-    }
-}
-
-/// Sleeps until `deadline`, or forever if there is none.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

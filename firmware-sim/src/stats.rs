@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use protocol::DeviceId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -14,10 +15,13 @@ use tokio_util::sync::CancellationToken;
 /// How often the stats file is rewritten while the fleet runs.
 pub const STATS_FILE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One device's counters. They survive reconnects. Counters added after the
-/// first release default to 0 when read, so older stats files still parse.
+/// The counters of one device ([`DeviceStats`]) or their sums over a fleet
+/// ([`Totals`]); `C` says how `connected` is told: whether the device is
+/// connected, or how many devices are. A device's counters survive its
+/// reconnects. Counters added after the first release default to 0 when
+/// read, so older stats files still parse.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct DeviceStats {
+pub struct Stats<C> {
     /// Commands with an id new to the device.
     pub received: u64,
     /// Commands run to completion (success or failure).
@@ -34,30 +38,21 @@ pub struct DeviceStats {
     /// Commands with a new id ignored by `--drop-ratio`; not in `received`.
     #[serde(default)]
     pub dropped: u64,
-    /// Successful TCP connects.
+    /// Successful TCP connects (serial mode: opens of the line).
+    #[serde(default)]
     pub connects: u64,
     /// Connections the device dropped itself because of `--churn-ms`.
     #[serde(default)]
     pub churns: u64,
-    /// Whether the device has a connection right now.
-    pub connected: bool,
+    /// Whether the device has a connection right now; in [`Totals`], how many do.
+    pub connected: C,
 }
 
+/// One device's counters.
+pub type DeviceStats = Stats<bool>;
+
 /// Sums over the fleet; `connected` counts connected devices.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Totals {
-    pub received: u64,
-    pub executed: u64,
-    pub duplicates: u64,
-    pub failed: u64,
-    pub executed_ids_repeated: u64,
-    pub bad_frames: u64,
-    #[serde(default)]
-    pub dropped: u64,
-    #[serde(default)]
-    pub churns: u64,
-    pub connected: u64,
-}
+pub type Totals = Stats<u64>;
 
 /// Counters of a serial line shared by the devices of a bus (serial mode only).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -92,17 +87,7 @@ impl FleetStats {
     fn from_devices(devices: BTreeMap<String, DeviceStats>) -> Self {
         let mut totals = Totals::default();
         for s in devices.values() {
-            totals.add(&Totals {
-                received: s.received,
-                executed: s.executed,
-                duplicates: s.duplicates,
-                failed: s.failed,
-                executed_ids_repeated: s.executed_ids_repeated,
-                bad_frames: s.bad_frames,
-                dropped: s.dropped,
-                churns: s.churns,
-                connected: u64::from(s.connected),
-            });
+            totals.add_counts(s, u64::from(s.connected));
         }
         Self { devices, totals, line: None }
     }
@@ -111,6 +96,11 @@ impl FleetStats {
 impl Totals {
     /// Adds `other` field by field (e.g. the totals of several fleets).
     pub fn add(&mut self, other: &Totals) {
+        self.add_counts(other, other.connected);
+    }
+
+    /// Adds the counters of `other` (a device's or a fleet's), and `connected`.
+    fn add_counts<C>(&mut self, other: &Stats<C>, connected: u64) {
         self.received += other.received;
         self.executed += other.executed;
         self.duplicates += other.duplicates;
@@ -118,15 +108,16 @@ impl Totals {
         self.executed_ids_repeated += other.executed_ids_repeated;
         self.bad_frames += other.bad_frames;
         self.dropped += other.dropped;
+        self.connects += other.connects;
         self.churns += other.churns;
-        self.connected += other.connected;
+        self.connected += connected;
     }
 }
 
 /// The counters of all devices, shared by the device tasks and the [`crate::Fleet`].
 #[derive(Debug)]
 pub(crate) struct SharedStats {
-    ids: Vec<String>,
+    ids: Vec<DeviceId>,
     /// A std mutex: it is only held to bump or copy counters, never across an
     /// `.await`, and contention is one short lock per frame.
     devices: Mutex<Vec<DeviceStats>>,
@@ -137,19 +128,20 @@ pub(crate) struct SharedStats {
 }
 
 impl SharedStats {
-    pub(crate) fn new(ids: Vec<String>) -> Arc<Self> {
+    pub(crate) fn new(ids: Vec<DeviceId>) -> Arc<Self> {
         let devices = Mutex::new(vec![DeviceStats::default(); ids.len()]);
         let (connected, _) = watch::channel(0);
         Arc::new(Self { ids, devices, connected, line: Mutex::new(None) })
     }
 
-    pub(crate) fn ids(&self) -> &[String] {
+    pub(crate) fn ids(&self) -> &[DeviceId] {
         &self.ids
     }
 
     pub(crate) fn snapshot(&self) -> FleetStats {
         let devices = self.lock().clone();
-        let mut stats = FleetStats::from_devices(self.ids.iter().cloned().zip(devices).collect());
+        let mut stats =
+            FleetStats::from_devices(self.ids.iter().map(DeviceId::to_string).zip(devices).collect());
         stats.line = self.line.lock().unwrap_or_else(PoisonError::into_inner).clone();
         stats
     }
@@ -241,9 +233,13 @@ fn tmp_path(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    fn ids(ids: &[&str]) -> Vec<DeviceId> {
+        ids.iter().map(|id| DeviceId::parse(id).unwrap()).collect()
+    }
+
     #[test]
     fn totals_sum_counters_and_count_connected_devices() {
-        let shared = SharedStats::new(vec!["a".into(), "b".into()]);
+        let shared = SharedStats::new(ids(&["a", "b"]));
         let (a, b) = (DeviceCounters::new(shared.clone(), 0), DeviceCounters::new(shared.clone(), 1));
         a.update(|s| s.executed = 2);
         b.update(|s| s.executed = 3);
@@ -264,7 +260,7 @@ mod tests {
     async fn the_file_is_replaced_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stats.json");
-        let shared = SharedStats::new(vec!["dev-0000".into()]);
+        let shared = SharedStats::new(ids(&["dev-0000"]));
         write_atomically(&path, &shared.snapshot()).await.unwrap();
         let read: FleetStats = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(read.devices["dev-0000"], DeviceStats::default());

@@ -44,7 +44,7 @@ impl Harness {
             tokio::time::timeout(WAIT, self.listener.accept()).await.expect("a device connects").unwrap();
         let mut conn = Framed::new(stream, FrameCodec::default());
         match next_frame(&mut conn).await {
-            Frame::Hello { device_id } => (conn, device_id),
+            Frame::Hello { device_id } => (conn, device_id.to_string()),
             other => panic!("first frame must be HELLO, got {other:?}"),
         }
     }
@@ -211,7 +211,8 @@ async fn ping_gets_pong_and_garbage_is_counted_not_fatal() {
     assert_eq!(next_frame(&mut conn).await, Frame::Pong);
 
     conn.get_mut().write_all(b"this is not a frame").await.unwrap();
-    conn.send(Frame::Hello { device_id: "confused-receiver".into() }).await.unwrap();
+    let device_id = protocol::DeviceId::parse("confused-receiver").unwrap();
+    conn.send(Frame::Hello { device_id }).await.unwrap();
     conn.send(Frame::Ping).await.unwrap();
     assert_eq!(next_frame(&mut conn).await, Frame::Pong);
 
