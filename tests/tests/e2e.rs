@@ -241,10 +241,7 @@ async fn duplicate_result_frames_make_one_result(db: Db) {
         assert_eq!(events.len(), 4, "{events:?}");
     }
     let receiver_dups = &s.receiver.counters.duplicate_results;
-    eventually("receiver dropped the duplicates", || async {
-        receiver_dups.load(std::sync::atomic::Ordering::Relaxed) == 5
-    })
-    .await;
+    eventually("receiver dropped the duplicates", || async { receiver_dups.get() == 5 }).await;
     s.stop().await;
 }
 

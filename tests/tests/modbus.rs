@@ -195,7 +195,7 @@ async fn resent_command_is_answered_from_memory_not_run_again() {
     let topic =
         protocol::Topics::new(s.topic_prefix.clone()).receiver_commands(s.receiver.bridge.receiver_id());
     let counters = &s.receiver.counters;
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let get = |c: &plumbing::metrics::Counter| c.get();
     let (written, results) = (get(&counters.commands_written), get(&counters.results_forwarded));
     for attempt in 1..=2 {
         let body =

@@ -212,7 +212,7 @@ async fn noise_and_bit_flips_are_survived_without_running_anything_twice() {
 }
 
 fn system_tests_bad_frames(s: &System) -> u64 {
-    receiver::Counters::get(&s.receiver.counters.bad_frames)
+    s.receiver.counters.bad_frames.get()
 }
 
 /// The test plays the device itself: it reads the address HELLO and the
