@@ -262,7 +262,9 @@ impl Bridge {
 
     /// Hands a command to its device's connection task, or reports why not.
     fn route(&self, msg: CommandMessage) {
-        tracing::debug!(command_id = %msg.id, device_id = %msg.device_id, attempt = msg.attempt, "command routed");
+        let _route =
+            tracing::debug_span!("route", command_id = %msg.id, device_id = %msg.device_id).entered();
+        tracing::debug!(attempt = msg.attempt, "command from MQTT");
         let refused = {
             let devices = self.inner.devices.lock().expect("devices lock");
             match devices.get(&msg.device_id) {
@@ -274,15 +276,17 @@ impl Bridge {
                 },
             }
         };
-        if let Some((msg, reason)) = refused {
-            self.inner.counters.undeliverable.inc();
-            let bridge = self.clone();
-            // Not from the polling task: a full request channel would deadlock it.
-            tokio::spawn(async move {
-                let kind = ReportKind::Undeliverable { reason: reason.into() };
-                bridge.report(msg.id, &msg.device_id, kind).await;
-            });
-        }
+        let Some((msg, reason)) = refused else {
+            tracing::debug!("queued for its device");
+            return;
+        };
+        self.inner.counters.undeliverable.inc();
+        let bridge = self.clone();
+        // Not from the polling task: a full request channel would deadlock it.
+        tokio::spawn(async move {
+            let kind = ReportKind::Undeliverable { reason: reason.into() };
+            bridge.report(msg.id, &msg.device_id, kind).await;
+        });
     }
 
     /// Routes a commands message, records a cancel, or answers a roll call.

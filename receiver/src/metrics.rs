@@ -3,7 +3,8 @@
 
 use plumbing::metrics::{Counter, Metrics};
 
-/// What the receiver counts. Each is exported as `receiver_<field>_total`.
+/// What the receiver counts. Each is exported as `receiver_<field>_total`
+/// (help texts without a final period: prometheus-client adds it).
 #[derive(Debug, Clone)]
 pub struct Counters {
     /// Command frames (or Modbus requests) written to a device.
@@ -24,26 +25,24 @@ impl Counters {
     /// New counters, registered in `metrics`.
     pub fn register(metrics: &Metrics) -> Counters {
         Counters {
-            commands_written: metrics.counter(
-                "receiver_commands_written",
-                "Command frames or Modbus requests written to devices.",
-            ),
+            commands_written: metrics
+                .counter("receiver_commands_written", "Command frames or Modbus requests written to devices"),
             results_forwarded: metrics
-                .counter("receiver_results_forwarded", "Results reported to the gateway."),
+                .counter("receiver_results_forwarded", "Results reported to the gateway"),
             duplicate_results: metrics.counter(
                 "receiver_duplicate_results",
-                "Result frames dropped because their write was already answered.",
+                "Result frames dropped because their write was already answered",
             ),
             bad_frames: metrics.counter(
                 "receiver_bad_frames",
-                "Frames dropped for CRC, length, version, type or body errors, or unexpected.",
+                "Frames dropped for CRC, length, version, type or body errors, or unexpected",
             ),
             undeliverable: metrics.counter(
                 "receiver_undeliverable",
-                "Commands not written: device not here, queue full, canceled or expired.",
+                "Commands not written: device not here, queue full, canceled or expired",
             ),
             connections_rejected: metrics
-                .counter("receiver_connections_rejected", "TCP connections closed without a valid HELLO."),
+                .counter("receiver_connections_rejected", "TCP connections closed without a valid HELLO"),
         }
     }
 }
@@ -60,6 +59,7 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("receiver_bad_frames_total 1"), "{text}");
         assert!(text.contains("# HELP receiver_commands_written "), "{text}");
+        assert!(!text.contains(".."), "prometheus-client ends each help text with a period itself: {text}");
         assert_eq!(counters.bad_frames.get(), 1);
     }
 }
