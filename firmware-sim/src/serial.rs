@@ -52,6 +52,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub struct SerialConfig {
     /// The serial device (or pseudo-terminal) to open; reopened if it fails.
     pub path: PathBuf,
+    /// Bits per second (the format is tokio-serial's default, 8N1).
     pub baud: u32,
     /// Probability (0.0..=1.0) that a burst of 1–16 random bytes precedes an outgoing frame.
     pub noise_ratio: f64,
@@ -60,6 +61,7 @@ pub struct SerialConfig {
 }
 
 impl SerialConfig {
+    /// The line at `path`, [`DEFAULT_BAUD`], no faults.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self { path: path.into(), baud: DEFAULT_BAUD, noise_ratio: 0.0, flip_ratio: 0.0 }
     }

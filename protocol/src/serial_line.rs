@@ -8,9 +8,12 @@ use std::str::FromStr;
 /// Parity bit of each character.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Parity {
+    /// No parity bit (`N`).
     #[default]
     None,
+    /// Even parity (`E`).
     Even,
+    /// Odd parity (`O`).
     Odd,
 }
 
@@ -60,6 +63,7 @@ impl SerialFormat {
         self.data_bits
     }
 
+    /// The parity bit.
     pub fn parity(self) -> Parity {
         self.parity
     }

@@ -94,6 +94,7 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     /// The counters also on `/metrics`; readable with `.get()`.
     pub counters: Arc<Counters>,
+    /// The MQTT side: which devices are connected, the receiver's id.
     pub bridge: bridge::Bridge,
     tasks: TaskTracker,
 }

@@ -13,6 +13,7 @@ pub struct SerialLine {
     pub path: String,
     /// Bits per second.
     pub baud: u32,
+    /// Character format, e.g. 8N1.
     pub format: SerialFormat,
 }
 

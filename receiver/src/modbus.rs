@@ -80,9 +80,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub device_id: DeviceId,
+    /// The bus the device is on.
     pub link: Link,
+    /// Modbus unit (slave) id: 0–255 on TCP, 1–247 on RTU.
     pub unit: u8,
+    /// How long one request may take.
     pub timeout: Duration,
+    /// How often an idle online device is probed.
     pub probe_every: Duration,
 }
 
@@ -114,6 +118,7 @@ impl fmt::Display for Link {
     }
 }
 
+/// A `--modbus` value that cannot be used: the value, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("bad --modbus spec {spec:?}: {reason}")]
 pub struct SpecError {
@@ -182,7 +187,9 @@ fn parse_line(line: &str) -> Result<SerialLine, String> {
     Ok(SerialLine { path: path.to_owned(), baud, format })
 }
 
-/// A command, parsed from its name and JSON payload.
+/// A command, parsed from its name and JSON payload: one Modbus function.
+/// Addresses are the PDU's 0-based addresses; counts are in items (coils,
+/// inputs or registers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     ReadCoils { address: u16, count: u16 },
@@ -217,6 +224,7 @@ pub enum BadCommand {
 }
 
 impl BadCommand {
+    /// The result code it is answered with: [`CODE_UNKNOWN_COMMAND`] or [`CODE_BAD_PAYLOAD`].
     pub fn code(&self) -> i32 {
         match self {
             BadCommand::UnknownName(_) => CODE_UNKNOWN_COMMAND,

@@ -63,9 +63,11 @@ const ID_MEMORY: usize = 4096;
 /// `/dev/ttyS1:19200,7O2,timeout=500`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PortSpec {
+    /// The port and its line settings.
     pub line: SerialLine,
     /// How long the bus waits for each RESULT.
     pub timeout: Duration,
+    /// Devices attached as soon as the port opens (others attach with a HELLO).
     pub devices: Vec<DeviceId>,
 }
 
