@@ -24,26 +24,26 @@ impl GatewayMetrics {
         let registry = Metrics::default();
         let c = |name: &str, help: &str| registry.counter(name, help);
         let metrics = GatewayMetrics {
-            accepted: c("gateway_commands_accepted", "Commands accepted (stored), over HTTP and MQTT."),
-            rejected: c("gateway_commands_rejected", "Submissions refused (nothing stored)."),
+            accepted: c("gateway_commands_accepted", "Commands accepted (stored), over HTTP and MQTT"),
+            rejected: c("gateway_commands_rejected", "Submissions refused (nothing stored)"),
             publish_failed: c(
                 "gateway_publish_failed",
-                "Commands whose publish failed (the ack timeout re-sends).",
+                "Commands whose publish failed (the ack timeout re-sends)",
             ),
-            reports_applied: c("gateway_reports_applied", "Receiver reports that moved a command."),
+            reports_applied: c("gateway_reports_applied", "Receiver reports that moved a command"),
             reports_ignored: c(
                 "gateway_reports_ignored",
-                "Reports that changed nothing (duplicate or late).",
+                "Reports that changed nothing (duplicate or late)",
             ),
-            reports_unknown: c("gateway_reports_unknown", "Reports for a command this store does not hold."),
-            reports_malformed: c("gateway_reports_malformed", "Reports messages that did not decode."),
+            reports_unknown: c("gateway_reports_unknown", "Reports for a command this store does not hold"),
+            reports_malformed: c("gateway_reports_malformed", "Reports messages that did not decode"),
             mqtt_submissions_dropped: c(
                 "gateway_mqtt_submissions_dropped",
-                "MQTT submissions dropped unanswered (not JSON, or no reply_to).",
+                "MQTT submissions dropped unanswered (not JSON, or no reply_to)",
             ),
             registry: registry.clone(),
         };
-        registry.register("gateway_db_statements", "Statements sent to the database.", db_statements.clone());
+        registry.register("gateway_db_statements", "Statements sent to the database", db_statements.clone());
         metrics
     }
 }

@@ -30,7 +30,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers `metric` under `name` (counters without `_total`) with its help text.
+    /// Registers `metric` under `name` (counters without `_total`) with its
+    /// help text (without a final period: the encoder adds one).
     pub fn register<M: Metric + Clone>(&self, name: &str, help: &str, metric: M) -> M {
         self.registry.lock().expect("metrics registry lock").register(name, help, metric.clone());
         metric
@@ -90,7 +91,7 @@ mod tests {
     #[test]
     fn counters_render_with_total_and_help() {
         let metrics = Metrics::default();
-        let c = metrics.counter("things_done", "Things done.");
+        let c = metrics.counter("things_done", "Things done");
         c.inc();
         c.inc();
         let text = metrics.render();
