@@ -11,7 +11,7 @@
 //!   port (RS-485 style, one request in flight per bus).
 //! - [`modbus`] bridges devices that speak Modbus (RTU on a serial line, or
 //!   TCP) by mapping command names to Modbus functions.
-//! - [`line`]: a serial line's settings and opening it (serial and Modbus RTU).
+//! - [`line`](mod@line): a serial line's settings and opening it (serial and Modbus RTU).
 //! - `turns`: the round robin that gives each device of a bus its turn.
 //! - [`metrics`]: the receiver's counters, on `/metrics` with `--metrics-listen`.
 //!
