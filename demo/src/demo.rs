@@ -8,6 +8,8 @@
 
 use std::time::Instant;
 
+use protocol::DeviceId;
+
 use serde_json::{json, Value};
 
 use crate::{LocalOptions, LocalSystem};
@@ -58,7 +60,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Sends the demo's commands and prints a line for each; errs if any ends badly.
-async fn send_mix(http: &reqwest::Client, base: &str, ids: &[String], n: usize) -> anyhow::Result<()> {
+async fn send_mix(http: &reqwest::Client, base: &str, ids: &[DeviceId], n: usize) -> anyhow::Result<()> {
     let mut sync_ms = Vec::new();
     let mut async_ids = Vec::new();
     println!("{:<7} {:<10} {:<10} {:>6} {:>11}  detail", "mode", "device", "command", "http", "status");
@@ -75,22 +77,22 @@ async fn send_mix(http: &reqwest::Client, base: &str, ids: &[String], n: usize) 
         } else {
             async_ids.push(v["id"].as_str().unwrap_or_default().to_owned());
         }
-        print_line(mode, device, "set_temp", code, &v);
+        print_line(mode, device.as_str(), "set_temp", code, &v);
     }
     // Edge cases a caller meets.
     let slow = json!({"name": "calibrate", "payload": {"delay_ms": 400}, "wait_ms": 100});
     let r = http.post(format!("{base}/v1/devices/{}/commands", ids[0])).json(&slow).send().await?;
     let code = r.status().as_u16();
     let v: Value = r.json().await?;
-    print_line("sync", &ids[0], "calibrate", code, &v);
+    print_line("sync", ids[0].as_str(), "calibrate", code, &v);
     let id = v["id"].as_str().unwrap_or_default();
     let polled: Value =
         http.get(format!("{base}/v1/commands/{id}?wait_ms=5000")).send().await?.json().await?;
-    print_line("poll", &ids[0], "calibrate", 200, &polled);
+    print_line("poll", ids[0].as_str(), "calibrate", 200, &polled);
     let fail = json!({"name": "fail", "payload": {"code": 42}});
     let r = http.post(format!("{base}/v1/devices/{}/commands", ids[0])).json(&fail).send().await?;
     let code = r.status().as_u16();
-    print_line("sync", &ids[0], "fail", code, &r.json().await?);
+    print_line("sync", ids[0].as_str(), "fail", code, &r.json().await?);
     let r = http
         .post(format!("{base}/v1/devices/no-such-device/commands"))
         .json(&json!({"name": "x"}))

@@ -100,7 +100,7 @@ impl LocalSystem {
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         for id in self.fleet.device_ids() {
-            while !self.online(id).await? {
+            while !self.online(id.as_str()).await? {
                 anyhow::ensure!(Instant::now() < deadline, "device {id} never showed online");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -5,8 +5,8 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use plumbing::mqtt::BrokerAddr;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 pub mod procs;
 

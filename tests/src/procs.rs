@@ -88,6 +88,8 @@ pub struct Proc {
     name: String,
     program: PathBuf,
     args: Vec<OsString>,
+    /// Environment variables set on top of the test's own.
+    envs: Vec<(OsString, OsString)>,
     log: PathBuf,
     child: Option<Child>,
     starts: usize,
@@ -96,10 +98,22 @@ pub struct Proc {
 impl Proc {
     /// Starts `program args…`, logging to `<log_dir>/<name>.log`.
     pub fn start<S: AsRef<OsStr>>(name: &str, program: &Path, args: &[S], log_dir: &Path) -> Proc {
+        Proc::start_with_env(name, program, args, &[], log_dir)
+    }
+
+    /// `start` with environment variables `envs` (e.g. `RUST_LOG`) set for the process.
+    pub fn start_with_env<S: AsRef<OsStr>>(
+        name: &str,
+        program: &Path,
+        args: &[S],
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Proc {
         let mut proc = Proc {
             name: name.to_owned(),
             program: program.to_owned(),
             args: args.iter().map(|a| a.as_ref().to_owned()).collect(),
+            envs: envs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect(),
             log: log_dir.join(format!("{name}.log")),
             child: None,
             starts: 0,
@@ -125,6 +139,7 @@ impl Proc {
         let stderr = log.try_clone().expect("log file handle clones");
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)

@@ -186,7 +186,7 @@ async fn resent_command_is_answered_from_memory_not_run_again() {
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let msg = protocol::envelope::CommandMessage {
         id: uuid::Uuid::now_v7(),
-        device_id: "m-1".into(),
+        device_id: "m-1".parse().unwrap(),
         name: "write_single_register".into(),
         payload_base64: br#"{"address":2,"value":99}"#.to_vec(),
         attempt: 1,

@@ -224,9 +224,13 @@ async fn garbage_and_a_truncated_frame_on_the_line_are_skipped() {
     let s = start(&mut socat, &ids).await;
     let port = tokio_serial::new(socat.dev().to_string_lossy(), 115_200).open_native_async().unwrap();
     let mut line = Framed::new(port, FrameCodec::default());
-    line.send(Frame::Hello { device_id: ids[0].clone() }).await.unwrap();
+    line.send(Frame::Hello { device_id: ids[0].parse().unwrap() }).await.unwrap();
     let command = send_async(&s, &ids[0], json!({"name": "echo", "payload": {"x": 1}})).await;
-    assert_eq!(next_frame(&mut line).await, Ok(Frame::Hello { device_id: ids[0].clone() }), "address frame");
+    assert_eq!(
+        next_frame(&mut line).await,
+        Ok(Frame::Hello { device_id: ids[0].parse().unwrap() }),
+        "address frame"
+    );
     let Ok(Frame::Command { id, name, payload }) = next_frame(&mut line).await else { panic!("a COMMAND") };
     assert_eq!((id.to_string(), name.as_str()), (command.clone(), "echo"));
     let before = system_tests_bad_frames(&s);
