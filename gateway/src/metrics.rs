@@ -31,10 +31,7 @@ impl GatewayMetrics {
                 "Commands whose publish failed (the ack timeout re-sends)",
             ),
             reports_applied: c("gateway_reports_applied", "Receiver reports that moved a command"),
-            reports_ignored: c(
-                "gateway_reports_ignored",
-                "Reports that changed nothing (duplicate or late)",
-            ),
+            reports_ignored: c("gateway_reports_ignored", "Reports that changed nothing (duplicate or late)"),
             reports_unknown: c("gateway_reports_unknown", "Reports for a command this store does not hold"),
             reports_malformed: c("gateway_reports_malformed", "Reports messages that did not decode"),
             mqtt_submissions_dropped: c(

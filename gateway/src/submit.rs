@@ -20,30 +20,23 @@ use crate::store::{request_hash, Inserted};
 use crate::waiters::Waiter;
 use crate::writer::{InsertRequest, Stored};
 
-/// A command submission as callers send it (HTTP body; MQTT adds routing fields).
+/// A command submission as callers send it (HTTP body; MQTT adds routing
+/// fields). Absent optional fields are `None` (serde's rule for `Option`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest {
     /// 1 to 255 bytes.
     pub name: String,
-    #[serde(default)]
     pub payload: Option<Value>,
-    #[serde(default)]
     pub payload_base64: Option<String>,
-    #[serde(default)]
     pub mode: Option<Mode>,
     /// How long a sync call waits, in ms (at most `MAX_WAIT_MS`).
-    #[serde(default)]
     pub wait_ms: Option<u64>,
     /// The deadline for a final result, in ms from acceptance.
-    #[serde(default)]
     pub ttl_ms: Option<u64>,
-    #[serde(default)]
     pub max_attempts: Option<i64>,
-    #[serde(default)]
     pub idempotency_key: Option<String>,
     /// RFC 3339; async only. Nothing is published before it.
-    #[serde(default)]
     pub scheduled_at: Option<String>,
 }
 
