@@ -13,7 +13,7 @@ use crate::store::Moved;
 impl App {
     /// Cancels command `id`. Errors: 404 no such command, 409 already final,
     /// 503 store unavailable.
-    #[tracing::instrument(name = "cancel", skip_all, fields(command_id = %id))]
+    #[tracing::instrument(name = "cancel", level = "debug", skip_all, fields(command_id = %id))]
     pub async fn cancel(&self, id: Uuid) -> Result<Command, ApiError> {
         match self.store().transition(id, Status::Canceled, &cancel_change()).await? {
             Moved::Yes { from, command } => {

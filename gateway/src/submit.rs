@@ -66,7 +66,7 @@ impl App {
     /// Errors: 404 unknown device (or an id no device can have), 409 disabled
     /// device or idempotency key reused with another request, 400/413 invalid
     /// fields, 503 store unavailable.
-    #[tracing::instrument(name = "submit", skip_all, fields(device_id = device_id, command_id = field::Empty))]
+    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(device_id = device_id, command_id = field::Empty))]
     pub async fn submit(
         &self,
         device_id: &str,

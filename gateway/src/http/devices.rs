@@ -12,7 +12,7 @@ use super::{json_body, page_limit, ApiQuery};
 use crate::app::App;
 use crate::command::rfc3339;
 use crate::error::ApiError;
-use crate::store::Device;
+use crate::store::{Device, Upserted};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,7 +48,7 @@ pub(super) async fn put(
 ) -> Result<Response, ApiError> {
     let device_id = DeviceId::parse(&device_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let body: DeviceBody = json_body(&app, req.into_body()).await?;
-    let (device, created) =
+    let Upserted { device, created } =
         app.store().upsert_device(&device_id, body.enabled, &Value::Object(body.labels)).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(device_json(&device))).into_response())

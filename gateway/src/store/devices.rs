@@ -28,14 +28,17 @@ pub struct Device {
     pub updated_at: i64,
 }
 
+/// What `upsert_device` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upserted {
+    pub device: Device,
+    /// True when the device did not exist before.
+    pub created: bool,
+}
+
 impl Store {
-    /// Creates or updates a device; `true` when it was created.
-    pub async fn upsert_device(
-        &self,
-        id: &DeviceId,
-        enabled: bool,
-        labels: &Value,
-    ) -> Result<(Device, bool)> {
+    /// Creates or updates a device.
+    pub async fn upsert_device(&self, id: &DeviceId, enabled: bool, labels: &Value) -> Result<Upserted> {
         let now = now_ms();
         let labels_text = labels.to_string();
         let updated = self
@@ -71,7 +74,7 @@ impl Store {
             .get_device(id.as_str())
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("device {id} vanished after upsert")))?;
-        Ok((device, created))
+        Ok(Upserted { device, created })
     }
 
     pub async fn get_device(&self, id: &str) -> Result<Option<Device>> {

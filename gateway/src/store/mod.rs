@@ -25,7 +25,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
 pub use commands::{request_hash, CommandFilter, Event, Inserted};
-pub use devices::Device;
+pub use devices::{Device, Upserted};
 pub use transitions::Moved;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
