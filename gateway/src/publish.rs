@@ -148,6 +148,7 @@ fn encode_command(command: &Command) -> Vec<u8> {
         payload_base64: command.payload.bytes.clone(),
         attempt: command.attempts as u32,
         expires_at_ms: command.expires_at,
+        reports_to: None,
     };
     serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail")
 }

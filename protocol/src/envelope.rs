@@ -20,6 +20,11 @@ pub struct CommandMessage {
     pub attempt: u32,
     /// The command's deadline; a receiver drops a command past it.
     pub expires_at_ms: i64,
+    /// Where this command's reports go: the reports topic of the gateway
+    /// instance that published this attempt (`Topics::instance_reports`).
+    /// Absent: `Topics::reports`, the shared topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_to: Option<String>,
 }
 
 /// Gateway → receivers on `Topics::cancels`, QoS 1: drop this command if it
@@ -84,6 +89,17 @@ pub fn join_messages(encoded: &[Vec<u8>]) -> Vec<u8> {
     }
     body.push(b']');
     body
+}
+
+/// Gateway → gateways on `Topics::finals`, QoS 0: command `command_id` is
+/// final (read it from the store). Sent by the instance that committed the
+/// final move; the others wake their waiters on it. A lost notice costs a
+/// waiter its store re-check period, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalNotice {
+    pub command_id: Uuid,
+    /// The instance that sent it (it ignores its own notices).
+    pub instance_id: String,
 }
 
 /// Receiver → gateway on `Topics::presence`, QoS 1.

@@ -40,9 +40,23 @@ impl Topics {
         format!("{}/receivers/{}/commands", self.prefix, receiver_id)
     }
 
-    /// Receiver → gateway: delivery reports and results (`envelope::Report`).
+    /// Receiver → gateway: delivery reports and results (`envelope::Report`)
+    /// of commands whose message names no `reports_to`.
     pub fn reports(&self) -> String {
         format!("{}/reports", self.prefix)
+    }
+
+    /// Receiver → one gateway instance: the reports of the attempts it
+    /// published (`CommandMessage::reports_to`), so each report is applied
+    /// once, by the instance that sent the attempt, on any broker.
+    pub fn instance_reports(&self, instance_id: &str) -> String {
+        format!("{}/gateways/{}/reports", self.prefix, instance_id)
+    }
+
+    /// Gateway → gateways: a command became final (`envelope::FinalNotice`),
+    /// so a caller waiting on another instance is answered at once.
+    pub fn finals(&self) -> String {
+        format!("{}/finals", self.prefix)
     }
 
     /// Gateway → every receiver: a published command was canceled (`envelope::Cancel`).

@@ -74,6 +74,7 @@ mod tests {
             payload_base64: Vec::new(),
             attempt: 1,
             expires_at_ms: i64::MAX,
+            reports_to: None,
         };
         for _ in 0..2 {
             senders[0].try_send(msg("d0")).unwrap();

@@ -191,6 +191,7 @@ async fn resent_command_is_answered_from_memory_not_run_again() {
         payload_base64: br#"{"address":2,"value":99}"#.to_vec(),
         attempt: 1,
         expires_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp() + 60) * 1000,
+        reports_to: None,
     };
     let topic =
         protocol::Topics::new(s.topic_prefix.clone()).receiver_commands(s.receiver.bridge.receiver_id());
