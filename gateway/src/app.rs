@@ -10,6 +10,7 @@ use rumqttc::AsyncClient;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::instance::Instance;
 use crate::metrics::GatewayMetrics;
 use crate::presence::RollCall;
 use crate::store::Store;
@@ -26,6 +27,8 @@ pub struct App {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) config: Config,
+    /// This process among the instances sharing the database and broker.
+    pub(crate) instance: Instance,
     pub(crate) store: Store,
     pub(crate) mqtt: AsyncClient,
     pub(crate) topics: Topics,
@@ -43,13 +46,14 @@ pub(crate) struct Inner {
 impl App {
     /// Builds the handle and starts the group-commit writer (it ends when
     /// every `App` is gone).
-    pub fn new(config: Config, store: Store, mqtt: AsyncClient) -> App {
+    pub fn new(config: Config, instance: Instance, store: Store, mqtt: AsyncClient) -> App {
         let topics = Topics::new(config.topic_prefix.clone());
-        let inserts = writer::start(store.clone(), config.instance_id.clone());
+        let inserts = writer::start(store.clone(), instance.id.clone());
         let metrics = GatewayMetrics::new(store.statements());
         App {
             inner: Arc::new(Inner {
                 config,
+                instance,
                 store,
                 mqtt,
                 topics,
@@ -68,6 +72,15 @@ impl App {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// This instance's id (given or generated).
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance.id
+    }
+
+    pub fn instance(&self) -> &Instance {
+        &self.inner.instance
     }
 
     pub fn topics(&self) -> &Topics {

@@ -20,7 +20,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
 
-    /// Use this external MQTT broker (mqtt://HOST:PORT) instead of embedding one.
+    /// Use this external MQTT broker (mqtt://HOST:PORT) instead of embedding
+    /// one; several, comma-separated (the nodes of a cluster), are tried in
+    /// turn when the current one fails.
     #[arg(long, env = "GATEWAY_BROKER")]
     pub broker: Option<String>,
 
@@ -28,9 +30,13 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_TOPIC_PREFIX", default_value = protocol::topics::DEFAULT_PREFIX)]
     pub topic_prefix: String,
 
-    /// This instance's name: MQTT client ids derive from it, so it must be unique per broker.
-    #[arg(long, env = "GATEWAY_INSTANCE_ID", default_value = "gateway-1")]
-    pub instance_id: String,
+    /// A stable name for this instance (MQTT client ids and the event log
+    /// derive from it). Unset: a fresh `gw-XXXXXXXX` at every start. Two live
+    /// processes never share a name: the second refuses to start, naming it.
+    /// A stable name keeps a persistent MQTT session for its reports across
+    /// restarts; a generated one leaves nothing behind at the broker.
+    #[arg(long, env = "GATEWAY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
 
     /// Largest command payload accepted, in bytes (larger: 413).
     #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
@@ -73,8 +79,10 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_SWEEP_BATCH", default_value_t = 200)]
     pub sweep_batch: i64,
 
-    /// How long a sweeper's claim keeps other gateway instances off a command.
-    #[arg(long, env = "GATEWAY_CLAIM_LEASE_MS", default_value_t = 30_000)]
+    /// How long a sweeper's claim keeps other gateway instances off a command
+    /// (never past its deadline): work claimed by an instance that dies is
+    /// taken up by the others after this long.
+    #[arg(long, env = "GATEWAY_CLAIM_LEASE_MS", default_value_t = 5_000)]
     pub claim_lease_ms: u64,
 
     /// After each connection to the broker the gateway asks receivers to
@@ -100,7 +108,7 @@ impl Config {
             mqtt_listen,
             broker: None,
             topic_prefix: protocol::topics::DEFAULT_PREFIX.into(),
-            instance_id: "gateway-1".into(),
+            instance_id: None,
             max_payload_bytes: 64 * 1024,
             default_wait_ms: 10_000,
             default_ttl_ms: 60_000,
@@ -111,7 +119,7 @@ impl Config {
             retry_cap_ms: 30_000,
             sweep_interval_ms: 500,
             sweep_batch: 200,
-            claim_lease_ms: 30_000,
+            claim_lease_ms: 5_000,
             rollcall_grace_ms: 10_000,
         }
     }

@@ -18,7 +18,8 @@
 //!    expires it.
 //!
 //! Beside the steps: [`command`] is the pure domain (statuses and the state
-//! machine, unit-tested without I/O); [`presence`] tracks which receiver holds
+//! machine, unit-tested without I/O); [`instance`] is this process among
+//! several gateway instances; [`presence`] tracks which receiver holds
 //! each device (and the roll call); [`broker`] embeds rumqttd when no external
 //! broker is given; [`app`] is the shared handle; [`server`] wires the parts
 //! and owns shutdown; [`error`] and [`metrics`] are what callers and
@@ -31,6 +32,7 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;

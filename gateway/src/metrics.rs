@@ -16,6 +16,8 @@ pub struct GatewayMetrics {
     pub reports_unknown: Counter,
     pub reports_malformed: Counter,
     pub mqtt_submissions_dropped: Counter,
+    /// MQTT submissions another instance took and answered.
+    pub mqtt_submissions_elsewhere: Counter,
 }
 
 impl GatewayMetrics {
@@ -37,6 +39,10 @@ impl GatewayMetrics {
             mqtt_submissions_dropped: c(
                 "gateway_mqtt_submissions_dropped",
                 "MQTT submissions dropped unanswered (not JSON, or no reply_to)",
+            ),
+            mqtt_submissions_elsewhere: c(
+                "gateway_mqtt_submissions_elsewhere",
+                "MQTT submissions another gateway instance took and answered",
             ),
             registry: registry.clone(),
         };

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::app::App;
 use crate::command::machine::attempt_change;
 use crate::command::{now_ms, Change, Command, ReplyTo};
-use protocol::envelope::{Cancel, CommandMessage};
+use protocol::envelope::{Cancel, CommandMessage, FinalNotice};
 
 /// A message carries at most this many commands…
 const COMMANDS_PER_MESSAGE: usize = 256;
@@ -42,7 +42,7 @@ impl App {
             ),
         };
         let wait = Duration::from_millis(config.ack_timeout_ms) + backoff;
-        attempt_change(command, why, &config.instance_id, now_ms(), wait)
+        attempt_change(command, why, self.instance_id(), now_ms(), wait)
     }
 
     /// Publishes a command whose attempt is claimed to the receiver that
@@ -64,8 +64,9 @@ impl App {
         }
         for receiver in receivers {
             let mut batch = Batch::default();
+            let reports_to = self.topics().instance_reports(self.instance_id());
             for route in routes.iter().filter(|r| r.receiver == receiver) {
-                let message = encode_command(route.command);
+                let message = encode_command(route.command, &reports_to);
                 if batch.is_full_for(&message) {
                     self.publish_commands(receiver, std::mem::take(&mut batch)).await;
                 }
@@ -100,6 +101,17 @@ impl App {
         let body = serde_json::to_vec(&notice).expect("a Cancel always serialises");
         if let Err(e) = self.mqtt().publish(self.topics().cancels(), QoS::AtLeastOnce, false, body).await {
             tracing::warn!(command_id = %command.id, error = %e, "could not tell receivers of a cancel");
+        }
+    }
+
+    /// Tells the other instances that `command` is final, so a caller waiting
+    /// on one of them is answered at once (QoS 0: a lost notice costs that
+    /// caller one store re-check period).
+    pub(crate) async fn publish_final_notice(&self, command: &Command) {
+        let notice = FinalNotice { command_id: command.id, instance_id: self.instance_id().to_owned() };
+        let body = serde_json::to_vec(&notice).expect("a FinalNotice always serialises");
+        if let Err(e) = self.mqtt().publish(self.topics().finals(), QoS::AtMostOnce, false, body).await {
+            tracing::warn!(command_id = %command.id, error = %e, "could not tell the other instances of a final command");
         }
     }
 
@@ -139,8 +151,9 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// A command as its receiver gets it (`CommandMessage`), serialised.
-fn encode_command(command: &Command) -> Vec<u8> {
+/// A command as its receiver gets it (`CommandMessage`), serialised; its
+/// reports go to `reports_to`, this instance's reports topic.
+fn encode_command(command: &Command, reports_to: &str) -> Vec<u8> {
     let message = CommandMessage {
         id: command.id,
         device_id: command.device_id.clone(),
@@ -148,7 +161,7 @@ fn encode_command(command: &Command) -> Vec<u8> {
         payload_base64: command.payload.bytes.clone(),
         attempt: command.attempts as u32,
         expires_at_ms: command.expires_at,
-        reports_to: None,
+        reports_to: Some(reports_to.to_owned()),
     };
     serde_json::to_vec(&message).expect("serialising a CommandMessage cannot fail")
 }

@@ -92,6 +92,7 @@ impl App {
     pub async fn on_final(&self, command: &Command) {
         tracing::debug!(command_id = %command.id, device_id = command.device_id.as_str(), status = %command.status, "final");
         self.waiters().notify(command);
+        self.publish_final_notice(command).await;
         if let Some(reply) = &command.reply_to {
             self.reply(reply, "final", command.to_json()).await;
         }

@@ -3,13 +3,14 @@
 
 use std::net::SocketAddr;
 
-use plumbing::mqtt::BrokerAddr;
+use plumbing::mqtt::{BrokerAddr, Brokers};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::instance::Instance;
 use crate::store::Store;
 use crate::{broker, http, mqtt};
 
@@ -19,13 +20,14 @@ pub struct Running {
     pub app: App,
     /// Where the HTTP API listens (useful with port 0).
     pub http_addr: SocketAddr,
-    /// The broker the gateway uses (embedded or external).
-    pub broker: BrokerAddr,
+    /// The broker the gateway uses (embedded, or the external ones it was given).
+    pub broker: Brokers,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
-/// Starts a gateway: store (with migrations), broker, MQTT tasks, HTTP server.
+/// Starts a gateway: store (with migrations), its instance id (refused if a
+/// live instance holds it), broker, MQTT tasks, HTTP server.
 /// It runs until `shutdown` is cancelled; then `Running::stopped` drains it.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     anyhow::ensure!(
@@ -34,21 +36,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         protocol::frame::MAX_PAYLOAD
     );
     let store = Store::connect(&config.database_url).await?;
-    let broker: BrokerAddr = match &config.broker {
-        Some(url) => url.parse()?,
+    let instance = Instance::new(config.instance_id.as_deref());
+    instance.claim(&store).await?;
+    let broker: Brokers = match &config.broker {
+        Some(urls) => urls.parse()?,
         None => {
             // Topic payloads carry base64 and JSON around the command payload.
             broker::start_embedded(config.mqtt_listen, config.max_payload_bytes * 2 + 64 * 1024)?;
-            BrokerAddr { host: config.mqtt_listen.ip().to_string(), port: config.mqtt_listen.port() }
+            BrokerAddr { host: config.mqtt_listen.ip().to_string(), port: config.mqtt_listen.port() }.into()
         }
     };
     let listener = TcpListener::bind(config.http_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for HTTP on {}: {e} (use --http-listen)", config.http_listen)
     })?;
     let http_addr = listener.local_addr()?;
-    let (client, eventloop) = mqtt::main_client(&broker, &config.instance_id);
-    let app = App::new(config, store, client);
+    let (client, eventloop) = mqtt::main_client(&broker, &instance.id);
+    let app = App::new(config, instance.clone(), store.clone(), client);
     let tasks = TaskTracker::new();
+    tasks.spawn(instance.keep_alive(store, shutdown.clone()));
     mqtt::spawn(app.clone(), eventloop, &broker, &shutdown, &tasks);
     tasks.spawn(crate::sweeper::run(app.clone(), shutdown.clone()));
     let router = http::router(app.clone());
@@ -59,7 +64,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    tracing::info!(%http_addr, %broker, "gateway started");
+    tracing::info!(%http_addr, %broker, instance = app.instance_id(), "gateway started");
     Ok(Running { app, http_addr, broker, shutdown, tasks })
 }
 

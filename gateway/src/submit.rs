@@ -47,6 +47,15 @@ pub enum Mode {
     Async,
 }
 
+/// Where an MQTT submission came from: its caller's reply route, and the
+/// key of the message (a digest of its reply route, correlation id and body)
+/// by which the instances, which all receive it, agree on who answers it.
+#[derive(Debug, Clone)]
+pub struct MqttOrigin {
+    pub reply_to: ReplyTo,
+    pub key: String,
+}
+
 /// How a submission ended for the caller.
 #[derive(Debug)]
 pub struct Submitted {
@@ -66,20 +75,42 @@ impl App {
     /// Errors: 404 unknown device (or an id no device can have), 409 disabled
     /// device or idempotency key reused with another request, 400/413 invalid
     /// fields, 503 store unavailable.
-    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(device_id = device_id, command_id = field::Empty))]
     pub async fn submit(
         &self,
         device_id: &str,
         req: &CommandRequest,
-        reply_to: Option<&ReplyTo>,
         wait: bool,
     ) -> Result<Submitted, ApiError> {
-        let result = self.submit_inner(device_id, req, reply_to, wait).await;
+        // Without a submission key no other instance can take it.
+        self.submit_from(device_id, req, None, wait).await?.ok_or_else(ApiError::unavailable)
+    }
+
+    /// `submit` for an MQTT submission, which every instance receives:
+    /// `None` when another instance took this message (it answers the caller).
+    pub async fn submit_mqtt(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        origin: &MqttOrigin,
+    ) -> Result<Option<Submitted>, ApiError> {
+        self.submit_from(device_id, req, Some(origin), false).await
+    }
+
+    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(device_id = device_id, command_id = field::Empty))]
+    async fn submit_from(
+        &self,
+        device_id: &str,
+        req: &CommandRequest,
+        origin: Option<&MqttOrigin>,
+        wait: bool,
+    ) -> Result<Option<Submitted>, ApiError> {
+        let result = self.submit_inner(device_id, req, origin, wait).await;
         match &result {
-            Ok(s) => {
+            Ok(Some(s)) => {
                 self.metrics().accepted.inc();
                 tracing::debug!(command_id = %s.command.id, status = %s.command.status, created = s.created, "accepted");
             }
+            Ok(None) => tracing::debug!("taken by another instance"),
             Err(e) => {
                 self.metrics().rejected.inc();
                 tracing::debug!(kind = e.kind.as_str(), error = %e, "refused");
@@ -92,23 +123,24 @@ impl App {
         &self,
         device_id: &str,
         req: &CommandRequest,
-        reply_to: Option<&ReplyTo>,
+        origin: Option<&MqttOrigin>,
         wait: bool,
-    ) -> Result<Submitted, ApiError> {
+    ) -> Result<Option<Submitted>, ApiError> {
         let device_id = DeviceId::parse(device_id).map_err(|_| {
             ApiError::not_found(format!("unknown device {device_id:?} (not a valid device id)"))
         })?;
-        let new = self.validate(device_id, req, reply_to)?;
+        let mut new = self.validate(device_id, req, origin.map(|o| &o.reply_to))?;
+        new.submission_key = origin.map(|o| o.key.clone());
         tracing::Span::current().record("command_id", field::display(new.id));
         let Stored { inserted, receiver } = self.insert(new.clone()).await?;
-        match inserted {
+        let submitted = match inserted {
             Inserted::Created(command) => {
                 // Before the publish, so a quick result cannot slip past it.
                 let waiter = wait.then(|| self.waiters().register(command.id));
                 if let Some(receiver) = receiver.filter(|_| command.status == Status::Sent) {
                     self.send_to_receiver(&command, &receiver).await;
                 }
-                Ok(Submitted { command, created: true, waiter })
+                Submitted { command, created: true, waiter }
             }
             Inserted::Existing(command) => {
                 let waiter = wait.then(|| self.waiters().register(command.id));
@@ -119,14 +151,18 @@ impl App {
                     }
                     _ => command,
                 };
-                Ok(Submitted { command, created: false, waiter })
+                Submitted { command, created: false, waiter }
             }
-            Inserted::KeyConflict(existing) => Err(ApiError::conflict(format!(
-                "idempotency key {:?} was used for command {} with a different request",
-                new.idempotency_key.unwrap_or_default(),
-                existing.id
-            ))),
-        }
+            Inserted::KeyConflict(existing) => {
+                return Err(ApiError::conflict(format!(
+                    "idempotency key {:?} was used for command {} with a different request",
+                    new.idempotency_key.unwrap_or_default(),
+                    existing.id
+                )))
+            }
+            Inserted::TakenElsewhere => return Ok(None),
+        };
+        Ok(Some(submitted))
     }
 
     /// Checks every field and builds the command to store.
@@ -162,11 +198,13 @@ impl App {
         let status =
             if scheduled_at.is_some_and(|at| at > now) { Status::Scheduled } else { Status::Pending };
         // Until published, the sweeper looks at it when scheduled, or after the
-        // ack timeout (the immediate publish failed, or the device is offline).
+        // ack timeout (the immediate publish failed, or the device is offline)
+        // — never after the deadline, so it expires on time.
         let next_attempt_at = match status {
             Status::Scheduled => scheduled_at.unwrap_or(now),
             _ => now + self.config().ack_timeout_ms as i64,
-        };
+        }
+        .min(expires_at);
         let hash = request_hash(&[
             req.name.as_bytes(),
             &payload.bytes,
@@ -190,6 +228,7 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
             request_hash: hash,
             reply_to: reply_to.cloned(),
+            submission_key: None,
         })
     }
 

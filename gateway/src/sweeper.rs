@@ -20,7 +20,11 @@ use crate::app::App;
 use crate::command::machine::{due, Due};
 use crate::command::{now_ms, Move, Status};
 use crate::publish::Route;
+use crate::store::instances::SUBMISSION_MEMORY_MS;
 use crate::store::{Moved, StoreError};
+
+/// How often old MQTT submission keys and dead instances' rows are deleted.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// Batches claimed per tick at most, so one tick cannot run forever.
 const MAX_BATCHES_PER_TICK: usize = 50;
@@ -39,11 +43,18 @@ pub struct Swept {
 /// Runs until shutdown: a sweep every `sweep_interval_ms`, or sooner when asked.
 pub async fn run(app: App, shutdown: CancellationToken) {
     let interval = Duration::from_millis(app.config().sweep_interval_ms.max(10));
+    let mut last_cleanup = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
             _ = app.sweep_requested() => {}
+        }
+        if last_cleanup.elapsed() >= CLEANUP_EVERY {
+            last_cleanup = tokio::time::Instant::now();
+            if let Err(e) = app.store().forget_before(now_ms() - SUBMISSION_MEMORY_MS).await {
+                tracing::warn!(error = %e, "old submission keys not forgotten; trying again later");
+            }
         }
         for _ in 0..MAX_BATCHES_PER_TICK {
             match sweep_once(&app).await {

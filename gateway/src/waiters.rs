@@ -46,6 +46,11 @@ impl Waiters {
         }
     }
 
+    /// Whether someone here waits for command `id`.
+    pub fn is_waited_for(&self, id: Uuid) -> bool {
+        self.inner.lock().expect("waiters lock poisoned").contains_key(&id)
+    }
+
     /// How many commands have someone waiting (for metrics and tests).
     pub fn len(&self) -> usize {
         self.inner.lock().expect("waiters lock poisoned").len()
@@ -92,6 +97,21 @@ impl Drop for Waiter {
 }
 
 impl App {
+    /// Another instance made command `id` final: reads it and hands it to
+    /// whoever waits here.
+    pub async fn wake_waiters(&self, id: Uuid) {
+        match self.store().get_command(id).await {
+            Ok(Some(command)) if command.status.is_final() => {
+                tracing::debug!(command_id = %id, device_id = command.device_id.as_str(), "final at another instance");
+                self.waiters().notify(&command);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(command_id = %id, error = %e, "final notice: command not read; the waiter re-checks")
+            }
+        }
+    }
+
     /// Waits until command `id` is final or `wait` has passed, and returns it
     /// as it stands (`None`: no such command).
     pub async fn wait_final(&self, id: Uuid, wait: Duration) -> Result<Option<Command>, ApiError> {

@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use plumbing::mqtt::BrokerAddr;
+use plumbing::mqtt::Brokers;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 pub mod procs;
@@ -141,7 +141,7 @@ pub struct System {
     pub gateway: gateway::Running,
     pub receiver: receiver::Running,
     pub fleet: firmware_sim::Fleet,
-    pub broker: BrokerAddr,
+    pub broker: Brokers,
     pub topic_prefix: String,
     pub device_ids: Vec<String>,
     pub db: TestDb,
@@ -159,7 +159,7 @@ impl System {
         let topic_prefix = unique("t");
         let mut config = gateway::Config::for_local(db.url.clone(), free_port(), free_port());
         config.topic_prefix = topic_prefix.clone();
-        config.instance_id = unique("gw");
+        config.instance_id = Some(unique("gw"));
         if spec.broker == Broker::Mosquitto {
             config.broker = Some(format!("mqtt://{}", mosquitto_addr()));
         }
@@ -262,7 +262,7 @@ impl System {
     pub async fn second_gateway(&self) -> gateway::Running {
         let mut config = gateway::Config::for_local(self.db.url.clone(), free_port(), free_port());
         config.topic_prefix = self.topic_prefix.clone();
-        config.instance_id = unique("gw");
+        config.instance_id = Some(unique("gw"));
         config.broker = Some(self.broker.to_string());
         test_timeouts(&mut config);
         (self.tune)(&mut config);
@@ -311,7 +311,7 @@ where
 }
 
 /// An MQTT client for tests (submissions, watching topics).
-pub async fn mqtt_client(broker: &BrokerAddr) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+pub async fn mqtt_client(broker: &Brokers) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     let spec = plumbing::mqtt::ClientSpec {
         client_id: unique("test"),
         clean_session: true,

@@ -465,3 +465,78 @@ impl MariaDb {
 fn running_as_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+/// A fresh `gwfault_<uuid>` database on the shared server, dropped at the end.
+pub struct SharedMariaDb {
+    pub url: String,
+    pub name: String,
+}
+
+impl SharedMariaDb {
+    /// `None` (test skipped, with a message) when the server is unreachable,
+    /// unless CI=true, where that fails the test.
+    pub async fn create() -> Option<SharedMariaDb> {
+        use sqlx::Connection;
+        let server = crate::mysql_server();
+        let mut conn = match sqlx::MySqlConnection::connect(&format!("{server}/mysql")).await {
+            Ok(c) => c,
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("MySQL at {server} is required in CI: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: MySQL at {server} unreachable ({e}); set CI=true to make this fatal");
+                return None;
+            }
+        };
+        let name = format!("gwfault_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        Some(SharedMariaDb { url: format!("{server}/{name}"), name })
+    }
+
+    pub async fn drop_database(&self) {
+        use sqlx::Connection;
+        let server = crate::mysql_server();
+        if let Ok(mut conn) = sqlx::MySqlConnection::connect(&format!("{server}/mysql")).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", self.name)).execute(&mut conn).await;
+        }
+    }
+}
+
+/// A command's event log tells its story: it starts from nothing, each move
+/// starts where the previous one ended, every attempt is one move to `sent`
+/// (numbered 1, 2, …), and it ends in the command's status. Notes — events
+/// that change neither status nor attempt, e.g. "undeliverable" or a result
+/// after cancel — are skipped: they may be written beside a concurrent move.
+pub fn check_events(c: &Value, events: &[Value]) -> Result<(), String> {
+    let first = events.first().ok_or("no events")?;
+    if !first["from"].is_null() {
+        return Err("the first event does not start from null".into());
+    }
+    let (mut to, mut attempt) = (first["to"].clone(), first["attempt"].as_i64());
+    let mut sends = 0;
+    for e in &events[1..] {
+        let note = e["from"] == e["to"] && e["attempt"].as_i64() == attempt;
+        if note {
+            continue;
+        }
+        if e["from"] != to {
+            return Err(format!("a move from {} follows one to {to}", e["from"]));
+        }
+        if e["to"] == "sent" {
+            sends += 1;
+            if e["attempt"].as_i64() != Some(sends) {
+                return Err(format!("send number {sends} is logged as attempt {}", e["attempt"]));
+            }
+        } else if e["attempt"].as_i64() != attempt {
+            return Err(format!("a move to {} changed the attempt without a send", e["to"]));
+        }
+        (to, attempt) = (e["to"].clone(), e["attempt"].as_i64());
+    }
+    if to != c["status"] || events.last().map(|e| &e["to"]) != Some(&c["status"]) {
+        return Err(format!("the log ends in {to}, the command is {}", c["status"]));
+    }
+    if Some(sends) != c["attempts"].as_i64() {
+        return Err(format!("{sends} sends logged for {} attempts", c["attempts"]));
+    }
+    Ok(())
+}

@@ -338,7 +338,7 @@ async fn through_mosquitto() {
     spec.broker = Broker::Mosquitto;
     let s = System::start(spec).await.expect("sqlite never skips");
     assert_eq!(
-        s.broker.port,
+        s.broker.first().port,
         system_tests::mosquitto_addr().rsplit(':').next().unwrap().parse::<u16>().unwrap()
     );
     for i in 0..10 {
@@ -377,7 +377,7 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
         gateway::Config::for_local(db.url.clone(), system_tests::free_port(), system_tests::free_port());
     config.broker = Some(broker);
     config.topic_prefix = prefix;
-    config.instance_id = format!("gw{}", uuid::Uuid::new_v4().simple());
+    config.instance_id = Some(format!("gw{}", uuid::Uuid::new_v4().simple()));
     let gw = gateway::start(config, shutdown.clone()).await.unwrap();
     let base = format!("http://{}", gw.http_addr);
     let http = reqwest::Client::new();

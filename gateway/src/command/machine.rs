@@ -336,6 +336,7 @@ mod tests {
             idempotency_key: None,
             request_hash: String::new(),
             reply_to: None,
+            submission_key: None,
         };
         let to: Vec<_> = accepted_events(&new).iter().map(|e| (e.to, e.attempt)).collect();
         assert_eq!(to, [(Status::Pending, 0), (Status::Sent, 1)]);

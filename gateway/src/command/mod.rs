@@ -185,6 +185,9 @@ pub struct NewCommand {
     pub request_hash: String,
     /// MQTT callers: where and under which correlation id the final answer goes.
     pub reply_to: Option<ReplyTo>,
+    /// MQTT submissions: the message's key (every instance receives every
+    /// submission; the one whose insert takes the key answers it).
+    pub submission_key: Option<String>,
 }
 
 impl NewCommand {

@@ -27,7 +27,7 @@ pub(super) async fn submit(
 ) -> Result<Response, ApiError> {
     let body: CommandRequest = json_body(&app, req.into_body()).await?;
     let sync = body.mode != Some(Mode::Async);
-    let submitted = app.submit(&device_id, &body, None, sync).await?;
+    let submitted = app.submit(&device_id, &body, sync).await?;
     if !sync {
         let command = submitted.command;
         let body = json!({"id": command.id.to_string(), "status": command.status.as_str()});

@@ -5,14 +5,24 @@
 //!   acks: a submission lost before it is stored was never acknowledged to
 //!   its caller.
 //! - **reports**: takes delivery reports and results from receivers and
-//!   hands them to the applier (`reports`). Persistent session and manual
-//!   acks: a report is acknowledged only after its effect is committed.
+//!   hands them to the applier (`reports`): those of the attempts this
+//!   instance published (its own topic, `Topics::instance_reports`), so each
+//!   report is applied once on any broker, with or without shared
+//!   subscriptions. Manual acks: a report is acknowledged only after its
+//!   effect is committed. A stable `--instance-id` keeps a persistent
+//!   session (reports that arrive while it restarts wait at the broker); a
+//!   generated id uses a clean one, leaving nothing behind when it goes (a
+//!   lost report costs a re-send after the ack or result timeout; devices
+//!   answer a repeat from memory).
+//!
+//! The main connection also takes other instances' final notices
+//! (`Topics::finals`) and wakes the callers waiting here.
 
 mod submissions;
 
 use std::sync::Arc;
 
-use plumbing::mqtt::{client, drive, subscribe_all, BrokerAddr, ClientSpec, Session};
+use plumbing::mqtt::{client, drive, subscribe_all, Brokers, ClientSpec, Session};
 use rumqttc::{AsyncClient, EventLoop, Publish};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -21,13 +31,13 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::presence::roll_call;
 use crate::store::StoreError;
-use protocol::envelope::{Presence, ReceiverStatus};
+use protocol::envelope::{FinalNotice, Presence, ReceiverStatus};
 
 /// MQTT submissions handled at once; more wait for a permit in their own task.
 const SUBMISSION_CONCURRENCY: usize = 256;
 
 /// Opens the main connection; the client is what `App` publishes with.
-pub fn main_client(broker: &BrokerAddr, instance: &str) -> (AsyncClient, EventLoop) {
+pub fn main_client(broker: &Brokers, instance: &str) -> (AsyncClient, EventLoop) {
     let spec = ClientSpec {
         client_id: format!("{instance}-main"),
         clean_session: true,
@@ -41,13 +51,13 @@ pub fn main_client(broker: &BrokerAddr, instance: &str) -> (AsyncClient, EventLo
 pub fn spawn(
     app: App,
     mut main_loop: EventLoop,
-    broker: &BrokerAddr,
+    broker: &Brokers,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
 ) {
     let spec = ClientSpec {
-        client_id: format!("{}-reports", app.config().instance_id),
-        clean_session: false,
+        client_id: format!("{}-reports", app.instance_id()),
+        clean_session: !app.instance().stable,
         manual_acks: true,
         last_will: None,
     };
@@ -65,16 +75,16 @@ pub fn spawn(
         submissions: Arc::new(Semaphore::new(SUBMISSION_CONCURRENCY)),
         shutdown: shutdown.clone(),
     };
-    let stop = shutdown.clone();
+    let (stop, brokers) = (shutdown.clone(), broker.clone());
     tasks.spawn(async move {
-        drive(&mut main_loop, &mut main, &stop).await;
+        drive(&mut main_loop, &brokers, &mut main, &stop).await;
         let _ = main.app.mqtt().disconnect().await;
     });
     let mut reports =
         ReportsSession { client: reports_client.clone(), filters: vec![app.topics().reports()], applier: tx };
-    let stop = shutdown.clone();
+    let (stop, brokers) = (shutdown.clone(), broker.clone());
     tasks.spawn(async move {
-        drive(&mut reports_loop, &mut reports, &stop).await;
+        drive(&mut reports_loop, &brokers, &mut reports, &stop).await;
         let _ = reports.client.disconnect().await;
     });
     tasks.spawn(crate::reports::apply_until_shutdown(app, reports_client, rx, shutdown.clone()));
@@ -90,7 +100,8 @@ struct MainSession {
 impl Session for MainSession {
     fn connected(&mut self) {
         let topics = self.app.topics();
-        let filters = vec![topics.submit(), topics.presence_filter(), topics.receiver_status_filter()];
+        let filters =
+            vec![topics.submit(), topics.presence_filter(), topics.receiver_status_filter(), topics.finals()];
         let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
         tokio::spawn(async move {
             subscribe_all(app.mqtt(), &filters).await;
@@ -110,6 +121,18 @@ impl Session for MainSession {
                 let Ok(_permit) = submissions.acquire_owned().await else { return };
                 submissions::handle(&app, &publish.payload).await;
             });
+        } else if topic == app.topics().finals() {
+            match serde_json::from_slice::<FinalNotice>(&publish.payload) {
+                Ok(notice) if notice.instance_id != app.instance_id() => {
+                    if app.waiters().is_waited_for(notice.command_id) {
+                        // A store read: not on the polling task.
+                        let app = app.clone();
+                        tokio::spawn(async move { app.wake_waiters(notice.command_id).await });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%topic, error = %e, "malformed final notice dropped"),
+            }
         } else if topic.starts_with(&format!("{}/receivers/", app.topics().prefix())) {
             match serde_json::from_slice::<ReceiverStatus>(&publish.payload) {
                 Ok(s) => log_store_error(app.apply_receiver_status(&s).await),

@@ -1,13 +1,22 @@
 //! Commands submitted over MQTT on `<prefix>/commands`: the HTTP body plus
 //! `device_id`, `reply_to` and `correlation_id`. Answered on `reply_to` once
 //! when accepted or rejected, once more when final.
+//!
+//! Every gateway instance subscribes to the topic (no shared subscriptions,
+//! which not every broker has and which Mosquitto loses messages with), so
+//! every instance receives every submission. They agree on one to answer it
+//! through the store: the message's key (`submit::MqttOrigin`) is inserted
+//! with the command, or alone for a refusal; the instance whose insert takes
+//! it answers, the others stay silent. A message delivered twice (QoS 1) is
+//! the same message and is answered once.
 
 use serde_json::Value;
 
 use crate::app::App;
-use crate::command::ReplyTo;
+use crate::command::{now_ms, ReplyTo};
 use crate::error::ApiError;
-use crate::submit::CommandRequest;
+use crate::store::request_hash;
+use crate::submit::{CommandRequest, MqttOrigin};
 
 /// Handles one submission message.
 pub(super) async fn handle(app: &App, payload: &[u8]) {
@@ -23,29 +32,45 @@ pub(super) async fn handle(app: &App, payload: &[u8]) {
         Some(other) => other.to_string(),
         None => String::new(),
     };
-    let reply = ReplyTo { topic, correlation_id };
+    let key = request_hash(&[topic.as_bytes(), correlation_id.as_bytes(), payload]);
+    let origin = MqttOrigin { reply_to: ReplyTo { topic, correlation_id }, key };
+    let reply = &origin.reply_to;
     let device_id = match fields.remove("device_id") {
         Some(Value::String(s)) => s,
         _ => String::new(),
     };
     let outcome = match serde_json::from_value::<CommandRequest>(Value::Object(fields)) {
-        Ok(req) if !device_id.is_empty() => app.submit(&device_id, &req, Some(&reply), false).await,
+        Ok(req) if !device_id.is_empty() => app.submit_mqtt(&device_id, &req, &origin).await,
         Ok(_) => Err(ApiError::bad_request("device_id is required")),
         Err(e) => Err(ApiError::bad_request(format!("malformed request: {e}"))),
     };
     match outcome {
-        Ok(submitted) => {
+        Ok(Some(submitted)) => {
             let command = submitted.command;
-            app.reply(&reply, "accepted", command.to_json()).await;
+            app.reply(reply, "accepted", command.to_json()).await;
             // An idempotent repeat of a command that is already final gets its final answer now.
             if command.status.is_final() {
-                app.reply(&reply, "final", command.to_json()).await;
+                app.reply(reply, "final", command.to_json()).await;
             }
         }
+        Ok(None) => {
+            app.metrics().mqtt_submissions_elsewhere.inc();
+        }
         Err(e) => {
+            // Refused here; another instance may have taken the message
+            // meanwhile (then it answers), and one refusal is enough.
+            match app.store().claim_submission(&origin.key, now_ms()).await {
+                Ok(false) => {
+                    app.metrics().mqtt_submissions_elsewhere.inc();
+                    return;
+                }
+                Ok(true) => {}
+                // The store is down: every instance says so (each alone cannot know).
+                Err(store) => tracing::warn!(error = %store, "MQTT refusal not recorded; replying anyway"),
+            }
             let mut body = e.to_json();
             body["status_code"] = e.kind.http_status().into();
-            app.reply(&reply, "rejected", body).await;
+            app.reply(reply, "rejected", body).await;
         }
     }
 }

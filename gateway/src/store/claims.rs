@@ -5,7 +5,7 @@ use protocol::DeviceId;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{marks, Backend, Result, Store};
+use super::{marks, retry_conflicts, Backend, Result, Store};
 use crate::command::Command;
 
 impl Store {
@@ -16,12 +16,20 @@ impl Store {
     /// does to each command is a compare-and-set of its own, so two sweepers
     /// holding one row (a lease expired, or an engine that ignores SKIP LOCKED)
     /// still cannot both take the same attempt.
+    ///
+    /// The lease never reaches past a command's deadline, so a command
+    /// claimed by an instance that dies is due again — and expired by another
+    /// instance — at its deadline, not a lease later.
     pub async fn claim_due(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {
+        retry_conflicts(|| self.claim_due_once(now, limit, lease_until)).await
+    }
+
+    async fn claim_due_once(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {
         let ids: Vec<String> = match self.backend {
             Backend::Sqlite => {
                 let rows = self
                     .query(
-                        "UPDATE commands SET next_attempt_at = ? WHERE id IN \
+                        "UPDATE commands SET next_attempt_at = MIN(?, expires_at) WHERE id IN \
                          (SELECT id FROM commands WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?) \
                          RETURNING id",
                     )
@@ -45,8 +53,10 @@ impl Store {
                     .await?;
                 let ids: Vec<String> = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
                 if !ids.is_empty() {
-                    let sql =
-                        format!("UPDATE commands SET next_attempt_at = ? WHERE id IN ({})", marks(ids.len()));
+                    let sql = format!(
+                        "UPDATE commands SET next_attempt_at = LEAST(?, expires_at) WHERE id IN ({})",
+                        marks(ids.len())
+                    );
                     let mut q = self.query(&sql).bind(lease_until);
                     for id in &ids {
                         q = q.bind(id.clone());
@@ -76,12 +86,13 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// A device came online: its commands waiting for it, or published while
-    /// it was away, are due now.
+    /// A device came online (back, or at another receiver): its commands
+    /// waiting for it, or published or delivered while it was away, are due
+    /// now — re-sending is safe, the device answers a repeated id from memory.
     pub async fn wake_device(&self, device_id: &DeviceId, now: i64) -> Result<u64> {
         let done = self
             .query(
-                "UPDATE commands SET next_attempt_at = ? WHERE device_id = ? AND status IN ('pending', 'sent') \
+                "UPDATE commands SET next_attempt_at = ? WHERE device_id = ? AND status IN ('pending', 'sent', 'delivered') \
                  AND next_attempt_at > ?",
             )
             .bind(now)

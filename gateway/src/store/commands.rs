@@ -8,7 +8,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::rows::{command_from_row, truncate, COMMAND_COLUMNS};
-use super::{marks, Result, Store, StoreError, Tx};
+use super::{marks, retry_conflicts, Result, Store, StoreError, Tx};
 use crate::command::machine::accepted_events;
 use crate::command::{now_ms, Command, EventRecord, NewCommand, Status};
 
@@ -23,6 +23,9 @@ pub enum Inserted {
     Existing(Command),
     /// The idempotency key was seen before with a different request.
     KeyConflict(Command),
+    /// Another gateway instance took this MQTT submission (its key) first:
+    /// nothing was stored here, and it answers the caller.
+    TakenElsewhere,
 }
 
 /// One row of a command's event log, as read back.
@@ -51,12 +54,26 @@ impl Store {
     /// `new.status == Sent` the first attempt is claimed in the same
     /// transaction (two events: `→ pending`, `pending → sent`); the caller
     /// publishes after the commit.
+    ///
+    /// An MQTT submission's key is taken in the same transaction: if another
+    /// instance took it, nothing is stored (`TakenElsewhere`).
     pub async fn insert_command(&self, new: &NewCommand) -> Result<Inserted> {
         let mut tx = self.begin().await?;
-        match self.insert_rows(&mut tx, std::slice::from_ref(new)).await {
+        if let Some(key) = &new.submission_key {
+            match self.insert_submission_keys(&mut tx, &[key], new.created_at).await {
+                Err(StoreError::Duplicate(_)) => return Ok(Inserted::TakenElsewhere),
+                done => done?,
+            }
+        }
+        match self.insert_command_rows(&mut tx, std::slice::from_ref(new)).await {
             Ok(()) => {}
             Err(StoreError::Duplicate(_)) if new.idempotency_key.is_some() => {
                 drop(tx);
+                if let Some(key) = &new.submission_key {
+                    if !self.claim_submission(key, new.created_at).await? {
+                        return Ok(Inserted::TakenElsewhere);
+                    }
+                }
                 return self.existing_for_key(new).await;
             }
             Err(e) => return Err(e),
@@ -70,6 +87,10 @@ impl Store {
     /// rolled back and each is stored on its own, so the outcome per command is
     /// exactly `insert_command`'s.
     pub async fn insert_commands(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {
+        retry_conflicts(|| self.insert_commands_once(news)).await
+    }
+
+    async fn insert_commands_once(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {
         if let [one] = news {
             return Ok(vec![self.insert_command(one).await?]);
         }
@@ -91,7 +112,29 @@ impl Store {
         }
     }
 
+    /// The rows of new commands: MQTT submission keys, commands, first events.
     async fn insert_rows(&self, tx: &mut Tx, news: &[NewCommand]) -> Result<()> {
+        let keys: Vec<&String> = news.iter().filter_map(|n| n.submission_key.as_ref()).collect();
+        if let Some(first) = news.first().filter(|_| !keys.is_empty()) {
+            self.insert_submission_keys(tx, &keys, first.created_at).await?;
+        }
+        self.insert_command_rows(tx, news).await
+    }
+
+    async fn insert_submission_keys(&self, tx: &mut Tx, keys: &[&String], at: i64) -> Result<()> {
+        for chunk in keys.chunks(200) {
+            let rows = vec!["(?, ?)"; chunk.len()].join(", ");
+            let sql = format!("INSERT INTO mqtt_submissions (submission_key, created_at) VALUES {rows}");
+            let mut q = self.query(&sql);
+            for key in chunk {
+                q = q.bind(key.as_str()).bind(at);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_command_rows(&self, tx: &mut Tx, news: &[NewCommand]) -> Result<()> {
         for chunk in news.chunks(100) {
             let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(

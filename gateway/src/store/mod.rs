@@ -10,16 +10,20 @@
 //!   exactly which move happened and a late or duplicate report can never move
 //!   a command backwards. What a move writes is decided by `command::machine`.
 //! - [`claims`]: the sweeper's leases on due commands.
+//! - [`instances`]: gateway instances sharing the database, and the MQTT
+//!   submissions one of them has taken.
 //! - [`rows`]: mapping between rows and domain types.
 
 pub mod claims;
 pub mod commands;
 pub mod devices;
+pub mod instances;
 mod rows;
 pub mod transitions;
 
 use std::time::Duration;
 
+use plumbing::backoff::Backoff;
 use plumbing::metrics::Counter;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
@@ -40,7 +44,11 @@ pub enum StoreError {
     /// A unique key (device id, idempotency key, presence row) already exists.
     #[error("duplicate key: {0}")]
     Duplicate(String),
-    /// A row kept changing under every compare-and-set attempt.
+    /// A row kept changing under every compare-and-set attempt, or the
+    /// database aborted the transaction for a conflict (MySQL/MariaDB 1213
+    /// deadlock, which Galera also returns when certification fails at
+    /// COMMIT; 1205 lock wait timeout; 3101 Group Replication rollback).
+    /// Nothing was written; the whole transaction may be tried again.
     #[error("contention: {0}")]
     Contention(String),
     /// A row does not map to the domain (bad id, status, JSON).
@@ -56,10 +64,44 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e.as_database_error() {
             Some(d) if d.is_unique_violation() => StoreError::Duplicate(d.message().to_owned()),
+            Some(d) if is_conflict(d) => StoreError::Contention(d.message().to_owned()),
             _ => StoreError::Unavailable(e),
         }
     }
 }
+
+/// A transaction the server aborted for a conflict with another one: worth
+/// retrying as a whole (see `StoreError::Contention`).
+fn is_conflict(e: &dyn sqlx::error::DatabaseError) -> bool {
+    let number = e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|m| m.number());
+    matches!(number, Some(1213 | 1205 | 3101)) || e.code().as_deref() == Some("40001")
+}
+
+/// Runs `attempt` again (up to `CONFLICT_RETRIES` times, with a short
+/// jittered back-off) while it fails with `Contention`: a transaction the
+/// server aborted for a conflict never reaches a caller as an error unless
+/// it keeps failing.
+pub(crate) async fn retry_conflicts<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(500));
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(StoreError::Contention(why)) if tries < CONFLICT_RETRIES => {
+                tries += 1;
+                tracing::debug!(%why, tries, "transaction aborted for a conflict; trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How many times a transaction aborted for a conflict is tried again.
+const CONFLICT_RETRIES: usize = 10;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -113,10 +155,7 @@ impl Store {
             });
         }
         let pool = options.connect(&url).await.map_err(StoreError::Unavailable)?;
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::MySql => MYSQL_MIGRATIONS.run(&pool).await?,
-        }
+        migrate(&pool, backend).await?;
         Ok(Store { pool, backend, statements: Counter::default() })
     }
 
@@ -143,6 +182,58 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Runs the migrations, safe when several instances start at once on an
+/// empty database. On MySQL/MariaDB they hold a named lock meanwhile (sqlx
+/// 0.8 takes `GET_LOCK(name, -1)`, which MariaDB answers with NULL — no lock —
+/// and sqlx does not check: two instances then collided on the migrations
+/// table). Where such a lock is node-local (Galera with instances on
+/// different nodes) a run that loses a race fails; it is tried again, and
+/// then finds the migrations applied.
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let deadline = std::time::Instant::now() + MIGRATION_PATIENCE;
+    loop {
+        let done = match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(pool).await.map_err(StoreError::from),
+            Backend::MySql => migrate_mysql_locked(pool).await,
+        };
+        match done {
+            Err(e) if std::time::Instant::now() < deadline && lost_a_race(&e) => {
+                tracing::warn!(error = %e, "migrations did not run (another instance is migrating?); trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Errors of a migration run that another instance's run can cause.
+fn lost_a_race(e: &StoreError) -> bool {
+    use sqlx::migrate::MigrateError::{Dirty, Execute, ExecuteMigration};
+    matches!(
+        e,
+        StoreError::Contention(_)
+            | StoreError::Duplicate(_)
+            | StoreError::Migrate(Execute(_) | ExecuteMigration(..) | Dirty(_))
+    )
+}
+
+/// How long `migrate` keeps trying while another instance migrates.
+const MIGRATION_PATIENCE: Duration = Duration::from_secs(60);
+
+async fn migrate_mysql_locked(pool: &AnyPool) -> Result<()> {
+    const LOCK: &str = "CONCAT('iot-gateway-migrations:', DATABASE())";
+    let mut conn = pool.acquire().await?;
+    let got: Option<i64> =
+        sqlx::query_scalar(&format!("SELECT GET_LOCK({LOCK}, 30)")).fetch_one(&mut *conn).await?;
+    if got != Some(1) {
+        return Err(StoreError::Contention("the migration lock is held by another instance".into()));
+    }
+    let done = MYSQL_MIGRATIONS.run_direct(&mut *conn).await;
+    let _ = sqlx::query(&format!("SELECT RELEASE_LOCK({LOCK})")).execute(&mut *conn).await;
+    Ok(done?)
 }
 
 /// `?, ?, …` with `n` marks.

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use super::rows::MOVED_COLUMNS;
-use super::{marks, Result, Store, StoreError, Tx};
+use super::{marks, retry_conflicts, Result, Store, StoreError, Tx};
 use crate::command::machine::step;
 use crate::command::{now_ms, Change, Command, Move, Status};
 
@@ -35,6 +35,10 @@ impl Store {
     /// `change` and logging the move, atomically. `Contention` if the row kept
     /// changing under every attempt.
     pub async fn transition(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
+        retry_conflicts(|| self.transition_once(id, to, change)).await
+    }
+
+    async fn transition_once(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
         for _ in 0..CAS_RETRIES {
             let Some(current) = self.get_command(id).await? else {
                 return Ok(Moved::NotFound);
@@ -211,6 +215,7 @@ mod tests {
             idempotency_key: None,
             request_hash: String::new(),
             reply_to: None,
+            submission_key: None,
         }
     }
 

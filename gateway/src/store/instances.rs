@@ -1,0 +1,133 @@
+//! Gateway instances sharing the database: each live process holds its id
+//! (a row with a nonce and a heartbeat), so two processes never run under
+//! one id — which would make them evict each other from the broker — and
+//! MQTT submissions, which every instance receives, are taken by one.
+
+use super::{Result, Store, StoreError};
+
+/// MQTT submission keys are kept this long (ms): a repeat of the same
+/// message within it is recognised.
+pub const SUBMISSION_MEMORY_MS: i64 = 24 * 3600 * 1000;
+
+/// Why an instance id could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(
+        "instance id {id:?} is in use by a live gateway (heartbeat {age_ms} ms ago); \
+         give each instance its own --instance-id, or leave it unset for a generated one"
+    )]
+    InUse { id: String, age_ms: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Store {
+    /// Takes instance id `id` for this process (`nonce`), unless a live
+    /// instance (a heartbeat at or after `stale_before`) holds it.
+    pub async fn claim_instance(
+        &self,
+        id: &str,
+        nonce: &str,
+        now: i64,
+        stale_before: i64,
+    ) -> Result<(), ClaimError> {
+        let taken = self
+            .query(
+                "UPDATE gateway_instances SET nonce = ?, started_at = ?, heartbeat_at = ? \
+                 WHERE id = ? AND (heartbeat_at < ? OR nonce = ?)",
+            )
+            .bind(nonce)
+            .bind(now)
+            .bind(now)
+            .bind(id)
+            .bind(stale_before)
+            .bind(nonce)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        if taken.rows_affected() == 1 {
+            return Ok(());
+        }
+        let inserted = self
+            .query("INSERT INTO gateway_instances (id, nonce, started_at, heartbeat_at) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(nonce)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from);
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(StoreError::Duplicate(_)) => {
+                let age_ms = self.instance_age(id, now).await?.unwrap_or(0);
+                Err(ClaimError::InUse { id: id.to_owned(), age_ms })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn instance_age(&self, id: &str, now: i64) -> Result<Option<i64>> {
+        use sqlx::Row;
+        let row = self
+            .query("SELECT heartbeat_at FROM gateway_instances WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<i64, _>("heartbeat_at")).transpose()?.map(|at| now - at))
+    }
+
+    /// Renews this process's hold on `id`; false if another process took it over.
+    pub async fn heartbeat(&self, id: &str, nonce: &str, now: i64) -> Result<bool> {
+        let done = self
+            .query("UPDATE gateway_instances SET heartbeat_at = ? WHERE id = ? AND nonce = ?")
+            .bind(now)
+            .bind(id)
+            .bind(nonce)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Lets go of `id` (clean shutdown).
+    pub async fn release_instance(&self, id: &str, nonce: &str) -> Result<()> {
+        self.query("DELETE FROM gateway_instances WHERE id = ? AND nonce = ?")
+            .bind(id)
+            .bind(nonce)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes MQTT submission `key` outside any command insert (a refused
+    /// submission, or an idempotent repeat): false if an instance took it already.
+    pub async fn claim_submission(&self, key: &str, now: i64) -> Result<bool> {
+        let inserted = self
+            .query("INSERT INTO mqtt_submissions (submission_key, created_at) VALUES (?, ?)")
+            .bind(key)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from);
+        match inserted {
+            Ok(_) => Ok(true),
+            Err(StoreError::Duplicate(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets submission keys and instance rows older than `before` (ms).
+    pub async fn forget_before(&self, before: i64) -> Result<u64> {
+        let keys = self
+            .query("DELETE FROM mqtt_submissions WHERE created_at < ?")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        let instances = self
+            .query("DELETE FROM gateway_instances WHERE heartbeat_at < ?")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(keys.rows_affected() + instances.rows_affected())
+    }
+}
