@@ -118,7 +118,7 @@ async fn device_side(
     broker: &BrokerAddr,
     prefix: &str,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<anyhow::Result<()>>)> {
-    let (client, eventloop) = client(broker, spec(prefix, "device"));
+    let (client, eventloop) = client(&broker.clone().into(), spec(prefix, "device"));
     client.subscribe(format!("{prefix}/devices/+/commands"), QoS::AtLeastOnce).await?;
     let (to_responder, mut commands) = mpsc::channel::<u64>(RESPONDER_QUEUE);
     let (subscribed, ready) = oneshot::channel();
@@ -148,7 +148,7 @@ async fn caller_side(
     prefix: &str,
     pending: Pending,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<anyhow::Result<()>>)> {
-    let (client, eventloop) = client(broker, spec(prefix, "caller"));
+    let (client, eventloop) = client(&broker.clone().into(), spec(prefix, "caller"));
     client.subscribe(format!("{prefix}/reports"), QoS::AtLeastOnce).await?;
     let (subscribed, ready) = oneshot::channel();
     let handle = tokio::spawn(poll(eventloop, subscribed, move |payload| {

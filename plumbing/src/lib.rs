@@ -3,8 +3,9 @@
 //! crate with the settings this system needs, so the three programs configure
 //! it once:
 //!
-//! - [`mqtt`]: broker URLs, rumqttc client options, and the driver that polls
-//!   an event loop, reconnecting, until shutdown.
+//! - [`mqtt`]: broker URLs (one or several, for failover), rumqttc client
+//!   options, and the driver that polls an event loop, reconnecting — to the
+//!   next broker when there are several — until shutdown.
 //! - [`backoff`]: exponential back-off with jitter (`backon`).
 //! - [`memory`]: a bounded memory of recent ids, oldest forgotten first (`lru`).
 //! - [`metrics`]: a Prometheus registry and its `/metrics` endpoint

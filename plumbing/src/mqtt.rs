@@ -1,6 +1,7 @@
 //! MQTT client side shared by the gateway and the receiver: broker URLs,
 //! rumqttc options with the settings both need, and [`drive`], the loop that
-//! polls a connection's event loop until shutdown.
+//! polls a connection's event loop until shutdown, moving to the next of its
+//! [`Brokers`] whenever a connection attempt or a connection fails.
 //!
 //! rumqttc pitfalls this module exists for (see `shared/notes/dependencies.md`):
 //! TCP_NODELAY is off by default (a request→reply round trip then stalls on
@@ -24,9 +25,19 @@ pub const MAX_PACKET: usize = 2 * 1024 * 1024;
 /// Capacity of rumqttc's request channel. When full, `publish().await` waits.
 const REQUEST_CHANNEL: usize = 1024;
 
-/// Pause after a connection error before polling (and so reconnecting) again.
+/// Pause after a connection error before polling (and so connecting, to the
+/// same broker or the next) again.
 pub const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
+/// Keep-alive of every connection: a broker that vanished is noticed within
+/// about 1.5 × this (and the next broker tried).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Publishes sent and not yet acknowledged, per connection.
+const INFLIGHT: u16 = 100;
+
+/// A broker URL that is not `mqtt://HOST:PORT`, or an empty broker list; the
+/// offending text.
 #[derive(Debug, thiserror::Error)]
 #[error("broker URL {0:?} is not mqtt://HOST:PORT")]
 pub struct BadBrokerUrl(String);
@@ -34,6 +45,7 @@ pub struct BadBrokerUrl(String);
 /// Where a broker listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
+    /// Host name or IP address (IPv6 without brackets).
     pub host: String,
     pub port: u16,
 }
@@ -70,35 +82,148 @@ impl std::str::FromStr for BrokerAddr {
     }
 }
 
+/// The brokers one client may use, in the order it tries them: it connects
+/// to the first and moves to the next (round robin) whenever a connection
+/// attempt or an established connection fails (see [`drive`]). Never empty;
+/// one broker is the plain case.
+///
+/// Parsed from a comma-separated list of [`BrokerAddr`] URLs,
+/// `mqtt://h1:1883,mqtt://h2:1883` (spaces around items are ignored);
+/// displayed the same way, each as `mqtt://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Brokers(Vec<BrokerAddr>);
+
+impl Brokers {
+    /// These brokers in this order; `None` when `addrs` is empty.
+    pub fn new(addrs: Vec<BrokerAddr>) -> Option<Brokers> {
+        (!addrs.is_empty()).then_some(Brokers(addrs))
+    }
+
+    /// The broker a new client connects to first.
+    pub fn first(&self) -> &BrokerAddr {
+        &self.0[0]
+    }
+
+    /// Every broker, in the order they are tried (at least one).
+    pub fn as_slice(&self) -> &[BrokerAddr] {
+        &self.0
+    }
+}
+
+impl From<BrokerAddr> for Brokers {
+    fn from(addr: BrokerAddr) -> Brokers {
+        Brokers(vec![addr])
+    }
+}
+
+impl std::fmt::Display for Brokers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Brokers {
+    type Err = BadBrokerUrl;
+
+    /// One or more [`BrokerAddr`] URLs separated by commas. Fails on the first
+    /// item that is not a broker URL (an empty item included).
+    fn from_str(urls: &str) -> Result<Brokers, BadBrokerUrl> {
+        let addrs = urls.split(',').map(|url| url.trim().parse()).collect::<Result<Vec<_>, _>>()?;
+        Brokers::new(addrs).ok_or_else(|| BadBrokerUrl(urls.to_owned()))
+    }
+}
+
+/// Which of its brokers a connection uses, and which it tries after a
+/// failure: the next one, round robin. Pure, so it is tested without a broker.
+#[derive(Debug)]
+struct Rotation<'a> {
+    brokers: &'a Brokers,
+    at: usize,
+}
+
+impl<'a> Rotation<'a> {
+    /// Starting at the broker `(host, port)` names (the first one if none does).
+    fn starting_at(brokers: &'a Brokers, (host, port): (String, u16)) -> Rotation<'a> {
+        let at = brokers.0.iter().position(|b| b.host == host && b.port == port).unwrap_or(0);
+        Rotation { brokers, at }
+    }
+
+    fn current(&self) -> &'a BrokerAddr {
+        &self.brokers.0[self.at]
+    }
+
+    /// After a failure: the broker to try next, or `None` when that is the
+    /// same one (a single broker: nothing to change).
+    fn advance(&mut self) -> Option<&'a BrokerAddr> {
+        let count = self.brokers.0.len();
+        if count == 1 {
+            return None;
+        }
+        self.at = (self.at + 1) % count;
+        Some(self.current())
+    }
+}
+
 /// Options for one client connection.
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
+    /// The MQTT client id; unique per broker.
     pub client_id: String,
+    /// Start every connection with a fresh session (subscriptions and
+    /// unacknowledged messages forgotten).
     pub clean_session: bool,
     /// Acknowledge each publish with `AsyncClient::ack` (after its effect is durable).
     pub manual_acks: bool,
+    /// What the broker publishes when the client vanishes without a DISCONNECT.
     pub last_will: Option<LastWill>,
 }
 
-/// A client and its event loop (which the caller must poll all the time, see [`drive`]).
-pub fn client(broker: &BrokerAddr, spec: ClientSpec) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(spec.client_id, broker.host.clone(), broker.port);
-    options
-        .set_keep_alive(Duration::from_secs(15))
-        .set_clean_session(spec.clean_session)
-        .set_manual_acks(spec.manual_acks)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_inflight(100);
-    if let Some(will) = spec.last_will {
-        options.set_last_will(will);
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
+/// A client and its event loop (which the caller must poll all the time, see
+/// [`drive`]). The event loop connects to `brokers.first()` at its first poll;
+/// [`drive`] moves it along `brokers`.
+pub fn client(brokers: &Brokers, spec: ClientSpec) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options(brokers.first(), spec), REQUEST_CHANNEL);
     let mut network = NetworkOptions::new();
     // Without it a request→reply round trip stalls ~40 ms on delayed ACKs.
     network.set_tcp_nodelay(true);
     network.set_connection_timeout(5);
     eventloop.set_network_options(network);
     (client, eventloop)
+}
+
+/// The rumqttc options of a connection to `broker`: the one place the
+/// settings are chosen, for the first broker and for every move.
+fn options(broker: &BrokerAddr, spec: ClientSpec) -> MqttOptions {
+    let mut options = MqttOptions::new(spec.client_id, broker.host.clone(), broker.port);
+    options
+        .set_keep_alive(KEEP_ALIVE)
+        .set_clean_session(spec.clean_session)
+        .set_manual_acks(spec.manual_acks)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_inflight(INFLIGHT);
+    if let Some(will) = spec.last_will {
+        options.set_last_will(will);
+    }
+    options
+}
+
+/// `current` (options made by [`options`]) for another broker, every other
+/// setting kept. rumqttc has no setter for the address, so the options are
+/// built again from the [`ClientSpec`] they were made from.
+fn retarget(current: &MqttOptions, broker: &BrokerAddr) -> MqttOptions {
+    let spec = ClientSpec {
+        client_id: current.client_id(),
+        clean_session: current.clean_session(),
+        manual_acks: current.manual_acks(),
+        last_will: current.last_will(),
+    };
+    options(broker, spec)
 }
 
 /// What a connection does with the events of its event loop. Both methods
@@ -112,21 +237,36 @@ pub trait Session: Send {
     /// A publish arrived. Returns false to stop polling.
     fn received(&mut self, publish: Publish) -> impl Future<Output = bool> + Send;
 
-    /// The connection failed; [`drive`] pauses, then reconnects.
+    /// The connection failed (or could not be made); [`drive`] pauses, then
+    /// connects again, to the next of its brokers if it has several.
     fn disconnected(&mut self, _error: &ConnectionError) {}
 }
 
-/// Polls `eventloop` until `shutdown` (or the session stops it), feeding its
-/// events to `session` and reconnecting after errors. Returns the event loop
-/// untouched by any disconnect, so the caller may still say goodbye on it.
-pub async fn drive(eventloop: &mut EventLoop, session: &mut impl Session, shutdown: &CancellationToken) {
+/// Polls `eventloop` (made by [`client`] with these `brokers`) until
+/// `shutdown` (or the session stops it), feeding its events to `session`.
+/// After an error — a connection attempt refused or timed out, or an
+/// established connection lost — it pauses [`RECONNECT_PAUSE`] and connects
+/// to the next broker of `brokers`, round robin (with one broker: the same
+/// one again). Each connection is logged at info with its broker. Returns the
+/// event loop untouched by any disconnect, so the caller may still say
+/// goodbye on it.
+pub async fn drive(
+    eventloop: &mut EventLoop,
+    brokers: &Brokers,
+    session: &mut impl Session,
+    shutdown: &CancellationToken,
+) {
+    let mut rotation = Rotation::starting_at(brokers, eventloop.mqtt_options.broker_address());
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => session.connected(),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!(broker = %rotation.current(), "connected to the broker");
+                session.connected();
+            }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 if !session.received(publish).await {
                     return;
@@ -134,8 +274,17 @@ pub async fn drive(eventloop: &mut EventLoop, session: &mut impl Session, shutdo
             }
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(%error, "MQTT connection error; reconnecting");
+                let failed = rotation.current();
                 session.disconnected(&error);
+                match rotation.advance() {
+                    Some(next) => {
+                        tracing::warn!(%error, broker = %failed, %next, "MQTT connection error; trying the next broker");
+                        // Only the address changes: the session state, the
+                        // pending publishes and the request channel stay.
+                        eventloop.mqtt_options = retarget(&eventloop.mqtt_options, next);
+                    }
+                    None => tracing::warn!(%error, broker = %failed, "MQTT connection error; reconnecting"),
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
@@ -173,5 +322,63 @@ mod tests {
         assert!(addr("mqtt://h:notaport").is_err());
         assert!(addr("http://h:1/x").is_err());
         assert_eq!(addr("tcp://h:1").unwrap().to_string(), "mqtt://h:1");
+    }
+
+    fn brokers(urls: &str) -> Brokers {
+        urls.parse().unwrap_or_else(|e| panic!("{urls}: {e}"))
+    }
+
+    #[test]
+    fn broker_lists_parse_and_display_back() {
+        let one = brokers("mqtt://127.0.0.1:1884");
+        assert_eq!(one, Brokers::from(addr("mqtt://127.0.0.1:1884").unwrap()));
+        assert_eq!(one.to_string(), "mqtt://127.0.0.1:1884");
+        let three = brokers("mqtt://a:1, tcp://b:2,c");
+        let hosts: Vec<_> = three.as_slice().iter().map(|b| (b.host.as_str(), b.port)).collect();
+        assert_eq!(hosts, [("a", 1), ("b", 2), ("c", 1883)]);
+        assert_eq!(three.first().host, "a");
+        assert_eq!(three.to_string(), "mqtt://a:1,mqtt://b:2,mqtt://c:1883");
+        assert_eq!(brokers(&three.to_string()), three);
+        for bad in ["", "mqtt://a:1,", ",mqtt://a:1", "mqtt://a:1,,mqtt://b:2", "mqtt://a:1,http://b/x"] {
+            assert!(bad.parse::<Brokers>().is_err(), "{bad:?}");
+        }
+        assert!(Brokers::new(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn rotation_moves_round_robin_and_stays_with_one_broker() {
+        let list = brokers("mqtt://a:1,mqtt://b:2,mqtt://c:3");
+        let mut rotation = Rotation::starting_at(&list, ("a".into(), 1));
+        assert_eq!(rotation.current().host, "a");
+        let tried: Vec<_> = (0..4).map(|_| rotation.advance().unwrap().host.clone()).collect();
+        assert_eq!(tried, ["b", "c", "a", "b"]);
+        // Where the event loop points decides the start; an unknown address starts at the first.
+        assert_eq!(Rotation::starting_at(&list, ("c".into(), 3)).current().host, "c");
+        assert_eq!(Rotation::starting_at(&list, ("c".into(), 9)).current().host, "a");
+        // Listed twice: the rotation still walks the whole list.
+        let twice = brokers("mqtt://a:1,mqtt://a:1,mqtt://b:2");
+        let mut rotation = Rotation::starting_at(&twice, ("a".into(), 1));
+        let tried: Vec<_> = (0..3).map(|_| rotation.advance().unwrap().host.clone()).collect();
+        assert_eq!(tried, ["a", "b", "a"]);
+        let single = brokers("mqtt://a:1");
+        let mut rotation = Rotation::starting_at(&single, ("a".into(), 1));
+        assert!(rotation.advance().is_none());
+        assert_eq!(rotation.current().host, "a");
+    }
+
+    #[test]
+    fn retargeted_options_keep_every_setting_but_the_address() {
+        let will = LastWill::new("t/status", b"gone".to_vec(), QoS::AtLeastOnce, false);
+        let spec = ClientSpec {
+            client_id: "c-1".into(),
+            clean_session: false,
+            manual_acks: true,
+            last_will: Some(will),
+        };
+        let (a, b) = (addr("mqtt://a:1").unwrap(), addr("mqtt://b:2").unwrap());
+        let moved = retarget(&options(&a, spec.clone()), &b);
+        assert_eq!(moved.broker_address(), ("b".to_owned(), 2));
+        // rumqttc's Debug shows every setting (keep-alive, packet size, inflight, will, …).
+        assert_eq!(format!("{moved:?}"), format!("{:?}", options(&b, spec)));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use plumbing::memory::RecentIds;
-use plumbing::mqtt::{client, BrokerAddr, ClientSpec, Session};
+use plumbing::mqtt::{client, Brokers, ClientSpec, Session};
 use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +75,7 @@ pub struct Attached {
 impl Bridge {
     pub(crate) fn start(
         config: &Config,
-        broker: &BrokerAddr,
+        brokers: &Brokers,
         counters: Arc<Counters>,
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
@@ -94,7 +94,7 @@ impl Bridge {
             manual_acks: false,
             last_will: Some(will),
         };
-        let (client, eventloop) = client(broker, spec);
+        let (client, eventloop) = client(brokers, spec);
         let (reports, queued) = mpsc::unbounded_channel();
         tasks.spawn(publish_reports(client.clone(), topics.reports(), queued, shutdown.clone()));
         let bridge = Bridge {
@@ -111,7 +111,7 @@ impl Bridge {
                 shutdown: shutdown.clone(),
             }),
         };
-        tasks.spawn(bridge.clone().poll(eventloop, shutdown.clone()));
+        tasks.spawn(bridge.clone().poll(eventloop, brokers.clone(), shutdown.clone()));
         bridge
     }
 
@@ -312,9 +312,15 @@ impl Bridge {
         }
     }
 
-    /// Drives the MQTT connection until shutdown, then says goodbye.
-    async fn poll(mut self, mut eventloop: rumqttc::EventLoop, shutdown: CancellationToken) {
-        plumbing::mqtt::drive(&mut eventloop, &mut self, &shutdown).await;
+    /// Drives the MQTT connection (over `brokers`, see [`plumbing::mqtt::drive`])
+    /// until shutdown, then says goodbye.
+    async fn poll(
+        mut self,
+        mut eventloop: rumqttc::EventLoop,
+        brokers: Brokers,
+        shutdown: CancellationToken,
+    ) {
+        plumbing::mqtt::drive(&mut eventloop, &brokers, &mut self, &shutdown).await;
         // A clean goodbye: the gateway marks every device of this receiver offline
         // now rather than at the keepalive. One message, what the last will would
         // have said (a clean disconnect suppresses the will), not one per device:
@@ -352,7 +358,7 @@ impl Bridge {
 /// so anything that publishes or subscribes is spawned.
 impl Session for Bridge {
     fn connected(&mut self) {
-        tracing::info!("connected to the broker");
+        // `drive` logs the connection, with its broker.
         tokio::spawn(self.clone().announce());
     }
 

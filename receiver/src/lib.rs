@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use plumbing::metrics::Metrics;
-use plumbing::mqtt::BrokerAddr;
+use plumbing::mqtt::Brokers;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,7 +44,10 @@ pub use metrics::Counters;
 /// Settings of one receiver.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// MQTT broker the gateway uses (mqtt://HOST:PORT).
+    /// MQTT broker the gateway uses (mqtt://HOST:PORT), or several,
+    /// comma-separated (mqtt://H1:P1,mqtt://H2:P2): the receiver connects to
+    /// the first and moves to the next, round robin, whenever a connection
+    /// attempt or a connection fails.
     #[arg(long, env = "RECEIVER_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Where devices connect over TCP.
@@ -70,7 +73,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for everything but the broker URL and the device listener.
+    /// Defaults for everything but the broker URL(s) and the device listener.
     pub fn new(broker: String, tcp_listen: SocketAddr) -> Config {
         Config {
             broker,
@@ -102,7 +105,7 @@ pub struct Running {
 /// Starts a receiver; it runs until `shutdown` is cancelled. Fails on a bad
 /// broker URL, `--serial` or `--modbus` spec, or an address it cannot listen on.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let broker: BrokerAddr = config.broker.parse()?;
+    let broker: Brokers = config.broker.parse()?;
     let listener = TcpListener::bind(config.tcp_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for devices on {}: {e} (use --tcp-listen)", config.tcp_listen)
     })?;
