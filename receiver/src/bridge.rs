@@ -1,6 +1,9 @@
 //! The receiver's MQTT side: one connection, the table of connected devices,
 //! and routing of commands to the connection task that owns each device.
-//! Every report about a command goes out through here ([`Bridge::report`]).
+//! Every report about a command goes out through here ([`Bridge::report`]),
+//! to the topic its command's message named (`reports_to`: the gateway
+//! instance that published the attempt) or, when it named none, to the
+//! shared reports topic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,8 +43,16 @@ struct Inner {
     next_conn: AtomicU64,
     /// Recently canceled command ids, so queued copies are not written.
     canceled: Mutex<RecentIds<Uuid>>,
-    /// Serialised reports for the task that publishes them, several per message.
-    reports: mpsc::UnboundedSender<Vec<u8>>,
+    /// Where the reports of each command routed here go, for commands whose
+    /// message named a `reports_to` (the others' go to the shared topic). Set
+    /// when a command is routed to its device (a re-send from another gateway
+    /// instance moves it), removed when the command is answered or refused;
+    /// the bound forgets the oldest of those never answered (their device
+    /// went away). A std mutex: held for one map operation, never across `.await`.
+    destinations: Mutex<RecentIds<Uuid, Arc<str>>>,
+    /// Serialised reports, with their topic, for the task that publishes
+    /// them, several per message.
+    reports: mpsc::UnboundedSender<Outgoing>,
     /// The command subscription of the current broker connection is made (a
     /// clean session loses it with the connection).
     subscribed: AtomicBool,
@@ -55,6 +66,20 @@ const REPORT_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Canceled ids remembered, oldest forgotten first.
 const CANCELED_MEMORY: usize = 4096;
+
+/// Commands whose reports' topic is remembered at once (about 100 bytes
+/// each). Past it the oldest entry goes, and that command's reports, if any
+/// still come, go to the shared topic.
+const DESTINATION_MEMORY: usize = 65_536;
+
+/// A report on its way to the publisher.
+#[derive(Debug)]
+struct Outgoing {
+    /// Its topic; `None`: the shared `Topics::reports`.
+    to: Option<Arc<str>>,
+    /// The JSON `Report`.
+    body: Vec<u8>,
+}
 
 #[derive(Debug)]
 struct Slot {
@@ -106,6 +131,7 @@ impl Bridge {
                 devices: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 canceled: Mutex::new(RecentIds::new(CANCELED_MEMORY)),
+                destinations: Mutex::new(RecentIds::new(DESTINATION_MEMORY)),
                 reports,
                 subscribed: AtomicBool::new(false),
                 shutdown: shutdown.clone(),
@@ -174,10 +200,14 @@ impl Bridge {
     }
 
     /// Every transport asks this right before writing: true, with `cmd`
-    /// reported undeliverable, when it must not be written now (see [`Bridge::refusal`]).
+    /// reported undeliverable (to its own `reports_to`), when it must not be
+    /// written now (see [`Bridge::refusal`]).
     pub async fn refused(&self, cmd: &CommandMessage) -> bool {
         let Some(reason) = self.refusal(cmd) else { return false };
-        self.undeliverable(cmd.id, &cmd.device_id, reason).await;
+        self.inner.counters.undeliverable.inc();
+        self.take_destination(cmd.id);
+        let kind = ReportKind::Undeliverable { reason: reason.into() };
+        self.report_to(cmd.id, &cmd.device_id, kind, destination_of(cmd, &mut None)).await;
         true
     }
 
@@ -193,9 +223,27 @@ impl Bridge {
         self.report(command_id, device_id, ReportKind::Result { code, payload_base64: payload }).await;
     }
 
-    /// Queues a report about a command for the gateway; reports go out in the
-    /// order they were queued, joined into one message when several are ready.
+    /// Queues a report about a command for the gateway, on the topic the
+    /// command's message named when it was routed here (the shared reports
+    /// topic if it named none); reports go out in the order they were queued,
+    /// those ready together for one topic joined into one message. A `result`
+    /// or `undeliverable` ends the command here: its topic is forgotten.
     pub async fn report(&self, command_id: Uuid, device_id: &DeviceId, kind: ReportKind) {
+        let to = match kind {
+            ReportKind::Delivered => self.destination(command_id),
+            _ => self.take_destination(command_id),
+        };
+        self.report_to(command_id, device_id, kind, to).await;
+    }
+
+    /// Queues a report for topic `to` (`None`: the shared reports topic).
+    async fn report_to(
+        &self,
+        command_id: Uuid,
+        device_id: &DeviceId,
+        kind: ReportKind,
+        to: Option<Arc<str>>,
+    ) {
         match &kind {
             ReportKind::Delivered => tracing::debug!(%command_id, %device_id, "report: delivered"),
             ReportKind::Result { code, .. } => {
@@ -212,9 +260,34 @@ impl Bridge {
             kind,
         };
         let body = serde_json::to_vec(&report).expect("serialisable");
-        if self.inner.reports.send(body).is_err() {
+        if self.inner.reports.send(Outgoing { to, body }).is_err() {
             tracing::warn!(%command_id, %device_id, "shutting down; report not published");
         }
+    }
+
+    /// Where reports about `command_id` go now (`None`: the shared topic).
+    fn destination(&self, command_id: Uuid) -> Option<Arc<str>> {
+        self.inner.destinations.lock().expect("destinations lock").get(&command_id).cloned()
+    }
+
+    /// Forgets where reports about `command_id` go, returning it.
+    fn take_destination(&self, command_id: Uuid) -> Option<Arc<str>> {
+        let mut destinations = self.inner.destinations.lock().expect("destinations lock");
+        let to = destinations.get(&command_id).cloned();
+        destinations.forget(&command_id);
+        to
+    }
+
+    /// Sets where reports about `command_id` go (`None`: the shared topic),
+    /// returning what it replaces.
+    fn set_destination(&self, command_id: Uuid, to: Option<Arc<str>>) -> Option<Arc<str>> {
+        let mut destinations = self.inner.destinations.lock().expect("destinations lock");
+        let previous = destinations.get(&command_id).cloned();
+        destinations.forget(&command_id);
+        if let Some(to) = to {
+            destinations.insert(command_id, to);
+        }
+        previous
     }
 
     async fn presence(&self, device_id: &DeviceId, online: bool) {
@@ -260,11 +333,14 @@ impl Bridge {
         }
     }
 
-    /// Hands a command to its device's connection task, or reports why not.
-    fn route(&self, msg: CommandMessage) {
+    /// Hands a command to its device's connection task, or reports why not
+    /// (to the topic `to` that its message names).
+    fn route(&self, msg: CommandMessage, to: Option<Arc<str>>) {
         let _route =
             tracing::debug_span!("route", command_id = %msg.id, device_id = %msg.device_id).entered();
         tracing::debug!(attempt = msg.attempt, "command from MQTT");
+        // Before the command is queued: its device task may report on it at once.
+        let previous = self.set_destination(msg.id, to.clone());
         let refused = {
             let devices = self.inner.devices.lock().expect("devices lock");
             match devices.get(&msg.device_id) {
@@ -280,12 +356,15 @@ impl Bridge {
             tracing::debug!("queued for its device");
             return;
         };
+        // An earlier copy of the command may still be queued here: its reports
+        // keep going where they went.
+        self.set_destination(msg.id, previous);
         self.inner.counters.undeliverable.inc();
         let bridge = self.clone();
         // Not from the polling task: a full request channel would deadlock it.
         tokio::spawn(async move {
             let kind = ReportKind::Undeliverable { reason: reason.into() };
-            bridge.report(msg.id, &msg.device_id, kind).await;
+            bridge.report_to(msg.id, &msg.device_id, kind, to).await;
         });
     }
 
@@ -307,7 +386,14 @@ impl Bridge {
             return;
         }
         match protocol::envelope::decode_one_or_many::<CommandMessage>(&p.payload) {
-            Ok(messages) => messages.into_iter().for_each(|msg| self.route(msg)),
+            Ok(messages) => {
+                // The commands of one message name one topic, normally: shared, not copied.
+                let mut last = None;
+                for msg in messages {
+                    let to = destination_of(&msg, &mut last);
+                    self.route(msg, to);
+                }
+            }
             Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped"),
         }
     }
@@ -372,14 +458,37 @@ impl Session for Bridge {
     }
 }
 
+/// The topic a command's reports go to, from its message: `reports_to`, or
+/// `None` (the shared reports topic) when absent — or unusable as a topic
+/// name (empty, a wildcard), which would lose the reports. `last` is the
+/// previous answer, reused when it names the same topic, so the commands of
+/// one message share one copy.
+fn destination_of(msg: &CommandMessage, last: &mut Option<Arc<str>>) -> Option<Arc<str>> {
+    let topic = msg.reports_to.as_deref()?;
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+        tracing::warn!(command_id = %msg.id, reports_to = %topic, "unusable reports_to; reporting on the shared topic");
+        return None;
+    }
+    match last {
+        Some(shared) if &**shared == topic => Some(shared.clone()),
+        _ => {
+            let fresh: Arc<str> = Arc::from(topic);
+            *last = Some(fresh.clone());
+            Some(fresh)
+        }
+    }
+}
+
 /// Publishes queued reports until shutdown, then what is still queued: each
-/// message takes every report ready at that moment (up to a size), so under
-/// load one message and one broker round trip carry many reports, and alone a
-/// report goes out at once.
+/// round takes every report ready at that moment (up to a size) and sends
+/// one message per topic among them, so under load one message and one
+/// broker round trip carry many reports, and alone a report goes out at once.
+/// Reports for different topics never share a message; per topic they keep
+/// their order.
 async fn publish_reports(
     client: AsyncClient,
-    topic: String,
-    mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    shared: String,
+    mut queued: mpsc::UnboundedReceiver<Outgoing>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::new();
@@ -390,21 +499,41 @@ async fn publish_reports(
             _ = shutdown.cancelled() => None,
         };
         let Some(first) = first else { return };
-        let mut bytes = first.len();
+        let mut bytes = first.body.len();
         batch.push(first);
         // Let the device tasks that are ready run first, so their reports join this message.
         tokio::task::yield_now().await;
         while batch.len() < REPORTS_PER_MESSAGE && bytes < REPORT_MESSAGE_BYTES {
             let Ok(next) = queued.try_recv() else { break };
-            bytes += next.len();
+            bytes += next.body.len();
             batch.push(next);
         }
-        let body = protocol::envelope::join_messages(&batch);
-        if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
-            tracing::warn!(reports = batch.len(), error = %e, "could not publish reports");
+        for (to, bodies) in by_topic(batch.drain(..)) {
+            let topic = to.map_or_else(|| shared.clone(), |to| to.to_string());
+            let body = protocol::envelope::join_messages(&bodies);
+            if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
+                tracing::warn!(%topic, reports = bodies.len(), error = %e, "could not publish reports");
+            }
         }
-        batch.clear();
     }
+}
+
+/// The reports one message carries: its topic (`None`: the shared one) and
+/// the reports' JSON, in order.
+type TopicBatch = (Option<Arc<str>>, Vec<Vec<u8>>);
+
+/// The reports of one round grouped by topic, the topics in the order they
+/// first appear, each group's reports in their order.
+fn by_topic(batch: impl IntoIterator<Item = Outgoing>) -> Vec<TopicBatch> {
+    let mut groups: Vec<TopicBatch> = Vec::new();
+    for Outgoing { to, body } in batch {
+        // A linear search: a round names as many topics as there are gateway instances.
+        match groups.iter_mut().find(|(topic, _)| *topic == to) {
+            Some((_, bodies)) => bodies.push(body),
+            None => groups.push((to, vec![body])),
+        }
+    }
+    groups
 }
 
 /// A QoS 1 publish that gives up once shutdown has begun and rumqttc's request
@@ -423,5 +552,60 @@ async fn publish_until_shutdown(
         biased;
         done = client.publish(topic, QoS::AtLeastOnce, false, body) => done.map_err(|e| e.to_string()),
         _ = shutdown.cancelled() => Err("shutting down, and the MQTT request queue is full".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(reports_to: Option<&str>) -> CommandMessage {
+        CommandMessage {
+            id: Uuid::now_v7(),
+            device_id: DeviceId::parse("d").unwrap(),
+            name: "x".into(),
+            payload_base64: Vec::new(),
+            attempt: 1,
+            expires_at_ms: i64::MAX,
+            reports_to: reports_to.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_message_names_its_reports_topic_or_the_shared_one() {
+        let mut last = None;
+        assert_eq!(destination_of(&message(None), &mut last), None);
+        let a = destination_of(&message(Some("p/gateways/a/reports")), &mut last).unwrap();
+        assert_eq!(&*a, "p/gateways/a/reports");
+        let again = destination_of(&message(Some("p/gateways/a/reports")), &mut last).unwrap();
+        assert!(Arc::ptr_eq(&a, &again), "one copy for the commands of one message");
+        let b = destination_of(&message(Some("p/gateways/b/reports")), &mut last).unwrap();
+        assert_eq!(&*b, "p/gateways/b/reports");
+        for unusable in ["", "p/+/reports", "p/#"] {
+            assert_eq!(destination_of(&message(Some(unusable)), &mut last), None, "{unusable:?}");
+        }
+    }
+
+    #[test]
+    fn reports_are_grouped_by_topic_in_order() {
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let out = |to: &Option<Arc<str>>, body: &str| Outgoing { to: to.clone(), body: body.into() };
+        let (a, b, shared) = (Some(a), Some(b), None);
+        let batch = [out(&a, "1"), out(&shared, "2"), out(&b, "3"), out(&a, "4"), out(&shared, "5")];
+        let groups: Vec<(Option<String>, Vec<String>)> = by_topic(batch)
+            .into_iter()
+            .map(|(to, bodies)| {
+                let bodies = bodies.into_iter().map(|b| String::from_utf8(b).unwrap()).collect();
+                (to.map(|t| t.to_string()), bodies)
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                (Some("a".to_owned()), vec!["1".to_owned(), "4".to_owned()]),
+                (None, vec!["2".to_owned(), "5".to_owned()]),
+                (Some("b".to_owned()), vec!["3".to_owned()]),
+            ]
+        );
     }
 }
