@@ -65,7 +65,7 @@ impl LocalSystem {
         let broker = gateway.broker.to_string();
         let receiver = receiver::start(receiver::Config::new(broker, free_port()?), shutdown.clone()).await?;
         let fleet_config = firmware_sim::FleetConfig {
-            connect: receiver.tcp_addr,
+            connect: vec![receiver.tcp_addr],
             devices: opts.devices,
             fail_ratio: opts.fail_ratio,
             latency_ms: opts.latency_ms,

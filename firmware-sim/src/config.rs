@@ -9,8 +9,10 @@ use protocol::DeviceId;
 /// Everything a [`crate::Fleet`] needs; built once and handed over.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    /// The receiver every device connects to.
-    pub connect: SocketAddr,
+    /// The receivers a device connects to, tried in this order: each device
+    /// starts with the first and moves to the next (round robin) whenever a
+    /// connect fails or its connection drops. At least one.
+    pub connect: Vec<SocketAddr>,
     /// How many devices (connections) to simulate.
     pub devices: usize,
     /// Device ids are `<id_prefix><index>`, see [`device_id`].
@@ -36,7 +38,7 @@ pub struct FleetConfig {
 impl Default for FleetConfig {
     fn default() -> Self {
         Self {
-            connect: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            connect: vec![SocketAddr::from(([127, 0, 0, 1], 7000))],
             devices: 1,
             id_prefix: "dev-".to_owned(),
             id_start: 0,
@@ -63,6 +65,9 @@ impl FleetConfig {
     /// Checks what [`crate::Fleet::start`] would otherwise have to quietly fix
     /// or could not use (an id a HELLO frame cannot carry).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.connect.is_empty() {
+            return Err(ConfigError::NoReceiver);
+        }
         check_probability(self.fail_ratio, ConfigError::FailRatioRange)?;
         check_probability(self.drop_ratio, ConfigError::DropRatioRange)?;
         check_latency(self.latency_ms)?;
@@ -112,6 +117,8 @@ pub enum ConfigError {
     DeviceIdTooLong(String),
     #[error("device id {0:?} is not 1 to 128 characters of A-Z a-z 0-9 - _ . :")]
     InvalidDeviceId(String),
+    #[error("no receiver address to connect to")]
+    NoReceiver,
 }
 
 /// `<prefix><index>`, the index zero-padded to 4 digits: `dev-0007`.
@@ -255,6 +262,8 @@ mod tests {
         assert_eq!(config(2.0, None).validate(), Err(ConfigError::DropRatioRange(2.0)));
         assert_eq!(config(0.0, Some((9, 3))).validate(), Err(ConfigError::ChurnOrder(9, 3)));
         assert_eq!(config(0.0, Some((0, 0))).validate(), Err(ConfigError::ChurnZero));
+        let nowhere = FleetConfig { connect: Vec::new(), ..FleetConfig::default() };
+        assert_eq!(nowhere.validate(), Err(ConfigError::NoReceiver));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! One simulated device on TCP: connect (with backoff), say HELLO, then serve
 //! frames until the connection drops or the fleet shuts down; again and again.
+//! A device given several receivers moves to the next one (round robin)
+//! after every failed connect and every lost connection.
 //!
 //! Commands are handled by the device's [`Firmware`] (one at a time, in
 //! arrival order, from a small queue); PINGs are answered at once, even while
@@ -59,17 +61,33 @@ fn reconnect_backoff() -> Backoff {
     Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF)
 }
 
+/// Which of `count` receivers a device tries after the one at `at` failed
+/// or was lost: the next, round robin (with one receiver, the same).
+fn next_receiver(at: usize, count: usize) -> usize {
+    (at + 1) % count.max(1)
+}
+
 /// A device and everything it keeps between connections.
 pub(crate) struct Device {
     firmware: Firmware,
+    /// Index of the receiver (in `Behaviour::connect`) it connects to next.
+    receiver: usize,
 }
 
 impl Device {
     pub(crate) fn new(id: DeviceId, behaviour: Arc<Behaviour>, counters: DeviceCounters) -> Self {
-        Self { firmware: Firmware::new(id, behaviour, counters) }
+        Self { firmware: Firmware::new(id, behaviour, counters), receiver: 0 }
     }
 
-    /// Connects, serves, reconnects with backoff, until `shutdown`.
+    /// The receiver it connects to next.
+    fn receiver(&self) -> std::net::SocketAddr {
+        self.firmware.behaviour().connect[self.receiver]
+    }
+
+    /// Connects, serves, reconnects with backoff — to the next receiver when
+    /// it has several — until `shutdown`. The firmware, and so the memory of
+    /// answered ids, goes along: a command re-sent through the next receiver
+    /// is answered from it.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = reconnect_backoff();
         while !shutdown.is_cancelled() {
@@ -78,12 +96,13 @@ impl Device {
                     backoff.reset();
                     let end = self.serve(conn, &shutdown).await;
                     self.firmware.counters().set_connected(false);
-                    tracing::info!(reason = %end, "disconnected");
+                    tracing::info!(reason = %end, addr = %self.receiver(), "disconnected");
                     self.after_disconnect(&shutdown).await;
                 }
                 Ok(None) => break,
-                Err(error) => tracing::debug!(%error, "connect failed"),
+                Err(error) => tracing::debug!(%error, addr = %self.receiver(), "connect failed"),
             }
+            self.receiver = next_receiver(self.receiver, self.firmware.behaviour().connect.len());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -94,7 +113,7 @@ impl Device {
 
     /// A framed connection, `None` on shutdown.
     async fn connect(&self, shutdown: &CancellationToken) -> std::io::Result<Option<Connection>> {
-        let addr = self.firmware.behaviour().connect;
+        let addr = self.receiver();
         let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
@@ -110,7 +129,7 @@ impl Device {
     async fn serve(&mut self, mut conn: Connection, shutdown: &CancellationToken) -> SessionEnd {
         // Counted before the HELLO goes out, so whoever reads the HELLO also sees the connect.
         self.firmware.counters().set_connected(true);
-        tracing::info!(addr = %self.firmware.behaviour().connect, "connected");
+        tracing::info!(addr = %self.receiver(), "connected");
         let churn_at = self.churn_deadline();
         let hello = Frame::Hello { device_id: self.firmware.id().clone() };
         if let Err(end) = send(&mut conn, hello, shutdown).await {
@@ -256,5 +275,13 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_delay() <= INITIAL_BACKOFF);
+    }
+
+    #[test]
+    fn receivers_are_tried_round_robin() {
+        let order: Vec<usize> =
+            std::iter::successors(Some(0), |&at| Some(next_receiver(at, 3))).take(5).collect();
+        assert_eq!(order, [0, 1, 2, 0, 1]);
+        assert_eq!(next_receiver(0, 1), 0, "one receiver: always the same");
     }
 }

@@ -22,10 +22,10 @@ use crate::stats::DeviceCounters;
 use crate::FleetConfig;
 
 /// The knobs a device reads from the fleet config.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Behaviour {
-    /// The receiver a TCP device connects to.
-    pub(crate) connect: std::net::SocketAddr,
+    /// The receivers a TCP device connects to, in turn (at least one).
+    pub(crate) connect: Vec<std::net::SocketAddr>,
     pub(crate) fail_ratio: f64,
     pub(crate) latency_ms: (u64, u64),
     pub(crate) duplicate_results: bool,
@@ -39,7 +39,7 @@ impl Behaviour {
     /// out-of-range ratio is clamped and a reversed range is reordered.
     pub(crate) fn from_config(config: &FleetConfig) -> Self {
         Self {
-            connect: config.connect,
+            connect: config.connect.clone(),
             fail_ratio: probability(config.fail_ratio),
             latency_ms: ordered(config.latency_ms),
             duplicate_results: config.duplicate_results,

@@ -28,8 +28,10 @@ pub struct Fleet {
 impl Fleet {
     /// Spawns the devices on the current tokio runtime and returns at once.
     /// They run until `shutdown` is cancelled. Panics outside a tokio runtime,
-    /// or when the config's device ids are not valid (see [`FleetConfig::validate`]).
+    /// or when the config's device ids are not valid or it names no receiver
+    /// (see [`FleetConfig::validate`]).
     pub fn start(config: FleetConfig, shutdown: CancellationToken) -> Fleet {
+        assert!(!config.connect.is_empty(), "invalid fleet config: {}", crate::ConfigError::NoReceiver);
         let stats = SharedStats::new(valid_ids(&config));
         let behaviour = Arc::new(Behaviour::from_config(&config));
         let tasks = TaskTracker::new();

@@ -1,10 +1,12 @@
 //! A simulated fleet of devices for the receiver to talk to, in-process (the
 //! `demo` crate, tests) or as the `firmware-sim` binary.
 //!
-//! Each device is one TCP connection to a receiver: it says HELLO, then runs
-//! the commands it is sent, one at a time and in order, and answers each with a
-//! RESULT. It remembers the last 4096 command ids with their answer, across
-//! reconnects, so a command sent again is answered again but never re-run —
+//! Each device is one TCP connection to a receiver (to the next of its
+//! receivers, round robin, when a connect fails or the connection drops): it
+//! says HELLO, then runs the commands it is sent, one at a time and in order,
+//! and answers each with a RESULT. It remembers the last 4096 command ids
+//! with their answer, across reconnects (to any of its receivers), so a
+//! command sent again is answered again but never re-run —
 //! the device half of the system's at-most-once execution. Each step a
 //! command takes in a device is a debug event with its `command_id` and `device_id`.
 //!

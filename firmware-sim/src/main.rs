@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Receiver address, host:port.
-    #[arg(long, env = "FIRMWARE_SIM_CONNECT", value_parser = parse_addr, required_unless_present = "serial", conflicts_with = "serial")]
-    connect: Option<SocketAddr>,
+    /// Receiver address, host:port; or several, comma-separated
+    /// (host1:port1,host2:port2): each device connects to the first and moves
+    /// to the next, round robin, when a connect fails or its connection drops.
+    #[arg(long, env = "FIRMWARE_SIM_CONNECT", value_parser = parse_addr, value_delimiter = ',', required_unless_present = "serial", conflicts_with = "serial")]
+    connect: Vec<SocketAddr>,
     /// Play every device on this serial line (a bus): PATH[:BAUD], default
     /// baud 115200. Devices are addressed by a HELLO before each COMMAND.
     #[arg(long, env = "FIRMWARE_SIM_SERIAL", value_parser = parse_line)]
@@ -71,8 +73,9 @@ impl Cli {
             noise_ratio: self.noise_ratio,
             flip_ratio: self.flip_ratio,
         });
+        let connect = if self.connect.is_empty() { FleetConfig::default().connect } else { self.connect };
         let fleet = FleetConfig {
-            connect: self.connect.unwrap_or(FleetConfig::default().connect),
+            connect,
             devices: self.devices as usize,
             id_prefix: self.id_prefix,
             id_start: self.id_start,
@@ -105,7 +108,7 @@ async fn run() -> anyhow::Result<()> {
             bus.stopped().await;
         }
         None => {
-            tracing::info!(devices = config.devices, connect = %config.connect, "starting fleet");
+            tracing::info!(devices = config.devices, connect = ?config.connect, "starting fleet");
             let fleet = Fleet::start(config, shutdown.clone());
             shutdown_signal().await;
             tracing::info!("stopping");
@@ -116,8 +119,10 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `host:port`, resolved once at startup (the first address wins).
+/// `host:port`, resolved once at startup (the first address wins). Spaces
+/// around it (after a comma in a list) are ignored.
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
     text.to_socket_addrs()
         .map_err(|error| format!("{text:?} is not a usable host:port ({error})"))?
         .next()

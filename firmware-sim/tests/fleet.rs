@@ -30,7 +30,8 @@ struct Harness {
 impl Harness {
     async fn start(configure: impl FnOnce(&mut FleetConfig)) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut config = FleetConfig { connect: listener.local_addr().unwrap(), ..FleetConfig::default() };
+        let mut config =
+            FleetConfig { connect: vec![listener.local_addr().unwrap()], ..FleetConfig::default() };
         configure(&mut config);
         let shutdown = CancellationToken::new();
         let fleet = Fleet::start(config, shutdown.clone());
@@ -252,6 +253,64 @@ async fn memory_survives_a_reconnect() {
     assert_eq!((stats.executed, stats.duplicates, stats.executed_ids_repeated), (1, 1, 0));
 }
 
+/// Accepts the next device connection on `listener`: the connection and its HELLO id.
+async fn accept_on(listener: &TcpListener) -> (Conn, String) {
+    let (stream, _) =
+        tokio::time::timeout(WAIT, listener.accept()).await.expect("a device connects").unwrap();
+    let mut conn = Framed::new(stream, FrameCodec::default());
+    match next_frame(&mut conn).await {
+        Frame::Hello { device_id } => (conn, device_id.to_string()),
+        other => panic!("first frame must be HELLO, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_device_moves_to_the_next_receiver_and_answers_a_repeat_there_from_memory() {
+    let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = vec![first.local_addr().unwrap(), second.local_addr().unwrap()];
+    let shutdown = CancellationToken::new();
+    let _stop_on_drop = shutdown.clone().drop_guard();
+    let fleet = Fleet::start(FleetConfig { connect, ..FleetConfig::default() }, shutdown.clone());
+
+    let (mut conn, device) = accept_on(&first).await;
+    let id = Uuid::now_v7();
+    send_command(&mut conn, id, "reboot", b"").await;
+    let answer = expect_result(&mut conn, id).await;
+    // The first receiver closes the connection (its RESULT may never have
+    // reached the gateway, which sends the command again).
+    drop(conn);
+
+    let (mut conn, again) = accept_on(&second).await;
+    assert_eq!(again, device, "the same device says HELLO to the second receiver");
+    send_command(&mut conn, id, "reboot", b"").await;
+    assert_eq!(expect_result(&mut conn, id).await, answer, "answered from memory");
+    let stats = fleet.stats().devices[&device].clone();
+    assert_eq!((stats.connects, stats.executed, stats.duplicates, stats.executed_ids_repeated), (2, 1, 1, 0));
+
+    // Round robin: when the second drops it, the device is back on the first.
+    drop(conn);
+    let (_conn, again) = accept_on(&first).await;
+    assert_eq!(again, device);
+}
+
+#[tokio::test]
+async fn a_receiver_that_refuses_connects_is_skipped_for_the_next() {
+    // Bound but not listening: connects are refused (see the test below).
+    let refusing = TcpSocket::new_v4().unwrap();
+    refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = vec![refusing.local_addr().unwrap(), listener.local_addr().unwrap()];
+    let shutdown = CancellationToken::new();
+    let _stop_on_drop = shutdown.clone().drop_guard();
+    let fleet = Fleet::start(FleetConfig { connect, devices: 2, ..FleetConfig::default() }, shutdown.clone());
+
+    let (mut conn, device) = accept_on(&listener).await;
+    let (_other, _) = accept_on(&listener).await;
+    assert_eq!(call(&mut conn, "echo", b"{}").await, (0, json!({})));
+    assert_eq!(fleet.stats().devices[&device].connects, 1, "the refusing receiver never connected");
+}
+
 #[tokio::test]
 async fn wait_connected_wakes_on_connect_and_times_out_without_receiver() {
     let h = Harness::start(|c| c.devices = 2).await;
@@ -264,7 +323,8 @@ async fn wait_connected_wakes_on_connect_and_times_out_without_receiver() {
     refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let closed: SocketAddr = refusing.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let fleet = Fleet::start(FleetConfig { connect: closed, ..FleetConfig::default() }, shutdown.clone());
+    let fleet =
+        Fleet::start(FleetConfig { connect: vec![closed], ..FleetConfig::default() }, shutdown.clone());
     assert!(!fleet.wait_connected(1, Duration::from_millis(300)).await);
     shutdown.cancel();
     tokio::time::timeout(WAIT, fleet.stopped()).await.expect("stops promptly");

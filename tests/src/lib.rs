@@ -173,7 +173,7 @@ impl System {
         let http = reqwest::Client::new();
         let base = format!("http://{}", gateway.http_addr);
         let fleet_config =
-            firmware_sim::FleetConfig { connect: receiver.tcp_addr, devices: spec.devices, ..spec.fleet };
+            firmware_sim::FleetConfig { connect: vec![receiver.tcp_addr], devices: spec.devices, ..spec.fleet };
         let device_ids: Vec<String> = (0..spec.devices)
             .map(|i| firmware_sim::device_id(&fleet_config.id_prefix, fleet_config.id_start + i))
             .collect();

@@ -270,7 +270,7 @@ async fn device_presence_follows_the_connection(db: Db) {
     // A device that connects before it is registered shows online once registered.
     let late = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {
-            connect: s.receiver.tcp_addr,
+            connect: vec![s.receiver.tcp_addr],
             devices: 1,
             id_prefix: "late-".into(),
             ..Default::default()
@@ -363,7 +363,7 @@ async fn a_gateway_started_after_its_receivers_learns_their_devices() {
     let receiver = receiver::start(rconfig, shutdown.clone()).await.unwrap();
     let fleet = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {
-            connect: receiver.tcp_addr,
+            connect: vec![receiver.tcp_addr],
             devices: 1,
             id_prefix: "early-".into(),
             ..Default::default()
@@ -404,7 +404,7 @@ async fn a_receiver_stopping_cleanly_takes_its_devices_offline() {
     let second = receiver::start(rconfig, own.clone()).await.unwrap();
     let fleet = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {
-            connect: second.tcp_addr,
+            connect: vec![second.tcp_addr],
             devices: 3,
             id_prefix: "second-".into(),
             ..Default::default()

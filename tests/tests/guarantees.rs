@@ -155,7 +155,7 @@ async fn offline_device_keeps_its_commands_until_it_comes_back(db: Db) {
     }
     let late = firmware_sim::Fleet::start(
         firmware_sim::FleetConfig {
-            connect: s.receiver.tcp_addr,
+            connect: vec![s.receiver.tcp_addr],
             devices: 1,
             id_prefix: "away-".into(),
             ..Default::default()
