@@ -8,6 +8,7 @@ use std::time::Duration;
 use plumbing::mqtt::Brokers;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+pub mod clusters;
 pub mod procs;
 
 /// The MariaDB/MySQL server tests use (a fresh database per test).
@@ -172,8 +173,11 @@ impl System {
         let receiver = receiver::start(rconfig, shutdown.clone()).await.expect("receiver starts");
         let http = reqwest::Client::new();
         let base = format!("http://{}", gateway.http_addr);
-        let fleet_config =
-            firmware_sim::FleetConfig { connect: vec![receiver.tcp_addr], devices: spec.devices, ..spec.fleet };
+        let fleet_config = firmware_sim::FleetConfig {
+            connect: vec![receiver.tcp_addr],
+            devices: spec.devices,
+            ..spec.fleet
+        };
         let device_ids: Vec<String> = (0..spec.devices)
             .map(|i| firmware_sim::device_id(&fleet_config.id_prefix, fleet_config.id_start + i))
             .collect();
