@@ -2,6 +2,11 @@
 # Makes sure the services the tests use are up: MariaDB on 127.0.0.1:3306
 # (root, empty password) and Mosquitto on 127.0.0.1:1883. Starts what is not
 # running; installs from Debian's packages what is absent. Idempotent.
+#
+# Also installs (never starts) what the cluster tests start for themselves
+# (tests/src/clusters.rs): galera-4 and rsync for a 3-node MariaDB Galera
+# cluster, nats-server for a 3-node NATS cluster with MQTT, haproxy in front
+# of Galera, mosquitto-clients for poking at brokers by hand.
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -13,10 +18,28 @@ wait_port() {
     log "nothing listens on 127.0.0.1:$1 after 30 s"; return 1
 }
 
+APT_UPDATED=
 apt_install() {
     log "installing $*"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq "$@" >/dev/null
+    # The package lists are fetched once per run, and only when something is missing.
+    if [ -z "$APT_UPDATED" ]; then apt-get update -qq; APT_UPDATED=1; fi
+    apt-get install -y -qq "$@" >/dev/null
+}
+
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+
+# Installed only: each cluster test starts (and kills) its own nodes on free
+# loopback ports below 32768. Debian's policy-rc.d, where present, keeps the
+# packages' own services from starting at install.
+ensure_cluster_tools() {
+    local missing=()
+    [ -e /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
+    have rsync || missing+=(rsync)
+    have nats-server || missing+=(nats-server)
+    have haproxy || missing+=(haproxy)
+    have mosquitto_pub || missing+=(mosquitto-clients)
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
 ensure_mariadb() {
@@ -46,4 +69,5 @@ ensure_mosquitto() {
 
 ensure_mariadb
 ensure_mosquitto
+ensure_cluster_tools
 log "MariaDB and Mosquitto are up"
