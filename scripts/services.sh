@@ -4,9 +4,9 @@
 # running; installs from Debian's packages what is absent. Idempotent.
 #
 # Also installs (never starts) what the cluster tests start for themselves
-# (tests/src/clusters.rs): galera-4 and rsync for a 3-node MariaDB Galera
-# cluster, nats-server for a 3-node NATS cluster with MQTT, haproxy in front
-# of Galera, mosquitto-clients for poking at brokers by hand.
+# (tests/src/clusters.rs): galera-4, rsync and iproute2 (ss) for a 3-node
+# MariaDB Galera cluster, nats-server for a 3-node NATS cluster with MQTT,
+# haproxy in front of Galera, mosquitto-clients for poking at brokers by hand.
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -36,6 +36,8 @@ ensure_cluster_tools() {
     local missing=()
     [ -e /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
     have rsync || missing+=(rsync)
+    # wsrep_sst_rsync finds its rsync daemon's port with ss (or lsof, sockstat).
+    have ss || missing+=(iproute2)
     have nats-server || missing+=(nats-server)
     have haproxy || missing+=(haproxy)
     have mosquitto_pub || missing+=(mosquitto-clients)
