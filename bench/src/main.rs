@@ -74,6 +74,12 @@ struct Args {
     /// Small sizes for CI: 300 commands, 20 devices, concurrency 16.
     #[arg(long)]
     quick: bool,
+    /// Gateway instances sharing the database and the broker (1 to 4); the
+    /// phases' calls go round-robin over them, and async results are
+    /// long-polled on another instance than the one that took them. Run once
+    /// with 1 and once with N to compare.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=pipeline::MAX_INSTANCES as i64))]
+    instances: u8,
     /// Abort after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -238,6 +244,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         prefix: &prefix,
         devices: shape.devices,
         dir,
+        instances: usize::from(args.instances),
     };
     let system = System::start(opts, &mut children).await.context("starting the pipeline")?;
     let mut db = DbCounters::connect(&database_url).await.context("connecting for statement counters")?;
@@ -282,6 +289,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
             devices: shape.devices,
             concurrency: shape.concurrency,
             payload_bytes: shape.payload_bytes,
+            instances: usize::from(args.instances),
             mode: match args.scheduled {
                 Some(_) => "scheduled".into(),
                 None => format!("{:?}", args.mode).to_lowercase(),

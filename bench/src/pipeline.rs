@@ -39,14 +39,24 @@ pub(crate) struct SystemOptions<'a> {
     pub(crate) prefix: &'a str,
     pub(crate) devices: usize,
     pub(crate) dir: &'a Path,
+    /// Gateway instances on the same database and broker (1 to `MAX_INSTANCES`).
+    pub(crate) instances: usize,
 }
+
+/// Most gateway instances a run starts.
+pub(crate) const MAX_INSTANCES: usize = 4;
+/// The gateways' process names (logs, CPU figures).
+const GATEWAY_NAMES: [&str; MAX_INSTANCES] = ["gateway", "gateway-2", "gateway-3", "gateway-4"];
 
 /// The running pipeline's HTTP side (its processes are in the [`Children`]
 /// passed to [`System::start`], kept apart so they can be watched while a
 /// phase borrows this).
 #[derive(Debug)]
 pub(crate) struct System {
+    /// The first gateway's HTTP base URL (set-up, device listing, metrics).
     pub(crate) base: String,
+    /// Every gateway's; calls of the phases go round-robin over them.
+    pub(crate) bases: Arc<Vec<String>>,
     pub(crate) http: reqwest::Client,
     pub(crate) sim_stats: PathBuf,
     /// How long setting up the fleet took.
@@ -72,22 +82,25 @@ impl System {
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_millis(WAIT_MS + 30_000))
             .build()?;
-        let http_addr = free_port()?;
+        let http_addrs: Vec<_> = (0..opts.instances).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let bases: Vec<String> = http_addrs.iter().map(|a| format!("http://{a}")).collect();
         let mut system = System {
-            base: format!("http://{http_addr}"),
+            base: bases[0].clone(),
+            bases: Arc::new(bases),
             http,
             sim_stats: opts.dir.join("firmware-sim-stats.json"),
             setup: SetupTimes { devices: opts.devices, ..SetupTimes::default() },
         };
-        let broker = start_gateway(&opts, &http_addr.to_string(), children)?;
-        let base = system.base.clone();
-        let client = system.http.clone();
-        children
-            .wait_until("gateway answering /healthz", Duration::from_secs(60), || {
-                let (client, url) = (client.clone(), format!("{base}/healthz"));
-                async move { client.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
-            })
-            .await?;
+        let broker = start_gateways(&opts, &http_addrs, children)?;
+        for base in system.bases.iter() {
+            let client = system.http.clone();
+            children
+                .wait_until("gateway answering /healthz", Duration::from_secs(60), || {
+                    let (client, url) = (client.clone(), format!("{base}/healthz"));
+                    async move { client.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+                })
+                .await?;
+        }
         let t = Instant::now();
         system.register(opts.devices).await?;
         system.setup.register_s = t.elapsed().as_secs_f64();
@@ -228,10 +241,11 @@ impl System {
         concurrency: usize,
         recorder: Arc<Recorder>,
     ) -> Outcomes {
-        let (http, base, body) = (self.http.clone(), self.base.clone(), command_body(shape, "sync"));
+        let (http, bases, body) = (self.http.clone(), self.bases.clone(), command_body(shape, "sync"));
         let devices = shape.devices;
         let outcomes = run_pool(n, concurrency, move |i| {
             let (http, recorder, body) = (http.clone(), recorder.clone(), body.clone());
+            let base = &bases[i % bases.len()];
             let url = format!("{base}/v1/devices/{}/commands", Shape::device_name(i % devices));
             async move {
                 let t = Instant::now();
@@ -282,10 +296,11 @@ impl System {
     }
 
     async fn submit_async(&self, shape: &Shape, recorder: Arc<Recorder>) -> Vec<Result<Accepted, String>> {
-        let (http, base, body) = (self.http.clone(), self.base.clone(), command_body(shape, "async"));
+        let (http, bases, body) = (self.http.clone(), self.bases.clone(), command_body(shape, "async"));
         let devices = shape.devices;
         run_pool(shape.commands, shape.concurrency, move |i| {
             let (http, recorder, body) = (http.clone(), recorder.clone(), body.clone());
+            let base = &bases[i % bases.len()];
             let url = format!("{base}/v1/devices/{}/commands", Shape::device_name(i % devices));
             async move {
                 let t = Instant::now();
@@ -306,9 +321,11 @@ impl System {
     async fn collect(&self, ids: Vec<String>) -> Vec<Result<(f64, String), String>> {
         let recorder = Recorder::new("pipeline async: final", ids.len());
         let progress = Progress::show(recorder.clone());
-        let (http, base, ids) = (self.http.clone(), self.base.clone(), Arc::new(ids));
+        let (http, bases, ids) = (self.http.clone(), self.bases.clone(), Arc::new(ids));
         let finals = run_pool(ids.len(), COLLECTORS, move |k| {
             let (http, recorder) = (http.clone(), recorder.clone());
+            // Long-polled on another instance than the one that took it, when there are several.
+            let base = &bases[(k + 1) % bases.len()];
             let url = format!("{base}/v1/commands/{}?wait_ms={WAIT_MS}", ids[k]);
             async move {
                 let outcome = final_status(http.get(url).send().await).await;
@@ -325,37 +342,35 @@ impl System {
     }
 }
 
-/// `gateway serve`; returns the broker URL the others must use.
-fn start_gateway(
+/// `gateway serve`, once per instance, each on its own HTTP address: the
+/// first with the embedded broker (unless one is given), the others on the
+/// first's broker. Instance ids are generated. Returns the broker URL the
+/// receiver must use.
+fn start_gateways(
     opts: &SystemOptions<'_>,
-    http_listen: &str,
+    http_addrs: &[std::net::SocketAddr],
     children: &mut Children,
 ) -> anyhow::Result<String> {
-    let mut args: Vec<String> = [
-        "serve",
-        "--database-url",
-        opts.database_url,
-        "--http-listen",
-        http_listen,
-        "--topic-prefix",
-        opts.prefix,
-        "--instance-id",
-        &format!("{}-gateway", opts.prefix),
-    ]
-    .map(String::from)
-    .into();
-    let broker = match opts.broker {
-        Some(url) => {
-            args.extend(["--broker".into(), url.into()]);
-            url.to_owned()
-        }
-        None => {
-            let mqtt = free_port()?;
-            args.extend(["--mqtt-listen".into(), mqtt.to_string()]);
-            format!("mqtt://{mqtt}")
-        }
+    let embedded = match opts.broker {
+        Some(_) => None,
+        None => Some(free_port()?),
     };
-    children.spawn("gateway", &opts.bins.gateway, &args, opts.dir)?;
+    let broker = match (opts.broker, embedded) {
+        (Some(url), _) => url.to_owned(),
+        (None, Some(mqtt)) => format!("mqtt://{mqtt}"),
+        (None, None) => unreachable!("an embedded broker address is chosen above"),
+    };
+    for (k, http) in http_addrs.iter().enumerate() {
+        let mut args: Vec<String> = ["serve", "--database-url", opts.database_url, "--topic-prefix", opts.prefix]
+            .map(String::from)
+            .into();
+        args.extend(["--http-listen".into(), http.to_string()]);
+        match embedded.filter(|_| k == 0) {
+            Some(mqtt) => args.extend(["--mqtt-listen".into(), mqtt.to_string()]),
+            None => args.extend(["--broker".into(), broker.clone()]),
+        }
+        children.spawn(GATEWAY_NAMES[k], &opts.bins.gateway, &args, opts.dir)?;
+    }
     Ok(broker)
 }
 

@@ -38,6 +38,8 @@ pub(crate) struct Settings {
     pub(crate) devices: usize,
     pub(crate) concurrency: usize,
     pub(crate) payload_bytes: usize,
+    /// Gateway instances sharing the database and broker.
+    pub(crate) instances: usize,
     pub(crate) mode: String,
     pub(crate) broker: String,
     pub(crate) database: String,
@@ -106,8 +108,8 @@ impl Report {
         let s = &self.settings;
         let _ = writeln!(
             t,
-            "bench: {} commands, {} devices, concurrency {}, payload {} B, mode {}\nbroker: {}; database: {}\n",
-            s.commands, s.devices, s.concurrency, s.payload_bytes, s.mode, s.broker, s.database
+            "bench: {} commands, {} devices, concurrency {}, payload {} B, mode {}, {} gateway instance(s)\nbroker: {}; database: {}\n",
+            s.commands, s.devices, s.concurrency, s.payload_bytes, s.mode, s.instances, s.broker, s.database
         );
         self.set_up(&mut t);
         self.figures(&mut t);
