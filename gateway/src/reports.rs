@@ -95,6 +95,10 @@ impl App {
         self.publish_final_notice(command).await;
         if let Some(reply) = &command.reply_to {
             self.reply(reply, "final", command.to_json()).await;
+            if let Err(e) = self.store().reply_sent(command.id).await {
+                // The sweeper sends it once more after the grace: at least once.
+                tracing::warn!(command_id = %command.id, error = %e, "final reply sent but not recorded");
+            }
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::command::machine::{due, Due};
 use crate::command::{now_ms, Move, Status};
 use crate::publish::Route;
 use crate::store::instances::SUBMISSION_MEMORY_MS;
+use crate::store::transitions::REPLY_GRACE_MS;
 use crate::store::{Moved, StoreError};
 
 /// How often old MQTT submission keys and dead instances' rows are deleted.
@@ -56,6 +57,9 @@ pub async fn run(app: App, shutdown: CancellationToken) {
                 tracing::warn!(error = %e, "old submission keys not forgotten; trying again later");
             }
         }
+        if let Err(e) = send_owed_replies(&app).await {
+            tracing::warn!(error = %e, "owed final replies not sent; trying again next tick");
+        }
         for _ in 0..MAX_BATCHES_PER_TICK {
             match sweep_once(&app).await {
                 Ok(s) if (s.claimed as i64) < app.config().sweep_batch => break,
@@ -67,6 +71,21 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Publishes the final replies that the instance which made their commands
+/// final did not get to (it died between its commit and its publish).
+async fn send_owed_replies(app: &App) -> Result<(), StoreError> {
+    let now = now_ms();
+    for id in app.store().claim_due_replies(now, 100, now + REPLY_GRACE_MS).await? {
+        let Some(command) = app.store().get_command(id).await? else { continue };
+        if let Some(reply) = command.reply_to.as_ref().filter(|_| command.status.is_final()) {
+            tracing::info!(command_id = %id, device_id = command.device_id.as_str(), "final reply its instance did not send");
+            app.reply(reply, "final", command.to_json()).await;
+        }
+        app.store().reply_sent(id).await?;
+    }
+    Ok(())
 }
 
 /// Claims one batch of due commands and deals with them: the moves it decides

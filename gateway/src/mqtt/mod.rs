@@ -80,14 +80,13 @@ pub fn spawn(
         drive(&mut main_loop, &brokers, &mut main, &stop).await;
         let _ = main.app.mqtt().disconnect().await;
     });
-    let mut reports =
-        ReportsSession {
-            client: reports_client.clone(),
-            // The shared topic carries reports of messages that named no
-            // `reports_to` (older gateways); every instance takes those.
-            filters: vec![app.topics().instance_reports(app.instance_id()), app.topics().reports()],
-            applier: tx,
-        };
+    let mut reports = ReportsSession {
+        client: reports_client.clone(),
+        // The shared topic carries reports of messages that named no
+        // `reports_to` (older gateways); every instance takes those.
+        filters: vec![app.topics().instance_reports(app.instance_id()), app.topics().reports()],
+        applier: tx,
+    };
     let (stop, brokers) = (shutdown.clone(), broker.clone());
     tasks.spawn(async move {
         drive(&mut reports_loop, &brokers, &mut reports, &stop).await;

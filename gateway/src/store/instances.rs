@@ -116,6 +116,43 @@ impl Store {
         }
     }
 
+    /// The final reply of command `id` was published: nothing is owed any more.
+    pub async fn reply_sent(&self, id: uuid::Uuid) -> Result<()> {
+        self.query("DELETE FROM pending_replies WHERE command_id = ?")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` final replies whose grace has passed (their
+    /// instance died before publishing them), pushing each one's due time to
+    /// `retry_at` so that other instances leave it alone meanwhile.
+    pub async fn claim_due_replies(&self, now: i64, limit: i64, retry_at: i64) -> Result<Vec<uuid::Uuid>> {
+        use sqlx::Row;
+        let rows = self
+            .query("SELECT command_id FROM pending_replies WHERE due_at <= ? ORDER BY due_at LIMIT ?")
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("command_id")?;
+            let taken = self
+                .query("UPDATE pending_replies SET due_at = ? WHERE command_id = ? AND due_at <= ?")
+                .bind(retry_at)
+                .bind(&id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+            if taken.rows_affected() == 1 {
+                claimed.extend(id.parse::<uuid::Uuid>().ok());
+            }
+        }
+        Ok(claimed)
+    }
+
     /// Forgets submission keys and instance rows older than `before` (ms).
     pub async fn forget_before(&self, before: i64) -> Result<u64> {
         let keys = self

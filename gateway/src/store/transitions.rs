@@ -16,6 +16,9 @@ use crate::command::{now_ms, Change, Command, Move, Status};
 const CAS_RETRIES: usize = 8;
 /// Rows per multi-row compare-and-set UPDATE.
 const CAS_CHUNK: usize = 128;
+/// How long the instance that made a command final has to publish its MQTT
+/// caller's final reply before any instance's sweeper does it instead (ms).
+pub const REPLY_GRACE_MS: i64 = 3_000;
 
 /// What a move did.
 #[derive(Debug)]
@@ -51,6 +54,7 @@ impl Store {
                 continue;
             }
             self.insert_events(&mut tx, &events).await?;
+            self.owe_replies(&mut tx, &[&next]).await?;
             tx.commit().await?;
             return Ok(Moved::Yes { from: current.status, command: next });
         }
@@ -114,6 +118,9 @@ impl Store {
         }
         events.retain(|e| !lost.contains(&e.command_id));
         self.insert_events(&mut tx, &events).await?;
+        let written: Vec<&Command> =
+            pairs.iter().map(|(_, after)| *after).filter(|c| !lost.contains(&c.id)).collect();
+        self.owe_replies(&mut tx, &written).await?;
         tx.commit().await?;
         let mut done = Vec::with_capacity(moves.len());
         for (m, outcome) in moves.iter().zip(outcomes) {
@@ -124,6 +131,24 @@ impl Store {
             });
         }
         Ok(done)
+    }
+
+    /// Records, with the move, the final answers owed to MQTT callers among
+    /// `moved` (commands with a `reply_to` that are now final): due for the
+    /// sweeper after `REPLY_GRACE_MS` unless `reply_sent` comes first.
+    async fn owe_replies(&self, tx: &mut Tx, moved: &[&Command]) -> Result<()> {
+        let owed: Vec<&&Command> =
+            moved.iter().filter(|c| c.status.is_final() && c.reply_to.is_some()).collect();
+        for chunk in owed.chunks(200) {
+            let rows = vec!["(?, ?)"; chunk.len()].join(", ");
+            let sql = format!("INSERT INTO pending_replies (command_id, due_at) VALUES {rows}");
+            let mut q = self.query(&sql);
+            for c in chunk {
+                q = q.bind(c.id.to_string()).bind(c.updated_at + REPLY_GRACE_MS);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 
     /// The compare-and-set for many commands at once, with one UPDATE per
@@ -221,6 +246,36 @@ mod tests {
 
     fn next_states(read: &HashMap<Uuid, Command>, to: Status, change: &Change) -> HashMap<Uuid, Command> {
         read.iter().map(|(id, c)| (*id, step(c, to, change, now_ms()).unwrap().0)).collect()
+    }
+
+    /// A command with an MQTT caller owes its final reply from the moment it
+    /// is final: the row is claimable after the grace, and gone once sent.
+    #[tokio::test]
+    async fn a_final_reply_is_owed_until_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite:{}", dir.path().join("gw.db").display())).await.unwrap();
+        let device = DeviceId::parse("d").unwrap();
+        store.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
+        let mut new = new_command(&device);
+        new.reply_to =
+            Some(crate::command::ReplyTo { topic: "t/replies".into(), correlation_id: "c-1".into() });
+        store.insert_commands(std::slice::from_ref(&new)).await.unwrap();
+        let canceled = Change {
+            error: Some(Failure { kind: FailureKind::Canceled, message: "test".into() }),
+            ..Change::default()
+        };
+        let Moved::Yes { command, .. } = store.transition(new.id, Status::Canceled, &canceled).await.unwrap()
+        else {
+            panic!("canceled")
+        };
+        let now = now_ms();
+        assert!(store.claim_due_replies(now, 10, now + 1).await.unwrap().is_empty(), "within the grace");
+        let later = command.updated_at + REPLY_GRACE_MS;
+        assert_eq!(store.claim_due_replies(later, 10, later + 1_000).await.unwrap(), [new.id]);
+        assert!(store.claim_due_replies(later, 10, later + 1_000).await.unwrap().is_empty(), "claimed once");
+        store.reply_sent(new.id).await.unwrap();
+        assert!(store.claim_due_replies(later + 5_000, 10, later + 6_000).await.unwrap().is_empty(), "sent");
+        store.close().await;
     }
 
     /// The multi-row compare-and-set writes every row, or reports that one had
