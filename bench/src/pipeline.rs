@@ -361,9 +361,10 @@ fn start_gateways(
         (None, None) => unreachable!("an embedded broker address is chosen above"),
     };
     for (k, http) in http_addrs.iter().enumerate() {
-        let mut args: Vec<String> = ["serve", "--database-url", opts.database_url, "--topic-prefix", opts.prefix]
-            .map(String::from)
-            .into();
+        let mut args: Vec<String> =
+            ["serve", "--database-url", opts.database_url, "--topic-prefix", opts.prefix]
+                .map(String::from)
+                .into();
         args.extend(["--http-listen".into(), http.to_string()]);
         match embedded.filter(|_| k == 0) {
             Some(mqtt) => args.extend(["--mqtt-listen".into(), mqtt.to_string()]),
