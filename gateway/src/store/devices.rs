@@ -51,24 +51,18 @@ impl Store {
             .await?;
         let mut created = false;
         if updated.rows_affected() == 0 {
-            let inserted = self
+            let insert = self
                 .query("INSERT INTO devices (id, enabled, labels, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
                 .bind(id.as_str())
                 .bind(i64::from(enabled))
                 .bind(&labels_text)
                 .bind(now)
-                .bind(now)
-                .execute(&self.pool)
-                .await
-                .map_err(StoreError::from);
-            match inserted {
-                Ok(_) => created = true,
+                .bind(now);
+            if !self.insert_new(insert).await? {
                 // Created concurrently by another request: ours becomes an update.
-                Err(StoreError::Duplicate(_)) => {
-                    return Box::pin(self.upsert_device(id, enabled, labels)).await
-                }
-                Err(e) => return Err(e),
+                return Box::pin(self.upsert_device(id, enabled, labels)).await;
             }
+            created = true;
         }
         let device = self
             .get_device(id.as_str())
@@ -133,23 +127,18 @@ impl Store {
         if done.rows_affected() > 0 || !online {
             return Ok(done.rows_affected() > 0);
         }
-        let inserted = self
+        let insert = self
             .query(
                 "INSERT INTO device_presence (device_id, online, receiver_id, seen_at) VALUES (?, 1, ?, ?)",
             )
             .bind(device_id.as_str())
             .bind(receiver_id)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from);
-        match inserted {
-            Ok(_) => Ok(true),
-            Err(StoreError::Duplicate(_)) => {
-                Box::pin(self.set_presence(device_id, receiver_id, online)).await
-            }
-            Err(e) => Err(e),
+            .bind(now);
+        if self.insert_new(insert).await? {
+            return Ok(true);
         }
+        // Inserted concurrently by another writer: ours becomes an update.
+        Box::pin(self.set_presence(device_id, receiver_id, online)).await
     }
 
     /// Marks every device of a receiver offline (the receiver went away).

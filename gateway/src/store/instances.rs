@@ -48,23 +48,17 @@ impl Store {
         if taken.rows_affected() == 1 {
             return Ok(());
         }
-        let inserted = self
+        let insert = self
             .query("INSERT INTO gateway_instances (id, nonce, started_at, heartbeat_at) VALUES (?, ?, ?, ?)")
             .bind(id)
             .bind(nonce)
             .bind(now)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from);
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(StoreError::Duplicate(_)) => {
-                let age_ms = self.instance_age(id, now).await?.unwrap_or(0);
-                Err(ClaimError::InUse { id: id.to_owned(), age_ms })
-            }
-            Err(e) => Err(e.into()),
+            .bind(now);
+        if self.insert_new(insert).await? {
+            return Ok(());
         }
+        let age_ms = self.instance_age(id, now).await?.unwrap_or(0);
+        Err(ClaimError::InUse { id: id.to_owned(), age_ms })
     }
 
     async fn instance_age(&self, id: &str, now: i64) -> Result<Option<i64>> {
@@ -102,18 +96,12 @@ impl Store {
     /// Takes MQTT submission `key` outside any command insert (a refused
     /// submission, or an idempotent repeat): false if an instance took it already.
     pub async fn claim_submission(&self, key: &str, now: i64) -> Result<bool> {
-        let inserted = self
-            .query("INSERT INTO mqtt_submissions (submission_key, created_at) VALUES (?, ?)")
-            .bind(key)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from);
-        match inserted {
-            Ok(_) => Ok(true),
-            Err(StoreError::Duplicate(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.insert_new(
+            self.query("INSERT INTO mqtt_submissions (submission_key, created_at) VALUES (?, ?)")
+                .bind(key)
+                .bind(now),
+        )
+        .await
     }
 
     /// The final reply of command `id` was published: nothing is owed any more.

@@ -179,6 +179,16 @@ impl Store {
         Ok(self.pool.begin().await?)
     }
 
+    /// Runs an INSERT: false, and nothing written, if a row with its unique
+    /// key exists already.
+    async fn insert_new(&self, insert: Query<'_>) -> Result<bool> {
+        match insert.execute(&self.pool).await.map_err(StoreError::from) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Duplicate(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
