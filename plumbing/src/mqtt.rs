@@ -257,15 +257,32 @@ pub async fn drive(
     shutdown: &CancellationToken,
 ) {
     let mut rotation = Rotation::starting_at(brokers, eventloop.mqtt_options.broker_address());
+    // A broker may refuse a subscription (NATS does while JetStream elects a
+    // leader after a node died): the session then subscribes again, or it
+    // would stay connected and deaf.
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = sleep_until(resubscribe_at) => {
+                resubscribe_at = None;
+                tracing::info!(broker = %rotation.current(), "subscribing again after a refused subscription");
+                session.connected();
+                continue;
+            }
             event = eventloop.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 tracing::info!(broker = %rotation.current(), "connected to the broker");
+                resubscribe_at = None;
                 session.connected();
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::warn!(broker = %rotation.current(), "the broker refused a subscription; subscribing again shortly");
+                resubscribe_at.get_or_insert(tokio::time::Instant::now() + RESUBSCRIBE_PAUSE);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 if !session.received(publish).await {
@@ -291,6 +308,17 @@ pub async fn drive(
                 }
             }
         }
+    }
+}
+
+/// Pause before subscribing again after the broker refused a subscription.
+pub const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,13 +10,16 @@
 //! it answers, the others stay silent. A message delivered twice (QoS 1) is
 //! the same message and is answered once.
 
+use std::time::Duration;
+
+use plumbing::backoff::Backoff;
 use serde_json::Value;
 
 use crate::app::App;
 use crate::command::{now_ms, ReplyTo};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::store::request_hash;
-use crate::submit::{CommandRequest, MqttOrigin};
+use crate::submit::{CommandRequest, MqttOrigin, Submitted};
 
 /// Handles one submission message.
 pub(super) async fn handle(app: &App, payload: &[u8]) {
@@ -40,7 +43,7 @@ pub(super) async fn handle(app: &App, payload: &[u8]) {
         _ => String::new(),
     };
     let outcome = match serde_json::from_value::<CommandRequest>(Value::Object(fields)) {
-        Ok(req) if !device_id.is_empty() => app.submit_mqtt(&device_id, &req, &origin).await,
+        Ok(req) if !device_id.is_empty() => submit_while_store_recovers(app, &device_id, &req, &origin).await,
         Ok(_) => Err(ApiError::bad_request("device_id is required")),
         Err(e) => Err(ApiError::bad_request(format!("malformed request: {e}"))),
     };
@@ -65,12 +68,38 @@ pub(super) async fn handle(app: &App, payload: &[u8]) {
                     return;
                 }
                 Ok(true) => {}
-                // The store is down: every instance says so (each alone cannot know).
+                // The store stayed down for all of STORE_PATIENCE: every
+                // instance says so (each alone cannot know who else could).
                 Err(store) => tracing::warn!(error = %store, "MQTT refusal not recorded; replying anyway"),
             }
             let mut body = e.to_json();
             body["status_code"] = e.kind.http_status().into();
             app.reply(reply, "rejected", body).await;
+        }
+    }
+}
+
+/// How long an MQTT submission waits for the store to come back (a database
+/// node failing over) before it is refused with 503. Meanwhile another
+/// instance, whose store connection still works, may take it; refusing at
+/// once would answer `rejected` for a submission that another instance runs.
+const STORE_PATIENCE: Duration = Duration::from_secs(10);
+
+async fn submit_while_store_recovers(
+    app: &App,
+    device_id: &str,
+    req: &CommandRequest,
+    origin: &MqttOrigin,
+) -> Result<Option<Submitted>, ApiError> {
+    let give_up = tokio::time::Instant::now() + STORE_PATIENCE;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    loop {
+        match app.submit_mqtt(device_id, req, origin).await {
+            Err(e) if e.kind == ErrorKind::StoreUnavailable && tokio::time::Instant::now() < give_up => {
+                tracing::debug!(error = %e, "store unavailable for an MQTT submission; trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            done => return done,
         }
     }
 }

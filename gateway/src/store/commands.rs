@@ -61,14 +61,23 @@ impl Store {
         let mut tx = self.begin().await?;
         if let Some(key) = &new.submission_key {
             match self.insert_submission_keys(&mut tx, &[key], new.created_at).await {
-                Err(StoreError::Duplicate(_)) => return Ok(Inserted::TakenElsewhere),
+                Err(StoreError::Duplicate(_)) => {
+                    drop(tx);
+                    return Ok(self.own_earlier_commit(new).await?.unwrap_or(Inserted::TakenElsewhere));
+                }
                 done => done?,
             }
         }
         match self.insert_command_rows(&mut tx, std::slice::from_ref(new)).await {
             Ok(()) => {}
-            Err(StoreError::Duplicate(_)) if new.idempotency_key.is_some() => {
+            Err(StoreError::Duplicate(_)) => {
                 drop(tx);
+                if let Some(ours) = self.own_earlier_commit(new).await? {
+                    return Ok(ours);
+                }
+                if new.idempotency_key.is_none() {
+                    return Err(StoreError::Duplicate(format!("command {} exists", new.id)));
+                }
                 if let Some(key) = &new.submission_key {
                     if !self.claim_submission(key, new.created_at).await? {
                         return Ok(Inserted::TakenElsewhere);
@@ -167,6 +176,14 @@ impl Store {
         }
         let events: Vec<EventRecord> = news.iter().flat_map(accepted_events).collect();
         self.insert_events(tx, &events).await
+    }
+
+    /// A command with `new`'s id exists already: this very insert committed
+    /// on an earlier try whose answer was lost (a connection that broke at
+    /// COMMIT, a Galera abort reported after the commit). Ids are fresh
+    /// random UUIDs, so nobody else wrote it.
+    async fn own_earlier_commit(&self, new: &NewCommand) -> Result<Option<Inserted>> {
+        Ok(self.get_command(new.id).await?.map(Inserted::Created))
     }
 
     async fn existing_for_key(&self, new: &NewCommand) -> Result<Inserted> {

@@ -78,9 +78,12 @@ fn is_conflict(e: &dyn sqlx::error::DatabaseError) -> bool {
 }
 
 /// Runs `attempt` again (up to `CONFLICT_RETRIES` times, with a short
-/// jittered back-off) while it fails with `Contention`: a transaction the
-/// server aborted for a conflict never reaches a caller as an error unless
-/// it keeps failing.
+/// jittered back-off) while it fails with `Contention`, or (up to
+/// `CONNECTION_RETRIES` times) with a broken connection: a transaction the
+/// server aborted for a conflict, or a database node that died under a
+/// pooled connection, never reaches a caller as an error unless it keeps
+/// failing. Every unit retried so is safe to run again: a compare-and-set,
+/// a claim, or an insert that recognises its own earlier commit.
 pub(crate) async fn retry_conflicts<T, F, Fut>(mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -95,6 +98,13 @@ where
                 tracing::debug!(%why, tries, "transaction aborted for a conflict; trying again");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
+            // A pooled connection that broke (its database node died, HAProxy
+            // moved on): the pool drops it, the next try takes another.
+            Err(StoreError::Unavailable(sqlx::Error::Io(why))) if tries < CONNECTION_RETRIES => {
+                tries += 1;
+                tracing::debug!(%why, tries, "database connection broken; trying again on another");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
             done => return done,
         }
     }
@@ -102,6 +112,8 @@ where
 
 /// How many times a transaction aborted for a conflict is tried again.
 const CONFLICT_RETRIES: usize = 10;
+/// How many times a unit of work whose connection broke is tried again.
+const CONNECTION_RETRIES: usize = 3;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
