@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use plumbing::mqtt::Brokers;
 use rumqttc::AsyncClient;
 use tokio::sync::mpsc;
 
@@ -29,6 +30,8 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     /// This process among the instances sharing the database and broker.
     pub(crate) instance: Instance,
+    /// The broker(s), for clearing dead instances' sessions.
+    pub(crate) brokers: Brokers,
     pub(crate) store: Store,
     pub(crate) mqtt: AsyncClient,
     pub(crate) topics: Topics,
@@ -46,7 +49,7 @@ pub(crate) struct Inner {
 impl App {
     /// Builds the handle and starts the group-commit writer (it ends when
     /// every `App` is gone).
-    pub fn new(config: Config, instance: Instance, store: Store, mqtt: AsyncClient) -> App {
+    pub fn new(config: Config, instance: Instance, brokers: Brokers, store: Store, mqtt: AsyncClient) -> App {
         let topics = Topics::new(config.topic_prefix.clone());
         let inserts = writer::start(store.clone(), instance.id.clone());
         let metrics = GatewayMetrics::new(store.statements());
@@ -54,6 +57,7 @@ impl App {
             inner: Arc::new(Inner {
                 config,
                 instance,
+                brokers,
                 store,
                 mqtt,
                 topics,

@@ -7,9 +7,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use plumbing::mqtt::{Brokers, ClientSpec};
+use rumqttc::{Event, Packet};
+
+use crate::app::App;
 use crate::command::now_ms;
 use crate::store::instances::ClaimError;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How often a live instance renews its hold on its id.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -59,7 +63,7 @@ impl Instance {
         }
     }
 
-    /// Renews the hold every `HEARTBEAT` until shutdown, then lets go. If
+    /// Renews the hold every `HEARTBEAT` until shutdown (`leave` lets go). If
     /// another process took the id over (this one was paused for longer
     /// than `STALE_AFTER`), it says so loudly: both now use one MQTT client id.
     pub async fn keep_alive(self, store: Store, shutdown: CancellationToken) {
@@ -79,10 +83,89 @@ impl Instance {
                 Err(e) => tracing::warn!(error = %e, "instance heartbeat not written"),
             }
         }
-        if let Err(e) = store.release_instance(&self.id, &self.nonce).await {
+    }
+
+    /// Leaves at shutdown (after the MQTT connections closed): a generated id
+    /// clears its broker sessions (nothing stays behind), a stable name keeps
+    /// them for its next start; then the id is released. If the broker
+    /// cannot be reached the row stays, and another instance clears the
+    /// sessions once the heartbeat is `DEAD_AFTER` old.
+    pub async fn leave(&self, app: &App) {
+        let cleared = self.stable || {
+            let mut all = true;
+            for client_id in [format!("{}-main", self.id), format!("{}-reports", self.id)] {
+                all &= clear_session(&app.inner.brokers, client_id).await;
+            }
+            all
+        };
+        if !cleared {
+            tracing::warn!(instance = %self.id, "broker sessions not cleared; another instance will");
+            return;
+        }
+        if let Err(e) = app.store().release_instance(&self.id, &self.nonce).await {
             tracing::warn!(error = %e, "instance id not released; it frees itself in {STALE_AFTER:?}");
         }
     }
+}
+
+/// An instance whose heartbeat is this old is dead for good: its MQTT
+/// sessions are cleared and its row forgotten.
+pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+
+/// Clears the broker sessions of instances that died (their heartbeat is
+/// older than `DEAD_AFTER`): connecting with each of their client ids and a
+/// clean session makes the broker drop what it kept for them (MQTT 3.1.1
+/// §3.1.2.4), then forgets them. Any live instance may do it; doing it twice
+/// is harmless. Returns how many were cleared.
+pub async fn forget_dead(app: &App) -> Result<usize, StoreError> {
+    let before = now_ms() - DEAD_AFTER.as_millis() as i64;
+    let mut cleared = 0;
+    for (id, nonce) in app.store().dead_instances(before).await? {
+        if id == app.instance_id() {
+            continue;
+        }
+        let sessions = [format!("{id}-main"), format!("{id}-reports")];
+        let mut all = true;
+        for client_id in sessions {
+            all &= clear_session(&app.inner.brokers, client_id).await;
+        }
+        if all {
+            app.store().release_instance(&id, &nonce).await?;
+            tracing::info!(instance = %id, "a dead instance's broker sessions cleared");
+            cleared += 1;
+        }
+    }
+    Ok(cleared)
+}
+
+/// Connects as `client_id` with a clean session and disconnects; false if
+/// the broker could not be reached in time (tried again later).
+async fn clear_session(brokers: &Brokers, client_id: String) -> bool {
+    let spec = ClientSpec { client_id, clean_session: true, manual_acks: false, last_will: None };
+    let (client, mut eventloop) = plumbing::mqtt::client(brokers, spec);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if connected {
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    connected
 }
 
 #[cfg(test)]

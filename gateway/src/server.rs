@@ -51,7 +51,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     })?;
     let http_addr = listener.local_addr()?;
     let (client, eventloop) = mqtt::main_client(&broker, &instance.id);
-    let app = App::new(config, instance.clone(), store.clone(), client);
+    let app = App::new(config, instance.clone(), broker.clone(), store.clone(), client);
     let tasks = TaskTracker::new();
     tasks.spawn(instance.keep_alive(store, shutdown.clone()));
     mqtt::spawn(app.clone(), eventloop, &broker, &shutdown, &tasks);
@@ -78,6 +78,7 @@ impl Running {
         self.shutdown.cancelled().await;
         self.tasks.close();
         self.tasks.wait().await;
+        self.app.instance().leave(&self.app).await;
         self.app.store().close().await;
     }
 }

@@ -24,8 +24,9 @@ use crate::store::instances::SUBMISSION_MEMORY_MS;
 use crate::store::transitions::REPLY_GRACE_MS;
 use crate::store::{Moved, StoreError};
 
-/// How often old MQTT submission keys and dead instances' rows are deleted.
-const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// How often old MQTT submission keys are deleted and dead instances'
+/// broker sessions cleared.
+const CLEANUP_EVERY: Duration = Duration::from_secs(10);
 
 /// Batches claimed per tick at most, so one tick cannot run forever.
 const MAX_BATCHES_PER_TICK: usize = 50;
@@ -55,6 +56,9 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             last_cleanup = tokio::time::Instant::now();
             if let Err(e) = app.store().forget_before(now_ms() - SUBMISSION_MEMORY_MS).await {
                 tracing::warn!(error = %e, "old submission keys not forgotten; trying again later");
+            }
+            if let Err(e) = crate::instance::forget_dead(&app).await {
+                tracing::warn!(error = %e, "dead instances not forgotten; trying again later");
             }
         }
         if let Err(e) = send_owed_replies(&app).await {

@@ -1,19 +1,19 @@
 //! The gateway's two MQTT connections and the tasks that poll them.
 //!
 //! - **main**: publishes commands and replies; takes MQTT submissions
-//!   ([`submissions`]), presence and receiver status. Clean session, automatic
-//!   acks: a submission lost before it is stored was never acknowledged to
-//!   its caller.
+//!   ([`submissions`]), presence and receiver status. Persistent session
+//!   (submissions published while it reconnects wait for it), automatic acks.
 //! - **reports**: takes delivery reports and results from receivers and
 //!   hands them to the applier (`reports`): those of the attempts this
 //!   instance published (its own topic, `Topics::instance_reports`), so each
 //!   report is applied once on any broker, with or without shared
 //!   subscriptions. Manual acks: a report is acknowledged only after its
-//!   effect is committed. A stable `--instance-id` keeps a persistent
-//!   session (reports that arrive while it restarts wait at the broker); a
-//!   generated id uses a clean one, leaving nothing behind when it goes (a
-//!   lost report costs a re-send after the ack or result timeout; devices
-//!   answer a repeat from memory).
+//!   effect is committed. Persistent session: reports that arrive while it
+//!   reconnects wait at the broker.
+//!
+//! Both sessions of an instance that died stay at the broker until another
+//! instance sees its heartbeat stale and clears them (`instance::forget_dead`),
+//! so instances that come and go leave nothing behind.
 //!
 //! The main connection also takes other instances' final notices
 //! (`Topics::finals`) and wakes the callers waiting here.
@@ -40,7 +40,10 @@ const SUBMISSION_CONCURRENCY: usize = 256;
 pub fn main_client(broker: &Brokers, instance: &str) -> (AsyncClient, EventLoop) {
     let spec = ClientSpec {
         client_id: format!("{instance}-main"),
-        clean_session: true,
+        // Persistent: submissions published while the connection is down
+        // (a broker node failing over) wait for it at the broker. A dead
+        // instance's sessions are cleared by the others (`instance::forget_dead`).
+        clean_session: false,
         manual_acks: false,
         last_will: None,
     };
@@ -57,7 +60,7 @@ pub fn spawn(
 ) {
     let spec = ClientSpec {
         client_id: format!("{}-reports", app.instance_id()),
-        clean_session: !app.instance().stable,
+        clean_session: false,
         manual_acks: true,
         last_will: None,
     };

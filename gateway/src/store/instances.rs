@@ -141,18 +141,24 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Forgets submission keys and instance rows older than `before` (ms).
+    /// Instances whose heartbeat is older than `before` (ms): `(id, nonce)`.
+    pub async fn dead_instances(&self, before: i64) -> Result<Vec<(String, String)>> {
+        use sqlx::Row;
+        let rows = self
+            .query("SELECT id, nonce FROM gateway_instances WHERE heartbeat_at < ? LIMIT 100")
+            .bind(before)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("nonce")?))).collect()
+    }
+
+    /// Forgets submission keys older than `before` (ms).
     pub async fn forget_before(&self, before: i64) -> Result<u64> {
         let keys = self
             .query("DELETE FROM mqtt_submissions WHERE created_at < ?")
             .bind(before)
             .execute(&self.pool)
             .await?;
-        let instances = self
-            .query("DELETE FROM gateway_instances WHERE heartbeat_at < ?")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
-        Ok(keys.rows_affected() + instances.rows_affected())
+        Ok(keys.rows_affected())
     }
 }
