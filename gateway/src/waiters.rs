@@ -117,17 +117,32 @@ impl App {
     pub async fn wait_final(&self, id: Uuid, wait: Duration) -> Result<Option<Command>, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut waiter = self.waiters().register(id);
+        let Some(mut known) = self.store().get_command(id).await? else {
+            return Ok(None);
+        };
         loop {
-            let Some(command) = self.store().get_command(id).await? else {
-                return Ok(None);
-            };
             let now = tokio::time::Instant::now();
-            if command.status.is_final() || now >= deadline {
-                return Ok(Some(command));
+            if known.status.is_final() || now >= deadline {
+                return Ok(Some(known));
             }
             let nap = (deadline - now).min(RECHECK_EVERY);
             if let Ok(done) = tokio::time::timeout(nap, waiter.notified()).await {
                 return Ok(Some(Arc::unwrap_or_clone(done)));
+            }
+            known = self.recheck(known).await;
+        }
+    }
+
+    /// The command as the store has it now; as it was known if the store
+    /// cannot say (a database failing over): the caller keeps waiting for
+    /// the notification, and at worst hears the last known status, not 503.
+    async fn recheck(&self, known: Command) -> Command {
+        match self.store().get_command(known.id).await {
+            Ok(Some(now)) => now,
+            Ok(None) => known,
+            Err(e) => {
+                tracing::warn!(command_id = %known.id, error = %e, "waiting caller: store not read; still waiting");
+                known
             }
         }
     }
@@ -139,12 +154,18 @@ impl App {
         let Some(mut waiter) = waiter.filter(|_| !command.status.is_final()) else {
             return Ok(command);
         };
-        match tokio::time::timeout(wait.min(RECHECK_EVERY), waiter.notified()).await {
-            Ok(done) => Ok(Arc::unwrap_or_clone(done)),
-            Err(_) if wait <= RECHECK_EVERY => {
-                Ok(self.store().get_command(command.id).await?.unwrap_or(command))
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut known = command;
+        loop {
+            let now = tokio::time::Instant::now();
+            if known.status.is_final() || now >= deadline {
+                return Ok(known);
             }
-            Err(_) => Ok(self.wait_final(command.id, wait - RECHECK_EVERY).await?.unwrap_or(command)),
+            let nap = (deadline - now).min(RECHECK_EVERY);
+            if let Ok(done) = tokio::time::timeout(nap, waiter.notified()).await {
+                return Ok(Arc::unwrap_or_clone(done));
+            }
+            known = self.recheck(known).await;
         }
     }
 }

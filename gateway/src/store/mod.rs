@@ -78,8 +78,8 @@ fn is_conflict(e: &dyn sqlx::error::DatabaseError) -> bool {
 }
 
 /// Runs `attempt` again (up to `CONFLICT_RETRIES` times, with a short
-/// jittered back-off) while it fails with `Contention`, or (up to
-/// `CONNECTION_RETRIES` times) with a broken connection: a transaction the
+/// jittered back-off) while it fails with `Contention`, or (for up to
+/// `RECONNECT_PATIENCE`) with a broken connection: a transaction the
 /// server aborted for a conflict, or a database node that died under a
 /// pooled connection, never reaches a caller as an error unless it keeps
 /// failing. Every unit retried so is safe to run again: a compare-and-set,
@@ -91,6 +91,7 @@ where
 {
     let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(500));
     let mut tries = 0;
+    let reconnect_until = std::time::Instant::now() + RECONNECT_PATIENCE;
     loop {
         match attempt().await {
             Err(StoreError::Contention(why)) if tries < CONFLICT_RETRIES => {
@@ -100,7 +101,9 @@ where
             }
             // A pooled connection that broke (its database node died, HAProxy
             // moved on): the pool drops it, the next try takes another.
-            Err(StoreError::Unavailable(sqlx::Error::Io(why))) if tries < CONNECTION_RETRIES => {
+            Err(StoreError::Unavailable(sqlx::Error::Io(why)))
+                if std::time::Instant::now() < reconnect_until =>
+            {
                 tries += 1;
                 tracing::debug!(%why, tries, "database connection broken; trying again on another");
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -112,8 +115,10 @@ where
 
 /// How many times a transaction aborted for a conflict is tried again.
 const CONFLICT_RETRIES: usize = 10;
-/// How many times a unit of work whose connection broke is tried again.
-const CONNECTION_RETRIES: usize = 3;
+/// How long a unit of work whose connection broke keeps being tried on new
+/// ones: a database node failing over behind HAProxy takes seconds (Galera
+/// holds commits 3–5 s while it drops a dead node).
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
