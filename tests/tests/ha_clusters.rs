@@ -623,34 +623,17 @@ fn count<K: Ord>(items: impl IntoIterator<Item = K>) -> BTreeMap<K, usize> {
 /// stored and was killed before answering) and one `final` per MQTT
 /// submission; every sync call to a surviving gateway answered 200.
 ///
-/// Ignored until the product survives it. What failed in 10 runs on the 2-core
-/// machine it was written on (each failure keeps its logs, see
-/// [`KeptOnFailure`]; the gateways log at debug for this):
-/// - Galera node 1 killed (every run): gateway 1, behind HAProxy, answers the
-///   sync call in flight 503 (its pooled connection to node 1 broke: "expected
-///   to read 4 bytes, got 0 bytes at EOF"; the statement is not tried again on
-///   a new connection), and in most runs replies `rejected` to an MQTT
-///   submission ("MQTT refusal not recorded; replying anyway") that gateway 3
-///   stores and runs. Gateway 3 then answers `accepted` (the caller hears
-///   both), or — twice — does not: its COMMIT, stalled 4 s by the view
-///   change, was followed by "transaction aborted for a conflict; trying
-///   again", and its submit ended "taken by another instance" for the very
-///   command it had stored (attempt 1 went out only after the ack timeout).
-/// - NATS node 1 killed (7 runs in 10): NATS refuses QoS 1 SUBSCRIBEs
-///   while JetStream re-elects ("Unable to add JetStream consumer for
-///   subscription"), and neither the gateway nor the receiver checks the
-///   SUBACK. Seen: receiver 2 deaf to its own commands topic (or to
-///   `rollcall`, after which gateway 1 marks all 10 of its devices offline and
-///   nothing brings them back): every command waits, no recovery within 2
-///   minutes; gateways deaf to `commands`, `finals`, `presence/+`,
-///   `receivers/+/status` or their reports topic. And MQTT
-///   submissions the broker acknowledged are lost (no command, no reply) when
-///   NATS closes the gateways' clean-session connections with those
-///   submissions queued for them.
+/// What this test found when it was written, all fixed since (each failure
+/// keeps its logs, see [`KeptOnFailure`]; the gateways log at debug for this):
+/// - Galera node 1 killed: a sync call in flight got 503 (a broken pooled
+///   connection was not tried again), and an MQTT submission was refused by
+///   one gateway ("MQTT refusal not recorded") while another ran it.
+/// - NATS node 1 killed: NATS refuses QoS 1 SUBSCRIBEs while JetStream
+///   re-elects, and nobody checked the SUBACK: a receiver deaf to its
+///   commands or the roll call (devices marked offline for good), gateways
+///   deaf to their topics; and submissions the broker acknowledged were lost
+///   while the gateways' clean-session connections were down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bugs at a Galera node loss (503 to a sync call, an MQTT submission both rejected and \
-            accepted) and at a NATS node loss (SUBACK failures ignored: devices marked offline for good or \
-            a receiver deaf; broker-acknowledged MQTT submissions lost); see the doc comment"]
 async fn one_of_each_killed_on_galera_and_nats_loses_nothing() {
     if !(Galera::available() & HaProxy::available() & NatsCluster::available()) {
         return;
