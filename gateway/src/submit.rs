@@ -56,6 +56,17 @@ pub struct MqttOrigin {
     pub key: String,
 }
 
+/// One submission as a front door hands it over.
+#[derive(Debug, Clone, Copy)]
+struct Submission<'a> {
+    device_id: &'a str,
+    req: &'a CommandRequest,
+    /// MQTT submissions only.
+    origin: Option<&'a MqttOrigin>,
+    /// Register a waiter before publishing (sync calls).
+    wait: bool,
+}
+
 /// How a submission ended for the caller.
 #[derive(Debug)]
 pub struct Submitted {
@@ -82,7 +93,8 @@ impl App {
         wait: bool,
     ) -> Result<Submitted, ApiError> {
         // Without a submission key no other instance can take it.
-        self.submit_from(device_id, req, None, wait).await?.ok_or_else(ApiError::unavailable)
+        let submission = Submission { device_id, req, origin: None, wait };
+        self.submit_from(submission).await?.ok_or_else(ApiError::unavailable)
     }
 
     /// `submit` for an MQTT submission, which every instance receives:
@@ -93,18 +105,12 @@ impl App {
         req: &CommandRequest,
         origin: &MqttOrigin,
     ) -> Result<Option<Submitted>, ApiError> {
-        self.submit_from(device_id, req, Some(origin), false).await
+        self.submit_from(Submission { device_id, req, origin: Some(origin), wait: false }).await
     }
 
-    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(device_id = device_id, command_id = field::Empty))]
-    async fn submit_from(
-        &self,
-        device_id: &str,
-        req: &CommandRequest,
-        origin: Option<&MqttOrigin>,
-        wait: bool,
-    ) -> Result<Option<Submitted>, ApiError> {
-        let result = self.submit_inner(device_id, req, origin, wait).await;
+    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(device_id = submission.device_id, command_id = field::Empty))]
+    async fn submit_from(&self, submission: Submission<'_>) -> Result<Option<Submitted>, ApiError> {
+        let result = self.submit_inner(submission).await;
         match &result {
             Ok(Some(s)) => {
                 self.metrics().accepted.inc();
@@ -119,13 +125,8 @@ impl App {
         result
     }
 
-    async fn submit_inner(
-        &self,
-        device_id: &str,
-        req: &CommandRequest,
-        origin: Option<&MqttOrigin>,
-        wait: bool,
-    ) -> Result<Option<Submitted>, ApiError> {
+    async fn submit_inner(&self, submission: Submission<'_>) -> Result<Option<Submitted>, ApiError> {
+        let Submission { device_id, req, origin, wait } = submission;
         let device_id = DeviceId::parse(device_id).map_err(|_| {
             ApiError::not_found(format!("unknown device {device_id:?} (not a valid device id)"))
         })?;

@@ -540,3 +540,22 @@ pub fn check_events(c: &Value, events: &[Value]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `gateway serve` arguments with timeouts short enough for a test (ack 1 s,
+/// result 2 s, sweep 100 ms, claim lease 2 s), on an external broker (one
+/// URL or a comma-separated list).
+pub fn gateway_args(database_url: &str, http: SocketAddr, broker: &str, prefix: &str) -> Vec<String> {
+    vec![
+        "serve".to_owned(),
+        format!("--database-url={database_url}"),
+        format!("--http-listen={http}"),
+        format!("--broker={broker}"),
+        format!("--topic-prefix={prefix}"),
+        "--ack-timeout-ms=1000".to_owned(),
+        "--result-timeout-ms=2000".to_owned(),
+        "--retry-base-ms=100".to_owned(),
+        "--retry-cap-ms=500".to_owned(),
+        "--sweep-interval-ms=100".to_owned(),
+        "--claim-lease-ms=2000".to_owned(),
+    ]
+}

@@ -11,24 +11,9 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
-use system_tests::procs::{binaries, check_events, free_port, read_stats, within, Api, Proc, SharedMariaDb};
-
-/// Commands and timeouts short enough for a test, as in the fault suite.
-fn gateway_args(database_url: &str, http: std::net::SocketAddr, broker: &str, prefix: &str) -> Vec<String> {
-    vec![
-        "serve".to_owned(),
-        format!("--database-url={database_url}"),
-        format!("--http-listen={http}"),
-        format!("--broker={broker}"),
-        format!("--topic-prefix={prefix}"),
-        "--ack-timeout-ms=1000".to_owned(),
-        "--result-timeout-ms=2000".to_owned(),
-        "--retry-base-ms=100".to_owned(),
-        "--retry-cap-ms=500".to_owned(),
-        "--sweep-interval-ms=100".to_owned(),
-        "--claim-lease-ms=2000".to_owned(),
-    ]
-}
+use system_tests::procs::{
+    binaries, check_events, free_port, gateway_args, read_stats, within, Api, Proc, SharedMariaDb,
+};
 
 fn unique_prefix() -> String {
     format!("d{}", uuid::Uuid::new_v4().simple())

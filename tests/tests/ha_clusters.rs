@@ -21,7 +21,7 @@ use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
 use system_tests::clusters::{nats_mqtt_client, Galera, HaProxy, NatsCluster};
-use system_tests::procs::{binaries, check_events, free_port, read_stats, Api, Proc};
+use system_tests::procs::{binaries, check_events, free_port, gateway_args, read_stats, Api, Proc};
 use tokio::time::Instant;
 
 /// Every command's deadline: long enough to outlast every failover here (a
@@ -44,23 +44,6 @@ const PROGRESS: usize = 20;
 const ASYNC_EVERY: Duration = Duration::from_millis(100);
 const SYNC_EVERY: Duration = Duration::from_millis(100);
 const MQTT_EVERY: Duration = Duration::from_millis(150);
-
-/// The fault suite's short timeouts (see tests/tests/distributed.rs).
-fn gateway_args(database_url: &str, http: SocketAddr, brokers: &str, prefix: &str) -> Vec<String> {
-    vec![
-        "serve".to_owned(),
-        format!("--database-url={database_url}"),
-        format!("--http-listen={http}"),
-        format!("--broker={brokers}"),
-        format!("--topic-prefix={prefix}"),
-        "--ack-timeout-ms=1000".to_owned(),
-        "--result-timeout-ms=2000".to_owned(),
-        "--retry-base-ms=100".to_owned(),
-        "--retry-cap-ms=500".to_owned(),
-        "--sweep-interval-ms=100".to_owned(),
-        "--claim-lease-ms=2000".to_owned(),
-    ]
-}
 
 /// The three NATS MQTT URLs starting at node `first` (`--broker` lists are
 /// tried in order, so programs given different rotations spread over the nodes).
