@@ -5,7 +5,7 @@ use protocol::DeviceId;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{marks, retry_conflicts, Backend, Result, Store};
+use super::{marks, retry_transient, Backend, Result, Store};
 use crate::command::Command;
 
 impl Store {
@@ -21,7 +21,7 @@ impl Store {
     /// claimed by an instance that dies is due again — and expired by another
     /// instance — at its deadline, not a lease later.
     pub async fn claim_due(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {
-        retry_conflicts(|| self.claim_due_once(now, limit, lease_until)).await
+        retry_transient(|| self.claim_due_once(now, limit, lease_until)).await
     }
 
     async fn claim_due_once(&self, now: i64, limit: i64, lease_until: i64) -> Result<Vec<Uuid>> {

@@ -8,7 +8,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::rows::{command_from_row, truncate, COMMAND_COLUMNS};
-use super::{marks, retry_conflicts, Result, Store, StoreError, Tx};
+use super::{marks, retry_transient, Result, Store, StoreError, Tx};
 use crate::command::machine::accepted_events;
 use crate::command::{now_ms, Command, EventRecord, NewCommand, Status};
 
@@ -96,7 +96,7 @@ impl Store {
     /// rolled back and each is stored on its own, so the outcome per command is
     /// exactly `insert_command`'s.
     pub async fn insert_commands(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {
-        retry_conflicts(|| self.insert_commands_once(news)).await
+        retry_transient(|| self.insert_commands_once(news)).await
     }
 
     async fn insert_commands_once(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::rows::{device_from_row, DEVICE_SELECT};
-use super::{marks, retry_conflicts, Result, Store, StoreError};
+use super::{marks, retry_transient, Result, Store, StoreError};
 use crate::command::now_ms;
 
 /// A registered device and its presence. Times are milliseconds since the Unix epoch.
@@ -79,7 +79,7 @@ impl Store {
 
     /// These devices, those that exist, by id (one query per 200).
     pub async fn get_devices(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, Device>> {
-        retry_conflicts(|| self.get_devices_once(ids)).await
+        retry_transient(|| self.get_devices_once(ids)).await
     }
 
     async fn get_devices_once(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, Device>> {
@@ -108,7 +108,7 @@ impl Store {
     /// Records that a receiver gained or lost a device (registered or not yet).
     /// An offline report from a receiver the device has since left is ignored.
     pub async fn set_presence(&self, device_id: &DeviceId, receiver_id: &str, online: bool) -> Result<bool> {
-        retry_conflicts(|| self.set_presence_once(device_id, receiver_id, online)).await
+        retry_transient(|| self.set_presence_once(device_id, receiver_id, online)).await
     }
 
     async fn set_presence_once(&self, device_id: &DeviceId, receiver_id: &str, online: bool) -> Result<bool> {

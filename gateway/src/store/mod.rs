@@ -84,7 +84,7 @@ fn is_conflict(e: &dyn sqlx::error::DatabaseError) -> bool {
 /// pooled connection, never reaches a caller as an error unless it keeps
 /// failing. Every unit retried so is safe to run again: a compare-and-set,
 /// a claim, or an insert that recognises its own earlier commit.
-pub(crate) async fn retry_conflicts<T, F, Fut>(mut attempt: F) -> Result<T>
+pub(crate) async fn retry_transient<T, F, Fut>(mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use super::rows::MOVED_COLUMNS;
-use super::{marks, retry_conflicts, Result, Store, StoreError, Tx};
+use super::{marks, retry_transient, Result, Store, StoreError, Tx};
 use crate::command::machine::step;
 use crate::command::{now_ms, Change, Command, Move, Status};
 
@@ -38,7 +38,7 @@ impl Store {
     /// `change` and logging the move, atomically. `Contention` if the row kept
     /// changing under every attempt.
     pub async fn transition(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
-        retry_conflicts(|| self.transition_once(id, to, change)).await
+        retry_transient(|| self.transition_once(id, to, change)).await
     }
 
     async fn transition_once(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
