@@ -18,6 +18,8 @@ pub struct GatewayMetrics {
     pub mqtt_submissions_dropped: Counter,
     /// MQTT submissions another instance took and answered.
     pub mqtt_submissions_elsewhere: Counter,
+    /// Retained MQTT submissions refused (and cleared at the broker).
+    pub mqtt_submissions_retained: Counter,
 }
 
 impl GatewayMetrics {
@@ -43,6 +45,10 @@ impl GatewayMetrics {
             mqtt_submissions_elsewhere: c(
                 "gateway_mqtt_submissions_elsewhere",
                 "MQTT submissions another gateway instance took and answered",
+            ),
+            mqtt_submissions_retained: c(
+                "gateway_mqtt_submissions_retained",
+                "Retained MQTT submissions refused, not run (delivered again at every new subscription)",
             ),
             registry: registry.clone(),
         };

@@ -127,7 +127,7 @@ impl Session for MainSession {
             let (app, submissions) = (app.clone(), self.submissions.clone());
             tokio::spawn(async move {
                 let Ok(_permit) = submissions.acquire_owned().await else { return };
-                submissions::handle(&app, &publish.payload).await;
+                submissions::handle(&app, &publish.payload, publish.retain).await;
             });
         } else if topic == app.topics().finals() {
             match serde_json::from_slice::<FinalNotice>(&publish.payload) {

@@ -21,8 +21,19 @@ use crate::error::{ApiError, ErrorKind};
 use crate::store::request_hash;
 use crate::submit::{CommandRequest, MqttOrigin, Submitted};
 
-/// Handles one submission message.
-pub(super) async fn handle(app: &App, payload: &[u8]) {
+/// Handles one submission message. `retained`: the broker delivered it from
+/// its retained store (the RETAIN flag of a PUBLISH sent because a
+/// subscription was made, MQTT 3.1.1 §3.3.1.3 / MQTT 5 §3.3.1.3): it is
+/// refused, never run, and the retained copy is cleared.
+pub(super) async fn handle(app: &App, payload: &[u8], retained: bool) {
+    if payload.is_empty() {
+        // A zero-byte PUBLISH is how a retained message is cleared (ours, or
+        // the submitter's own); it carries no submission.
+        return;
+    }
+    if retained {
+        clear_retained(app).await;
+    }
     let mut fields = match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(fields)) => fields,
         _ => return dropped(app, "MQTT submission is not a JSON object; dropped"),
@@ -43,6 +54,7 @@ pub(super) async fn handle(app: &App, payload: &[u8]) {
         _ => String::new(),
     };
     let outcome = match serde_json::from_value::<CommandRequest>(Value::Object(fields)) {
+        _ if retained => Err(ApiError::bad_request(RETAINED)),
         Ok(req) if !device_id.is_empty() => submit_while_store_recovers(app, &device_id, &req, &origin).await,
         Ok(_) => Err(ApiError::bad_request("device_id is required")),
         Err(e) => Err(ApiError::bad_request(format!("malformed request: {e}"))),
@@ -101,6 +113,22 @@ async fn submit_while_store_recovers(
             }
             done => return done,
         }
+    }
+}
+
+/// Why a retained submission is refused.
+const RETAINED: &str = "retained submissions are not run: the broker delivers a retained message again \
+     to every new subscription (each gateway restart), so it would run again each time; \
+     publish submissions with retain=false";
+
+/// Deletes the retained submission at the broker (a zero-byte retained
+/// PUBLISH, MQTT 3.1.1 §3.3.1.3), so it is not delivered again; every
+/// instance that receives it does so, which is idempotent.
+async fn clear_retained(app: &App) {
+    app.metrics().mqtt_submissions_retained.inc();
+    let topic = app.topics().submit();
+    if let Err(e) = app.mqtt().publish(topic, rumqttc::QoS::AtLeastOnce, true, Vec::new()).await {
+        tracing::warn!(error = %e, "could not clear a retained submission");
     }
 }
 
