@@ -6,14 +6,15 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use protocol::DeviceId;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 use tracing::field;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::command::{now_ms, parse_rfc3339, Command, NewCommand, Payload, ReplyTo, Status};
+use crate::command::{exact_json, now_ms, parse_rfc3339, Command, NewCommand, Payload, ReplyTo, Status};
 use crate::config::{MAX_ATTEMPTS, MAX_TTL_MS, MAX_WAIT_MS};
 use crate::error::{ApiError, ErrorKind};
 use crate::store::{request_hash, Inserted};
@@ -27,7 +28,9 @@ use crate::writer::{InsertRequest, Stored};
 pub struct CommandRequest {
     /// 1 to 255 bytes.
     pub name: String,
-    pub payload: Option<Value>,
+    /// The JSON text as the caller wrote it (checked and carried exactly by
+    /// `App::payload`); `null` is `None`.
+    pub payload: Option<Box<RawValue>>,
     pub payload_base64: Option<String>,
     pub mode: Option<Mode>,
     /// How long a sync call waits, in ms (at most `MAX_WAIT_MS`).
@@ -38,6 +41,47 @@ pub struct CommandRequest {
     pub idempotency_key: Option<String>,
     /// RFC 3339; async only. Nothing is published before it.
     pub scheduled_at: Option<String>,
+}
+
+impl CommandRequest {
+    /// The command fields of an MQTT submission, read from the message's own
+    /// bytes, its routing fields (`device_id`, `reply_to`, `correlation_id`)
+    /// skipped. Read this way, not through a `Value` of the message, the
+    /// payload is checked as the caller wrote it (a `Value` has already kept
+    /// only the last of duplicate keys).
+    pub fn from_mqtt_message(message: &[u8]) -> Result<CommandRequest, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Message {
+            name: String,
+            payload: Option<Box<RawValue>>,
+            payload_base64: Option<String>,
+            mode: Option<Mode>,
+            wait_ms: Option<u64>,
+            ttl_ms: Option<u64>,
+            max_attempts: Option<i64>,
+            idempotency_key: Option<String>,
+            scheduled_at: Option<String>,
+            #[serde(rename = "device_id")]
+            _device_id: Option<IgnoredAny>,
+            #[serde(rename = "reply_to")]
+            _reply_to: Option<IgnoredAny>,
+            #[serde(rename = "correlation_id")]
+            _correlation_id: Option<IgnoredAny>,
+        }
+        let m: Message = serde_json::from_slice(message)?;
+        Ok(CommandRequest {
+            name: m.name,
+            payload: m.payload,
+            payload_base64: m.payload_base64,
+            mode: m.mode,
+            wait_ms: m.wait_ms,
+            ttl_ms: m.ttl_ms,
+            max_attempts: m.max_attempts,
+            idempotency_key: m.idempotency_key,
+            scheduled_at: m.scheduled_at,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -239,12 +283,15 @@ impl App {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request("give payload or payload_base64, not both"))
             }
-            (Some(v), None) => Payload::json(v),
+            (Some(text), None) => match exact_json(text.get().as_bytes()) {
+                Ok(value) => Payload::json(&value),
+                Err(why) => return Err(ApiError::bad_request(format!("payload refused: {why}"))),
+            },
             (None, Some(b)) => match BASE64.decode(b.as_bytes()) {
                 Ok(bytes) => Payload { bytes, is_json: false },
                 Err(e) => return Err(ApiError::bad_request(format!("payload_base64 is not base64: {e}"))),
             },
-            (None, None) => Payload::json(&Value::Null),
+            (None, None) => Payload::json(&serde_json::Value::Null),
         };
         let max = self.config().max_payload_bytes;
         if payload.bytes.len() > max {
@@ -275,5 +322,21 @@ fn scheduled_at(req: &CommandRequest, expires_at: i64) -> Result<Option<i64>, Ap
             "scheduled_at is at or after the command's deadline (acceptance + ttl_ms)",
         )),
         Some(at) => Ok(Some(at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mqtt_message_gives_its_command_fields_with_the_payload_as_written() {
+        let message = br#"{"device_id":"d","reply_to":"r","correlation_id":7,"name":"echo",
+            "payload":{"z":18446744073709551616,"a":{"k":1,"k":2}},"ttl_ms":5}"#;
+        let req = CommandRequest::from_mqtt_message(message).unwrap();
+        assert_eq!((req.name.as_str(), req.ttl_ms), ("echo", Some(5)));
+        assert_eq!(req.payload.unwrap().get(), r#"{"z":18446744073709551616,"a":{"k":1,"k":2}}"#);
+        let unknown = CommandRequest::from_mqtt_message(br#"{"name":"x","colour":1}"#);
+        assert!(unknown.unwrap_err().to_string().contains("colour"));
     }
 }

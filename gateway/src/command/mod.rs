@@ -26,12 +26,149 @@ impl Payload {
         Payload { bytes: serde_json::to_vec(value).expect("a Value always serialises"), is_json: true }
     }
 
-    /// Writes `payload` (if JSON) or `payload_base64` into `obj`.
+    /// Writes `payload` (if JSON that `exact_json` takes) or `payload_base64` into `obj`.
     fn render_into(bytes: &[u8], as_json: bool, obj: &mut serde_json::Map<String, Value>) {
-        match as_json.then(|| serde_json::from_slice::<Value>(bytes).ok()).flatten() {
+        match as_json.then(|| exact_json(bytes).ok()).flatten() {
             Some(v) => obj.insert("payload".into(), v),
             None => obj.insert("payload_base64".into(), Value::String(BASE64.encode(bytes))),
         };
+    }
+}
+
+/// JSON text as a [`Value`] that serializes back to the same value, written
+/// compactly: numbers keep their text (serde_json's `arbitrary_precision`:
+/// `18446744073709551616`, `1e400`, `1.0`, `-0` stay as they are) and object
+/// keys their order (`preserve_order`). Refused, with the reason, when a
+/// `Value` would change it: a `\u` escape of a lone UTF-16 surrogate (not
+/// Unicode text, no UTF-8 for it) or a duplicate object key (one value would
+/// be dropped). Paths in reasons start at `payload`.
+pub fn exact_json(text: &[u8]) -> Result<Value, String> {
+    let value = serde_json::from_slice::<Value>(text).map_err(|e| match lone_surrogate(text) {
+        Some(escape) => format!(
+            "lone UTF-16 surrogate escape {escape} in a string (not Unicode text: \\u escapes \
+             of U+D800 to U+DFFF must come as a high-low pair)"
+        ),
+        None => e.to_string(),
+    })?;
+    let mut de = serde_json::Deserializer::from_slice(text);
+    serde::de::DeserializeSeed::deserialize(Unique(&Step::Root), &mut de).map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// The first `\uXXXX` escape in `text`'s strings that is a lone surrogate.
+fn lone_surrogate(text: &[u8]) -> Option<String> {
+    let hex = |at: usize| -> Option<u16> {
+        let digits = std::str::from_utf8(text.get(at..at + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    let (mut i, mut in_string) = (0, false);
+    while i < text.len() {
+        match (in_string, text[i]) {
+            (_, b'"') => in_string = !in_string,
+            (true, b'\\') if text.get(i + 1) == Some(&b'u') => {
+                let unit = hex(i + 2)?;
+                let escape = || String::from_utf8_lossy(&text[i..i + 6]).into_owned();
+                match unit {
+                    0xD800..=0xDBFF => {
+                        let low = (text.get(i + 6..i + 8) == Some(b"\\u")).then(|| hex(i + 8)).flatten();
+                        if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                            return Some(escape());
+                        }
+                        i += 6;
+                    }
+                    0xDC00..=0xDFFF => return Some(escape()),
+                    _ => {}
+                }
+                i += 5;
+            }
+            (true, b'\\') => i += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Where a value sits in a JSON document, for messages: `payload.a[0]`.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Root,
+    Key(&'a str, &'a Step<'a>),
+    Index(usize, &'a Step<'a>),
+}
+
+impl std::fmt::Display for Step<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Root => f.write_str("payload"),
+            Step::Key(key, up) => write!(f, "{up}.{key}"),
+            Step::Index(i, up) => write!(f, "{up}[{i}]"),
+        }
+    }
+}
+
+/// Walks a JSON document and fails at the first object with a key twice.
+/// (Numbers come as serde_json's one-entry marker map under
+/// `arbitrary_precision`; that map has one key, so it passes.)
+struct Unique<'a>(&'a Step<'a>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Unique<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Unique<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while seq.next_element_seed(Unique(&Step::Index(i, self.0)))?.is_some() {
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?} in {}", self.0)));
+            }
+            map.next_value_seed(Unique(&Step::Key(&key, self.0)))?;
+            seen.insert(key);
+        }
+        Ok(())
     }
 }
 
@@ -122,6 +259,10 @@ pub struct Command {
     /// When the sweeper looks at it next (re-send, expiry); `None` once final.
     pub next_attempt_at: Option<i64>,
     pub delivered_at: Option<i64>,
+    /// When the caller asked to cancel a command that may already be at a
+    /// receiver or its device: from then on it is never sent again, and it
+    /// becomes `canceled` only on a receiver's word that it did not write it.
+    pub cancel_requested_at: Option<i64>,
     pub completed_at: Option<i64>,
     pub result: Option<DeviceResult>,
     pub error: Option<Failure>,
@@ -148,6 +289,7 @@ impl Command {
         put("expires_at", rfc3339(self.expires_at).into());
         put("next_attempt_at", opt_time(self.next_attempt_at));
         put("delivered_at", opt_time(self.delivered_at));
+        put("cancel_requested_at", opt_time(self.cancel_requested_at));
         put("completed_at", opt_time(self.completed_at));
         put("result", self.result.as_ref().map_or(Value::Null, DeviceResult::to_json));
         let error = match &self.error {
@@ -212,6 +354,7 @@ impl NewCommand {
             expires_at: self.expires_at,
             next_attempt_at: Some(self.next_attempt_at),
             delivered_at: None,
+            cancel_requested_at: None,
             completed_at: None,
             result: None,
             error: None,
@@ -267,6 +410,7 @@ pub(crate) mod tests {
             expires_at: 60_000,
             next_attempt_at: None,
             delivered_at: Some(2),
+            cancel_requested_at: None,
             completed_at: Some(2),
             result: Some(DeviceResult { code: 0, payload: b"ok".to_vec(), message: None }),
             error: None,
@@ -282,6 +426,31 @@ pub(crate) mod tests {
         let v = DeviceResult { code: 3, payload: vec![0xff, 0x00], message: Some("bad".into()) }.to_json();
         assert_eq!(v["payload_base64"], "/wA=");
         assert_eq!(v["message"], "bad");
+    }
+
+    #[test]
+    fn exact_json_keeps_numbers_and_key_order() {
+        let compact = |t: &str| serde_json::to_string(&exact_json(t.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            compact(r#"{ "b" : 18446744073709551616, "a" : [1.0, -0, 0.1, 1E400, -9223372036854775809] }"#),
+            r#"{"b":18446744073709551616,"a":[1.0,-0,0.1,1e+400,-9223372036854775809]}"#
+        );
+        assert_eq!(compact(r#""\ud83d\ude00 \u00e9 \/ \u0000""#), "\"\u{1F600} \u{e9} / \\u0000\"");
+        assert_eq!(compact(r#""\\ud800""#), r#""\\ud800""#, "an escaped backslash, not an escape");
+    }
+
+    #[test]
+    fn exact_json_refuses_what_a_value_would_change() {
+        let why = |t: &str| exact_json(t.as_bytes()).unwrap_err();
+        assert!(why(r#"{"a":{"b":[0,{"c":1,"c":1}]}}"#).starts_with(r#"duplicate key "c" in payload.a.b[1]"#));
+        assert!(why(r#"{"a":1,"a":2}"#).starts_with(r#"duplicate key "a" in payload "#));
+        assert!(why(r#"["\ud83d\ude00", "x\ud800y"]"#).starts_with(r"lone UTF-16 surrogate escape \ud800 "));
+        assert!(why(r#""\udc00\ud800""#).starts_with(r"lone UTF-16 surrogate escape \udc00 "));
+        assert!(why(r#""\ud800\u0041""#).starts_with(r"lone UTF-16 surrogate escape \ud800 "));
+        // A device's answer that `exact_json` refuses is shown as its exact bytes.
+        let v = DeviceResult { code: 0, payload: br#"{"a":1,"a":2}"#.to_vec(), message: None }.to_json();
+        assert_eq!(v["payload_base64"], "eyJhIjoxLCJhIjoyfQ==");
+        assert!(v.get("payload").is_none());
     }
 
     #[test]
