@@ -106,6 +106,9 @@ pub struct Running {
 /// broker URL, `--serial` or `--modbus` spec, or an address it cannot listen on.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let broker: Brokers = config.broker.parse()?;
+    // Checked before anything connects: a bad spec fails with its own error,
+    // not after an MQTT connection attempt.
+    let modbus = modbus::plan(&config.modbus)?;
     let listener = TcpListener::bind(config.tcp_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for devices on {}: {e} (use --tcp-listen)", config.tcp_listen)
     })?;
@@ -128,7 +131,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let env = Env { bridge: bridge.clone(), counters: counters.clone(), shutdown, tasks: tasks.clone() };
     tasks.spawn(tcp::serve(listener, env.clone()));
     serial::start(&config.serial, &env)?;
-    modbus::start(&config.modbus, &env)?;
+    modbus::start(modbus, &env);
     tracing::info!(%tcp_addr, ?metrics_addr, %broker, receiver_id = %config.receiver_id, "receiver started");
     Ok(Running { tcp_addr, metrics_addr, counters, bridge, tasks })
 }
