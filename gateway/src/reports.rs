@@ -59,6 +59,10 @@ impl App {
                     self.on_final(&command).await;
                 }
             }
+            // Not the completion of a cancel: logged, nothing moves.
+            Moved::Refused(_) if matches!(report.kind, ReportKind::Undeliverable { .. }) => {
+                self.note_undeliverable(report).await?;
+            }
             Moved::Refused(current) => {
                 self.metrics().reports_ignored.inc();
                 tracing::debug!(%command_id, device_id, status = %current.status, report = ?report.kind, "report changes nothing");

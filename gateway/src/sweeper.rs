@@ -121,6 +121,11 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
                 tracing::debug!(%command_id, device_id, why, "due: another attempt");
                 moves.push(Move { id: c.id, to: Status::Sent, change: app.attempt_change(c, why) });
             }
+            Due::CancelAgain => {
+                tracing::debug!(%command_id, device_id, "due, with its cancel requested: telling the receivers again");
+                app.publish_cancel(c).await;
+                app.store().postpone(c, now + app.config().ack_timeout_ms as i64).await?;
+            }
             Due::Wait => {
                 // Attempts are not burnt on a device no receiver holds: the command
                 // waits (until its deadline); the device coming back wakes it early.

@@ -41,8 +41,9 @@ struct Inner {
     /// Connected devices. A std mutex: held for map lookups only, never across `.await`.
     devices: Mutex<HashMap<DeviceId, Slot>>,
     next_conn: AtomicU64,
-    /// Recently canceled command ids, so queued copies are not written.
-    canceled: Mutex<RecentIds<Uuid>>,
+    /// Which commands were canceled and which were written: one lock, so a
+    /// cancel and a write of the same command are ordered (see [`Cancels`]).
+    cancels: Mutex<Cancels>,
     /// Where the reports of each command routed here go, for commands whose
     /// message named a `reports_to` (the others' go to the shared topic). Set
     /// when a command is routed to its device (a re-send from another gateway
@@ -66,6 +67,51 @@ const REPORT_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Canceled ids remembered, oldest forgotten first.
 const CANCELED_MEMORY: usize = 4096;
+/// Written ids remembered, oldest forgotten first (about 100 bytes each).
+const WRITTEN_MEMORY: usize = 65_536;
+
+/// The receiver's half of a cancel (PROTOCOL 4.5): a command is either
+/// written to its device or canceled here, never both, and `undeliverable`
+/// is never reported for a command this receiver has written — so a
+/// gateway may take an `undeliverable` as proof that the device did not get
+/// it from here.
+#[derive(Debug)]
+struct Cancels {
+    /// Canceled ids; the value: whether `undeliverable` was reported for it.
+    canceled: RecentIds<Uuid, bool>,
+    /// Ids handed to a device transport for writing (whether or not the write then worked).
+    written: RecentIds<Uuid>,
+}
+
+impl Cancels {
+    /// A cancel came: true when it is this receiver's to confirm (its device
+    /// is here, it never wrote it, nobody confirmed yet).
+    fn cancel(&mut self, id: Uuid, device_here: bool) -> bool {
+        let confirm = device_here && !self.written.contains(&id);
+        if !self.canceled.contains(&id) || confirm {
+            self.canceled.insert(id, confirm);
+        }
+        confirm
+    }
+
+    /// A transport is about to write `id`: `None` to go ahead (it is now
+    /// written), or why not and whether that still needs reporting.
+    fn take(&mut self, id: Uuid) -> Option<bool> {
+        match self.canceled.get(&id).copied() {
+            Some(reported) => {
+                let report = !reported && !self.written.contains(&id);
+                if report {
+                    self.canceled.insert(id, true);
+                }
+                Some(report)
+            }
+            None => {
+                self.written.insert(id, ());
+                None
+            }
+        }
+    }
+}
 
 /// Commands whose reports' topic is remembered at once (about 100 bytes
 /// each). Past it the oldest entry goes, and that command's reports, if any
@@ -130,7 +176,10 @@ impl Bridge {
                 counters,
                 devices: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
-                canceled: Mutex::new(RecentIds::new(CANCELED_MEMORY)),
+                cancels: Mutex::new(Cancels {
+                    canceled: RecentIds::new(CANCELED_MEMORY),
+                    written: RecentIds::new(WRITTEN_MEMORY),
+                }),
                 destinations: Mutex::new(RecentIds::new(DESTINATION_MEMORY)),
                 reports,
                 subscribed: AtomicBool::new(false),
@@ -178,32 +227,33 @@ impl Bridge {
         }
     }
 
-    /// Whether the gateway canceled this command (then it must not be written).
-    pub fn is_canceled(&self, id: Uuid) -> bool {
-        self.inner.canceled.lock().expect("canceled lock").contains(&id)
+    /// Whether a command was written to its device here (as far as the
+    /// bounded memory of written ids reaches).
+    pub fn was_written(&self, id: Uuid) -> bool {
+        self.inner.cancels.lock().expect("cancels lock").written.contains(&id)
     }
 
-    /// Why a command must not be written to its device now, if it must not:
-    /// the gateway canceled it, or its deadline passed.
-    pub fn refusal(&self, cmd: &CommandMessage) -> Option<&'static str> {
+    /// Every transport asks this right before writing: true when `cmd` must
+    /// not be written — its deadline passed, or the gateway canceled it —
+    /// with it reported undeliverable (to its own `reports_to`) unless that
+    /// was done already. False: go ahead; from now on it counts as written.
+    pub async fn refused(&self, cmd: &CommandMessage) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or_default();
-        if self.is_canceled(cmd.id) {
-            Some("canceled before delivery")
-        } else if cmd.expires_at_ms <= now {
-            Some("deadline passed before delivery")
+        let reason = if cmd.expires_at_ms <= now {
+            "deadline passed before delivery"
         } else {
-            None
-        }
-    }
-
-    /// Every transport asks this right before writing: true, with `cmd`
-    /// reported undeliverable (to its own `reports_to`), when it must not be
-    /// written now (see [`Bridge::refusal`]).
-    pub async fn refused(&self, cmd: &CommandMessage) -> bool {
-        let Some(reason) = self.refusal(cmd) else { return false };
+            match self.inner.cancels.lock().expect("cancels lock").take(cmd.id) {
+                None => return false,
+                Some(false) => {
+                    tracing::debug!(command_id = %cmd.id, "canceled; not written");
+                    return true;
+                }
+                Some(true) => "canceled before delivery",
+            }
+        };
         self.inner.counters.undeliverable.inc();
         self.take_destination(cmd.id);
         let kind = ReportKind::Undeliverable { reason: reason.into() };
@@ -244,6 +294,11 @@ impl Bridge {
         kind: ReportKind,
         to: Option<Arc<str>>,
     ) {
+        if matches!(kind, ReportKind::Undeliverable { .. }) && self.was_written(command_id) {
+            // An earlier copy reached the device: this one's refusal proves nothing.
+            tracing::debug!(%command_id, %device_id, "undeliverable not reported: written here before");
+            return;
+        }
         match &kind {
             ReportKind::Delivered => tracing::debug!(%command_id, %device_id, "report: delivered"),
             ReportKind::Result { code, .. } => {
@@ -377,10 +432,7 @@ impl Bridge {
         }
         if p.topic == self.inner.topics.cancels() {
             match serde_json::from_slice::<Cancel>(&p.payload) {
-                Ok(c) => {
-                    tracing::debug!(command_id = %c.command_id, device_id = %c.device_id, "cancel received");
-                    self.inner.canceled.lock().expect("canceled lock").insert(c.command_id, ());
-                }
+                Ok(c) => self.on_cancel(c),
                 Err(e) => tracing::warn!(error = %e, "malformed cancel dropped"),
             }
             return;
@@ -395,6 +447,26 @@ impl Bridge {
                 }
             }
             Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed command message dropped"),
+        }
+    }
+
+    /// A gateway canceled a command: it is never written here from now on;
+    /// if its device is here and it was not written, that is confirmed at
+    /// once (`undeliverable`, "canceled before delivery") — whether it waits
+    /// in the device's queue or has not arrived yet.
+    fn on_cancel(&self, c: Cancel) {
+        let here = self.inner.devices.lock().expect("devices lock").contains_key(&c.device_id);
+        let confirm = self.inner.cancels.lock().expect("cancels lock").cancel(c.command_id, here);
+        tracing::debug!(command_id = %c.command_id, device_id = %c.device_id, confirm, "cancel received");
+        if confirm {
+            self.inner.counters.undeliverable.inc();
+            let to = self.take_destination(c.command_id);
+            let bridge = self.clone();
+            // Not from the polling task: a full request channel would deadlock it.
+            tokio::spawn(async move {
+                let kind = ReportKind::Undeliverable { reason: "canceled before delivery".into() };
+                bridge.report_to(c.command_id, &c.device_id, kind, to).await;
+            });
         }
     }
 

@@ -70,6 +70,16 @@ pub struct Config {
     /// Serve Prometheus metrics on GET http://ADDR/metrics (off when absent).
     #[arg(long, env = "RECEIVER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Commands a TCP device has at once: written, not yet answered. The
+    /// rest wait here, where a cancel still stops them. 1 (the default)
+    /// makes a device run its commands one at a time, like a serial bus.
+    #[arg(long, env = "RECEIVER_DEVICE_WINDOW", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub device_window: u16,
+    /// How long a written command holds its place in the window without an
+    /// answer, in ms; then the next is written (the gateway re-sends the
+    /// unanswered one after its result timeout).
+    #[arg(long, env = "RECEIVER_DEVICE_ANSWER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub device_answer_timeout_ms: u64,
 }
 
 impl Config {
@@ -83,6 +93,8 @@ impl Config {
             serial: Vec::new(),
             modbus: Vec::new(),
             metrics_listen: None,
+            device_window: 1,
+            device_answer_timeout_ms: 10_000,
         }
     }
 }
@@ -129,7 +141,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     };
     let bridge = bridge::Bridge::start(&config, &broker, counters.clone(), &shutdown, &tasks);
     let env = Env { bridge: bridge.clone(), counters: counters.clone(), shutdown, tasks: tasks.clone() };
-    tasks.spawn(tcp::serve(listener, env.clone()));
+    let window = tcp::Window {
+        size: usize::from(config.device_window),
+        answer_timeout: std::time::Duration::from_millis(config.device_answer_timeout_ms),
+    };
+    tasks.spawn(tcp::serve(listener, env.clone(), window));
     serial::start(&config.serial, &env)?;
     modbus::start(modbus, &env);
     tracing::info!(%tcp_addr, ?metrics_addr, %broker, receiver_id = %config.receiver_id, "receiver started");

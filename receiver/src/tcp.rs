@@ -1,6 +1,13 @@
 //! Devices over TCP. Each connection gets a task that owns its socket: it
 //! waits for the HELLO naming the device, then writes the device's commands and
 //! forwards its results until either side goes away.
+//!
+//! A device has at most [`Window::size`] commands written and unanswered (1
+//! by default: one at a time, as on a serial bus); the others wait in the
+//! task, not in the socket, so a cancel still stops them. A re-sent copy of
+//! a command already written is written again at once (the device answers a
+//! repeated id from memory); a command unanswered for
+//! [`Window::answer_timeout`] gives up its place.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,8 +41,19 @@ const DELIVERED_HOLD: Duration = Duration::from_millis(20);
 
 type Socket = Framed<TcpStream, FrameCodec>;
 
+/// How many commands a device has at once, and for how long each holds its place.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    /// Written and unanswered commands per device, at most (≥ 1).
+    pub(crate) size: usize,
+    pub(crate) answer_timeout: Duration,
+}
+
+/// Commands a device's task holds, not yet written (besides the bridge's queue).
+const WAITING: usize = crate::bridge::DEVICE_QUEUE;
+
 /// Accepts device connections until shutdown.
-pub(crate) async fn serve(listener: TcpListener, env: Env) {
+pub(crate) async fn serve(listener: TcpListener, env: Env, window: Window) {
     let Env { bridge, counters, shutdown, tasks } = env;
     loop {
         let accepted = tokio::select! {
@@ -45,7 +63,7 @@ pub(crate) async fn serve(listener: TcpListener, env: Env) {
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                let conn = Connection { bridge: bridge.clone(), counters: counters.clone() };
+                let conn = Connection { bridge: bridge.clone(), counters: counters.clone(), window };
                 tasks.spawn(conn.run(socket, peer, shutdown.clone()));
             }
             Err(e) => {
@@ -70,6 +88,53 @@ enum Written {
 struct Connection {
     bridge: Bridge,
     counters: Arc<Counters>,
+    window: Window,
+}
+
+/// A device's commands on this connection: taken from the bridge's queue,
+/// waiting for a place in the window; and written, awaiting their answer.
+#[derive(Default)]
+struct Flow {
+    waiting: VecDeque<CommandMessage>,
+    /// Written and unanswered: id and when it was (last) written.
+    in_flight: Vec<(Uuid, Instant)>,
+}
+
+impl Flow {
+    /// The next command to write now, if any: a re-sent copy of one in flight
+    /// first, else the oldest waiting while the window has room.
+    fn next_to_write(&mut self, window: usize) -> Option<CommandMessage> {
+        let resent = self.waiting.iter().position(|c| self.in_flight.iter().any(|(id, _)| *id == c.id));
+        match resent {
+            Some(i) => self.waiting.remove(i),
+            None if self.in_flight.len() < window => self.waiting.pop_front(),
+            None => None,
+        }
+    }
+
+    fn written(&mut self, id: Uuid, now: Instant) {
+        self.in_flight.retain(|(i, _)| *i != id);
+        self.in_flight.push((id, now));
+    }
+
+    fn answered(&mut self, id: Uuid) {
+        self.in_flight.retain(|(i, _)| *i != id);
+    }
+
+    /// When the oldest unanswered command gives up its place.
+    fn next_timeout(&self, timeout: Duration) -> Option<Instant> {
+        self.in_flight.iter().map(|(_, at)| *at + timeout).min()
+    }
+
+    fn drop_timed_out(&mut self, timeout: Duration, now: Instant) {
+        self.in_flight.retain(|(id, at)| {
+            let keep = *at + timeout > now;
+            if !keep {
+                tracing::debug!(command_id = %id, "no answer within the device answer timeout; its place in the window is freed");
+            }
+            keep
+        });
+    }
 }
 
 impl Connection {
@@ -143,8 +208,22 @@ impl Connection {
         shutdown: CancellationToken,
     ) {
         let mut answered = RecentIds::new(ANSWERED_MEMORY);
+        let mut flow = Flow::default();
+        let Window { size: window, answer_timeout } = self.window;
         loop {
+            while let Some(cmd) = flow.next_to_write(window) {
+                match self.write_command(device_id, &mut framed, cmd).await {
+                    Written::Yes(id) => {
+                        let now = Instant::now();
+                        flow.written(id, now);
+                        held.push_back((id, now));
+                    }
+                    Written::Refused => {}
+                    Written::Gone => return,
+                }
+            }
             let next_release = held.front().map(|(_, at)| *at + DELIVERED_HOLD);
+            let room = flow.waiting.len() < WAITING;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 () = sleep_until(next_release) => {
@@ -154,16 +233,15 @@ impl Connection {
                         held.pop_front();
                     }
                 }
-                cmd = commands.recv() => {
+                () = sleep_until(flow.next_timeout(answer_timeout)) => {
+                    flow.drop_timed_out(answer_timeout, Instant::now());
+                }
+                cmd = commands.recv(), if room => {
                     // None: a newer connection of the same device took over.
                     let Some(cmd) = cmd else { return };
                     // A re-sent command's answer must go through again.
                     answered.forget(&cmd.id);
-                    match self.write_command(device_id, &mut framed, cmd).await {
-                        Written::Yes(id) => held.push_back((id, Instant::now())),
-                        Written::Refused => {}
-                        Written::Gone => return,
-                    }
+                    flow.waiting.push_back(cmd);
                 }
                 item = framed.next() => match item {
                     None | Some(Err(_)) => return,
@@ -171,6 +249,7 @@ impl Connection {
                         if let Frame::Result { id, .. } = &frame {
                             // The result says "delivered" as well.
                             held.retain(|(h, _)| h != id);
+                            flow.answered(*id);
                         }
                         if !self.on_frame(device_id, &mut framed, &mut answered, frame).await {
                             return;

@@ -14,7 +14,9 @@ system_tests::on_both_stores!(
     attempts_run_out_before_the_deadline,
     dropped_commands_are_resent_and_executed_once,
     offline_device_keeps_its_commands_until_it_comes_back,
-    cancel_moves_to_canceled_and_a_late_result_changes_nothing,
+    cancel_moves_to_canceled_only_what_never_ran,
+    commands_queued_behind_a_slow_one_are_canceled_for_real,
+    a_device_that_hangs_up_gets_its_command_again_when_it_reconnects,
     concurrent_duplicate_submissions_make_one_command,
     two_sweepers_never_publish_the_same_attempt,
 );
@@ -171,7 +173,7 @@ async fn offline_device_keeps_its_commands_until_it_comes_back(db: Db) {
     s.stop().await;
 }
 
-async fn cancel_moves_to_canceled_and_a_late_result_changes_nothing(db: Db) {
+async fn cancel_moves_to_canceled_only_what_never_ran(db: Db) {
     let Some(s) = System::start(Spec::new(db)).await else { return };
     let dev = &s.device_ids[0];
     // Scheduled, never published.
@@ -180,18 +182,18 @@ async fn cancel_moves_to_canceled_and_a_late_result_changes_nothing(db: Db) {
     let (status, canceled) = s.post_raw(&format!("/v1/commands/{id}/cancel"), "").await;
     assert_eq!((status, canceled["status"].as_str()), (200, Some("canceled")));
     assert_eq!(s.post_raw(&format!("/v1/commands/{id}/cancel"), "").await.0, 409);
-    // Already on the device: it runs, its result is logged, the status stays canceled.
-    let (_, c) = s.send(dev, json!({"name": "slow", "payload": {"delay_ms": 1000}, "mode": "async"})).await;
+    // Already on the device: the cancel is only a request, and the device's
+    // result decides. The caller is never told `canceled` for a command that runs.
+    let (_, c) = s.send(dev, json!({"name": "slow", "payload": {"delay_ms": 1500}, "mode": "async"})).await;
     let id = c["id"].as_str().unwrap().to_owned();
     eventually("delivered", || async { s.command(&id).await["status"] == "delivered" }).await;
-    let (status, _) = s.post_raw(&format!("/v1/commands/{id}/cancel"), "").await;
-    assert_eq!(status, 200);
-    eventually("late result logged", || async {
-        s.events(&id).await.iter().any(|(from, to)| from.as_deref() == Some("canceled") && to == "canceled")
-    })
-    .await;
+    let (status, c) = s.post_raw(&format!("/v1/commands/{id}/cancel?wait_ms=0"), "").await;
+    assert_eq!((status, c["status"].as_str()), (202, Some("delivered")), "requested: {c}");
+    assert!(c["cancel_requested_at"].is_string(), "{c}");
+    let (status, c) = s.post_raw(&format!("/v1/commands/{id}/cancel?wait_ms=20000"), "").await;
+    assert_eq!(status, 409, "it ran: {c}");
     let c = s.command(&id).await;
-    assert_eq!((c["status"].as_str(), c["result"].is_null()), (Some("canceled"), true), "{c}");
+    assert_eq!((c["status"].as_str(), c["result"].is_null()), (Some("succeeded"), false), "{c}");
     let (_, done) = s.send(dev, json!({"name": "x"})).await;
     let done_id = done["id"].as_str().unwrap();
     assert_eq!(s.post_raw(&format!("/v1/commands/{done_id}/cancel"), "").await.0, 409);
@@ -264,5 +266,81 @@ async fn two_sweepers_never_publish_the_same_attempt(db: Db) {
     let t = s.fleet.stats().totals;
     assert_eq!((t.executed, t.duplicates), (200, 0), "each command published once");
     drop(second);
+    s.stop().await;
+}
+
+/// A TCP device has one command at a time (the receiver's default window):
+/// commands queued behind a slow one wait at the receiver, where a cancel
+/// stops them for real — `canceled`, and the device never runs them — while
+/// the command on the device is not reported canceled and finishes.
+async fn commands_queued_behind_a_slow_one_are_canceled_for_real(db: Db) {
+    let Some(system) = System::start(Spec::new(db)).await else { return };
+    queued_cancels(&system).await;
+    system.stop().await;
+}
+
+async fn queued_cancels(s: &System) {
+    let dev = &s.device_ids[0];
+    let executed_before = s.fleet.stats().totals.executed;
+    let send = |body: Value| async move { s.send(dev, body).await.1["id"].as_str().unwrap().to_owned() };
+    let slow = send(json!({"name": "slow", "payload": {"delay_ms": 1500}, "mode": "async"})).await;
+    eventually("the slow one delivered", || async { s.command(&slow).await["status"] == "delivered" }).await;
+    let queued: Vec<String> = vec![
+        send(json!({"name": "echo", "payload": 1, "mode": "async"})).await,
+        send(json!({"name": "echo", "payload": 2, "mode": "async"})).await,
+    ];
+    for id in &queued {
+        let (status, c) = s.post_raw(&format!("/v1/commands/{id}/cancel"), "").await;
+        assert_eq!((status, c["status"].as_str()), (200, Some("canceled")), "{c}");
+    }
+    assert_eq!(s.final_state(&slow).await["status"], "succeeded");
+    let after = send(json!({"name": "echo", "payload": 3})).await;
+    assert_eq!(s.final_state(&after).await["status"], "succeeded");
+    for id in &queued {
+        let c = s.command(id).await;
+        assert_eq!((c["status"].as_str(), c["result"].is_null()), (Some("canceled"), true), "{c}");
+        let details = s.event_details(id).await;
+        assert!(!details.iter().any(|d| d.contains("result after cancel")), "never ran: {details:?}");
+    }
+    assert_eq!(s.fleet.stats().totals.executed - executed_before, 2, "only the slow one and the last ran");
+}
+
+/// A device that read a command, hung up and came back 0.5 s later gets the
+/// command again at once — not after the gateway's result timeout (a minute
+/// here) — and the command succeeds with its second attempt.
+async fn a_device_that_hangs_up_gets_its_command_again_when_it_reconnects(db: Db) {
+    use futures::{SinkExt, StreamExt};
+    use protocol::{Frame, FrameCodec};
+    let mut spec = Spec::new(db);
+    spec.tune = |c| c.result_timeout_ms = 60_000;
+    let Some(s) = System::start(spec).await else { return };
+    let device: protocol::DeviceId = "hangs-up-1".parse().unwrap();
+    s.register(device.as_str()).await;
+    let connect = || async {
+        let socket = tokio::net::TcpStream::connect(s.receiver.tcp_addr).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::default());
+        framed.send(&Frame::Hello { device_id: device.clone() }).await.unwrap();
+        framed
+    };
+    let command_id = |frame: Option<Result<Result<Frame, _>, _>>| match frame {
+        Some(Ok(Ok(Frame::Command { id, .. }))) => id,
+        other => panic!("expected a COMMAND, got {other:?}"),
+    };
+    let mut first = connect().await;
+    eventually("device online", || s.device_online(device.as_str())).await;
+    let (_, c) = s.send(device.as_str(), json!({"name": "echo", "payload": "again", "mode": "async"})).await;
+    let id = c["id"].as_str().unwrap().to_owned();
+    let read = tokio::time::timeout(Duration::from_secs(20), first.next()).await.expect("the command");
+    assert_eq!(command_id(read).to_string(), id);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = connect().await;
+    // Well before the 60 s result timeout.
+    let read = tokio::time::timeout(Duration::from_secs(15), second.next()).await.expect("re-sent at once");
+    let again = command_id(read);
+    assert_eq!(again.to_string(), id);
+    second.send(&Frame::Result { id: again, code: 0, payload: br#""again""#.to_vec().into() }).await.unwrap();
+    let c = s.final_state(&id).await;
+    assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("succeeded"), Some(2)), "{c}");
     s.stop().await;
 }

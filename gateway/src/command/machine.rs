@@ -27,6 +27,13 @@ pub struct Change {
     pub next_attempt_at: Option<i64>,
     /// The event log's detail for this move.
     pub detail: Option<String>,
+    /// Record the caller's cancel request (`cancel_requested_at`); with the
+    /// status unchanged, this is the only move to the same status.
+    pub request_cancel: bool,
+    /// Legal only for a command whose cancel was requested and that never
+    /// reached a device (`delivered_at` unset): a receiver's `undeliverable`
+    /// completes such a cancel.
+    pub completes_cancel: bool,
 }
 
 /// One move to make: command `id` to status `to`, with `change`.
@@ -54,7 +61,13 @@ pub struct EventRecord {
 /// events that log it, or `None` if the move is not legal from where the
 /// command stands (a late or duplicate report, a cancel after the result).
 pub fn step(current: &Command, to: Status, change: &Change, now: i64) -> Option<(Command, Vec<EventRecord>)> {
-    if !current.status.can_move_to(to) {
+    let legal = if change.request_cancel {
+        to == current.status && !to.is_final() && current.cancel_requested_at.is_none()
+    } else {
+        current.status.can_move_to(to)
+    };
+    let cancel_completable = current.cancel_requested_at.is_some() && current.delivered_at.is_none();
+    if !legal || (change.completes_cancel && !cancel_completable) {
         return None;
     }
     let next = apply(current, to, change, now);
@@ -72,6 +85,9 @@ fn apply(current: &Command, to: Status, change: &Change, now: i64) -> Command {
     }
     if change.delivered && next.delivered_at.is_none() {
         next.delivered_at = Some(now);
+    }
+    if change.request_cancel {
+        next.cancel_requested_at = Some(now);
     }
     if let Some(result) = &change.result {
         next.result = Some(result.clone());
@@ -129,8 +145,10 @@ pub fn accepted_events(new: &NewCommand) -> Vec<EventRecord> {
 
 /// The move a receiver's report asks for: `delivered` (next look after
 /// `result_timeout`) or the device's result (`succeeded` for code 0, else
-/// `failed`). `None` for `undeliverable`, which moves nothing (it is logged;
-/// re-sending is the sweeper's job).
+/// `failed`). `undeliverable` moves only a command whose cancel was
+/// requested and that never reached a device: to `canceled` (a receiver
+/// writes no `undeliverable` for a command it has written, PROTOCOL 4.5);
+/// otherwise it moves nothing (it is logged; re-sending is the sweeper's job).
 pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Option<Move> {
     let receiver = &report.receiver_id;
     let (to, change) = match &report.kind {
@@ -144,7 +162,12 @@ pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Optio
             },
         ),
         ReportKind::Result { code, payload_base64 } => result_change(*code, payload_base64, receiver),
-        ReportKind::Undeliverable { .. } => return None,
+        ReportKind::Undeliverable { reason } => {
+            let message = format!("canceled by the caller; receiver {receiver} did not write it: {reason}");
+            let error = Some(Failure { kind: FailureKind::Canceled, message: message.clone() });
+            let change = Change { error, detail: Some(message), completes_cancel: true, ..Change::default() };
+            (Status::Canceled, change)
+        }
     };
     Some(Move { id: report.command_id, to, change })
 }
@@ -177,7 +200,24 @@ pub fn attempt_change(command: &Command, why: &str, instance_id: &str, now: i64,
     }
 }
 
-/// The caller's cancel.
+/// The caller's cancel, as it applies to `c`: `canceled` at once if it was
+/// never published (`scheduled`, `pending`); otherwise — a receiver or its
+/// device may have it — a request: recorded, no more re-sends, the status
+/// unchanged until a receiver confirms it did not write it (`canceled`) or
+/// the device's result comes (`succeeded`/`failed`: it ran). `None` when `c`
+/// is final or its cancel was already requested.
+pub fn cancel_move(c: &Command) -> Option<(Status, Change)> {
+    match c.status {
+        Status::Scheduled | Status::Pending => Some((Status::Canceled, cancel_change())),
+        s if s.is_final() || c.cancel_requested_at.is_some() => None,
+        s => {
+            let detail = Some("cancel requested by the caller; no more attempts".to_owned());
+            Some((s, Change { request_cancel: true, detail, ..Change::default() }))
+        }
+    }
+}
+
+/// The caller's cancel of a command never published.
 pub fn cancel_change() -> Change {
     let message = "canceled by the caller".to_owned();
     Change {
@@ -190,6 +230,10 @@ pub fn cancel_change() -> Change {
 /// What the sweeper must do with a command whose `next_attempt_at` has come.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Due {
+    /// Its cancel was requested: never sent again; tell the receivers once
+    /// more (a cancel lost on the way) and look again after the ack timeout,
+    /// until a receiver answers, a result comes, or the deadline passes.
+    CancelAgain,
     /// Move it (expire it, give it up, or claim its next attempt).
     Move(Status, Change),
     /// Publish it again, for this reason (the caller builds the attempt change).
@@ -209,6 +253,9 @@ pub fn due(c: &Command, now: i64, device_online: bool) -> Due {
     if now >= c.expires_at {
         let message = format!("no final result by the deadline; {} attempt(s) used", c.attempts);
         return Due::Move(Status::Expired, give_up(FailureKind::DeadlinePassed, message));
+    }
+    if c.cancel_requested_at.is_some() {
+        return Due::CancelAgain;
     }
     if matches!(c.status, Status::Sent | Status::Delivered) && c.attempts >= c.max_attempts {
         let message = format!("no result after {} attempt(s)", c.attempts);
@@ -292,7 +339,44 @@ mod tests {
         assert!(step(&done, late.to, &late.change, 1).is_none());
         assert!(step(&done, Status::Canceled, &cancel_change(), 1).is_none());
         let undeliverable = report(&done, ReportKind::Undeliverable { reason: "gone".into() });
-        assert!(report_move(&undeliverable, 1, Duration::ZERO).is_none());
+        let m = report_move(&undeliverable, 1, Duration::ZERO).unwrap();
+        assert!(step(&done, m.to, &m.change, 1).is_none());
+        assert!(step(&sent(), m.to, &m.change, 1).is_none(), "no cancel was requested");
+    }
+
+    #[test]
+    fn a_cancel_is_immediate_only_for_what_was_never_published() {
+        let mut scheduled = sent();
+        scheduled.status = Status::Scheduled;
+        scheduled.attempts = 0;
+        let (to, change) = cancel_move(&scheduled).unwrap();
+        assert_eq!(step(&scheduled, to, &change, 9).unwrap().0.status, Status::Canceled);
+
+        // Published: a request, recorded; the status stays; no more attempts.
+        let c = sent();
+        let (to, change) = cancel_move(&c).unwrap();
+        let (requested, events) = step(&c, to, &change, 9).unwrap();
+        assert_eq!((requested.status, requested.cancel_requested_at), (Status::Sent, Some(9)));
+        assert_eq!((events[0].from, events[0].to), (Some(Status::Sent), Status::Sent));
+        assert!(cancel_move(&requested).is_none(), "requested once");
+        assert_eq!(due(&requested, 10, true), Due::CancelAgain);
+
+        // A receiver that did not write it completes the cancel…
+        let no = report(&c, ReportKind::Undeliverable { reason: "canceled before delivery".into() });
+        let m = report_move(&no, 10, Duration::ZERO).unwrap();
+        let (canceled, _) = step(&requested, m.to, &m.change, 10).unwrap();
+        assert_eq!(canceled.status, Status::Canceled);
+        // …unless the command reached a device: then only its result or the deadline ends it.
+        let mut delivered = requested.clone();
+        delivered.status = Status::Delivered;
+        delivered.delivered_at = Some(9);
+        assert!(step(&delivered, m.to, &m.change, 10).is_none());
+        let ran = report(&c, ReportKind::Result { code: 0, payload_base64: vec![] });
+        let m = report_move(&ran, 11, Duration::ZERO).unwrap();
+        assert_eq!(step(&delivered, m.to, &m.change, 11).unwrap().0.status, Status::Succeeded);
+        let mut late = delivered;
+        late.expires_at = 5;
+        assert!(matches!(due(&late, 10, true), Due::Move(Status::Expired, _)));
     }
 
     #[test]

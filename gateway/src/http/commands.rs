@@ -57,10 +57,7 @@ pub(super) async fn get(
     ApiQuery(q): ApiQuery<LongPoll>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let wait = q.wait_ms.unwrap_or(0);
-    if wait > MAX_WAIT_MS {
-        return Err(ApiError::bad_request(format!("wait_ms must be at most {MAX_WAIT_MS}")));
-    }
+    let wait = checked_wait(q.wait_ms.unwrap_or(0))?;
     let command = app.wait_final(id, Duration::from_millis(wait)).await?;
     let command = command.ok_or_else(|| ApiError::not_found(format!("no command {id}")))?;
     if wait > 0 && !command.status.is_final() {
@@ -114,8 +111,31 @@ pub(super) async fn events(State(app): State<App>, Path(id): Path<String>) -> Re
     Ok(Json(json!({"command_id": id.to_string(), "items": items})))
 }
 
-/// `POST /v1/commands/{id}/cancel`: 200 with the canceled command; 409 when already final.
-pub(super) async fn cancel(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let command = app.cancel(parse_id(&id)?).await?;
-    Ok(Json(command.to_json()))
+/// `POST /v1/commands/{id}/cancel[?wait_ms=N]`: 200 with the `canceled`
+/// command; 202 with the command as it stands when its cancel is requested
+/// and the outcome did not come within `wait_ms` (default
+/// [`CANCEL_WAIT_MS`]); 409 when it is (or became) final otherwise.
+pub(super) async fn cancel(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<LongPoll>,
+) -> Result<Response, ApiError> {
+    let wait = checked_wait(q.wait_ms.unwrap_or(CANCEL_WAIT_MS))?;
+    Ok(match app.cancel(parse_id(&id)?, Duration::from_millis(wait)).await? {
+        crate::cancel::Canceled::Yes(command) => (StatusCode::OK, Json(command.to_json())).into_response(),
+        crate::cancel::Canceled::Requested(command) => {
+            (StatusCode::ACCEPTED, Json(command.to_json())).into_response()
+        }
+    })
 }
+
+/// A `wait_ms` query value, at most [`MAX_WAIT_MS`].
+fn checked_wait(wait: u64) -> Result<u64, ApiError> {
+    if wait > MAX_WAIT_MS {
+        return Err(ApiError::bad_request(format!("wait_ms must be at most {MAX_WAIT_MS}")));
+    }
+    Ok(wait)
+}
+
+/// How long a cancel waits for a receiver's answer unless `wait_ms` says.
+pub(super) const CANCEL_WAIT_MS: u64 = 5_000;

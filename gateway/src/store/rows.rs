@@ -12,8 +12,8 @@ pub(super) const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.crea
     p.online, p.receiver_id, p.seen_at FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
 
 pub(super) const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
-    max_attempts, created_at, scheduled_at, expires_at, next_attempt_at, updated_at, delivered_at, completed_at, \
-    result_code, result_payload, result_message, error_kind, error_message, idempotency_key, \
+    max_attempts, created_at, scheduled_at, expires_at, next_attempt_at, updated_at, delivered_at, cancel_requested_at, \
+    completed_at, result_code, result_payload, result_message, error_kind, error_message, idempotency_key, \
     request_hash, reply_to, correlation_id";
 
 fn corrupt(what: &str, value: impl std::fmt::Debug) -> StoreError {
@@ -81,6 +81,7 @@ pub(super) fn command_from_row(row: &AnyRow) -> Result<Command> {
         expires_at: row.try_get("expires_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         delivered_at: row.try_get("delivered_at")?,
+        cancel_requested_at: row.try_get("cancel_requested_at")?,
         completed_at: row.try_get("completed_at")?,
         result,
         error,
@@ -93,11 +94,12 @@ pub(super) fn command_from_row(row: &AnyRow) -> Result<Command> {
 /// one list both compare-and-set forms (`update_if_unchanged`,
 /// `update_all_if_unchanged`) write.
 pub(super) type MovedColumn = (&'static str, fn(&Command) -> Bound);
-pub(super) const MOVED_COLUMNS: [MovedColumn; 11] = [
+pub(super) const MOVED_COLUMNS: [MovedColumn; 12] = [
     ("status", |c| Bound::Text(Some(c.status.as_str().to_owned()))),
     ("attempts", |c| Bound::Int(Some(c.attempts))),
     ("updated_at", |c| Bound::Int(Some(c.updated_at))),
     ("delivered_at", |c| Bound::Int(c.delivered_at)),
+    ("cancel_requested_at", |c| Bound::Int(c.cancel_requested_at)),
     ("completed_at", |c| Bound::Int(c.completed_at)),
     ("result_code", |c| Bound::Int(c.result.as_ref().map(|r| r.code))),
     ("result_payload", |c| Bound::Bytes(c.result.as_ref().map(|r| r.payload.clone()))),

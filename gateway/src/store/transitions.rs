@@ -38,15 +38,30 @@ impl Store {
     /// `change` and logging the move, atomically. `Contention` if the row kept
     /// changing under every attempt.
     pub async fn transition(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
-        retry_transient(|| self.transition_once(id, to, change)).await
+        self.transition_with(id, |_| Some((to, change.clone()))).await
     }
 
-    async fn transition_once(&self, id: Uuid, to: Status, change: &Change) -> Result<Moved> {
+    /// `transition` to the move `decide` picks from the command as it stands
+    /// (read again if another writer moved it first); `None` refuses.
+    pub async fn transition_with(
+        &self,
+        id: Uuid,
+        decide: impl Fn(&Command) -> Option<(Status, Change)>,
+    ) -> Result<Moved> {
+        retry_transient(|| self.transition_once(id, &decide)).await
+    }
+
+    async fn transition_once(
+        &self,
+        id: Uuid,
+        decide: &impl Fn(&Command) -> Option<(Status, Change)>,
+    ) -> Result<Moved> {
         for _ in 0..CAS_RETRIES {
             let Some(current) = self.get_command(id).await? else {
                 return Ok(Moved::NotFound);
             };
-            let Some((next, events)) = step(&current, to, change, now_ms()) else {
+            let decided = decide(&current).and_then(|(to, change)| step(&current, to, &change, now_ms()));
+            let Some((next, events)) = decided else {
                 return Ok(Moved::Refused(current));
             };
             let mut tx = self.begin().await?;
@@ -172,7 +187,7 @@ impl Store {
             let whens = vec!["WHEN ? THEN ?"; size].join(" ");
             let sets: Vec<String> =
                 MOVED_COLUMNS.iter().map(|(name, _)| format!("{name} = CASE id {whens} END")).collect();
-            let checks = vec!["WHEN ? THEN status = ? AND attempts = ?"; size].join(" ");
+            let checks = vec![format!("WHEN ? THEN {CAS_CHECK}"); size].join(" ");
             let sql = format!(
                 "UPDATE commands SET {} WHERE id IN ({}) AND CASE id {checks} ELSE 0 END",
                 sets.join(", "),
@@ -188,7 +203,7 @@ impl Store {
                 q = q.bind(before.id.to_string());
             }
             for (before, _) in &rows {
-                q = q.bind(before.id.to_string()).bind(before.status.as_str()).bind(before.attempts);
+                q = bind_check(q.bind(before.id.to_string()), before);
             }
             if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
                 return Ok(false);
@@ -201,20 +216,25 @@ impl Store {
     async fn update_if_unchanged(&self, tx: &mut Tx, current: &Command, next: &Command) -> Result<bool> {
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             let sets: Vec<String> = MOVED_COLUMNS.iter().map(|(name, _)| format!("{name} = ?")).collect();
-            format!("UPDATE commands SET {} WHERE id = ? AND status = ? AND attempts = ?", sets.join(", "))
+            format!("UPDATE commands SET {} WHERE id = ? AND {CAS_CHECK}", sets.join(", "))
         });
         let mut q = self.query(&SQL);
         for (_, value) in &MOVED_COLUMNS {
             q = value(next).bind_to(q);
         }
-        let done = q
-            .bind(current.id.to_string())
-            .bind(current.status.as_str())
-            .bind(current.attempts)
-            .execute(&mut **tx)
-            .await?;
+        let done = bind_check(q.bind(current.id.to_string()), current).execute(&mut **tx).await?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// What a compare-and-set compares: the status, the attempts, and whether a
+/// cancel was requested (a request changes neither of the others, and a
+/// move read before it must not write over it).
+const CAS_CHECK: &str = "status = ? AND attempts = ? AND (cancel_requested_at IS NULL) = ?";
+
+/// Binds [`CAS_CHECK`]'s values as `before` has them.
+fn bind_check<'q>(q: super::Query<'q>, before: &Command) -> super::Query<'q> {
+    q.bind(before.status.as_str()).bind(before.attempts).bind(i64::from(before.cancel_requested_at.is_none()))
 }
 
 #[cfg(test)]
