@@ -38,9 +38,17 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
-    /// Largest command payload accepted, in bytes (larger: 413).
-    #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
+    /// Largest command payload accepted, in bytes (larger: 413); at most
+    /// 1 MiB, what a device frame carries. Every limit along the way follows
+    /// from it and `max_result_bytes` (`protocol::limits`).
+    #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES", default_value_t = protocol::limits::DEFAULT_MAX_PAYLOAD)]
     pub max_payload_bytes: usize,
+
+    /// Largest device answer the receivers forward, in bytes (their
+    /// `--max-result-bytes`, which must not be larger); at most 1 MiB. Sizes
+    /// the embedded broker's packet limit and the MQTT messages this gateway sends.
+    #[arg(long, env = "GATEWAY_MAX_RESULT_BYTES", default_value_t = protocol::limits::DEFAULT_MAX_RESULT)]
+    pub max_result_bytes: usize,
 
     /// How long a sync call waits when the request gives no wait_ms.
     #[arg(long, env = "GATEWAY_DEFAULT_WAIT_MS", default_value_t = 10_000)]
@@ -100,6 +108,12 @@ pub const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_ATTEMPTS: i64 = 100;
 
 impl Config {
+    /// The largest MQTT message this system sends or carries, from the payload
+    /// and result limits (`protocol::limits::mqtt_message_limit`).
+    pub fn mqtt_message_limit(&self) -> usize {
+        protocol::limits::mqtt_message_limit(self.max_payload_bytes.max(self.max_result_bytes))
+    }
+
     /// Defaults for tests and the demo: everything on loopback, nothing fixed.
     pub fn for_local(database_url: String, http_listen: SocketAddr, mqtt_listen: SocketAddr) -> Config {
         Config {
@@ -109,7 +123,8 @@ impl Config {
             broker: None,
             topic_prefix: protocol::topics::DEFAULT_PREFIX.into(),
             instance_id: None,
-            max_payload_bytes: 64 * 1024,
+            max_payload_bytes: protocol::limits::DEFAULT_MAX_PAYLOAD,
+            max_result_bytes: protocol::limits::DEFAULT_MAX_RESULT,
             default_wait_ms: 10_000,
             default_ttl_ms: 60_000,
             default_max_attempts: 5,

@@ -15,10 +15,9 @@ use crate::command::machine::attempt_change;
 use crate::command::{now_ms, Change, Command, ReplyTo};
 use protocol::envelope::{Cancel, CommandMessage, FinalNotice};
 
-/// A message carries at most this many commands…
+/// A message carries at most this many commands, and at most
+/// `Config::mqtt_message_limit` bytes.
 const COMMANDS_PER_MESSAGE: usize = 256;
-/// …and takes no more once its body would pass this size.
-const COMMAND_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// A command whose attempt is claimed, and the receiver to publish it to.
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +66,7 @@ impl App {
             let reports_to = self.topics().instance_reports(self.instance_id());
             for route in routes.iter().filter(|r| r.receiver == receiver) {
                 let message = encode_command(route.command, &reports_to);
-                if batch.is_full_for(&message) {
+                if batch.is_full_for(&message, self.config().mqtt_message_limit()) {
                     self.publish_commands(receiver, std::mem::take(&mut batch)).await;
                 }
                 batch.push(route.command, message);
@@ -121,11 +120,33 @@ impl App {
             obj.insert("correlation_id".into(), reply.correlation_id.clone().into());
             obj.insert("event".into(), event.into());
         }
-        let bytes = serde_json::to_vec(&body).expect("a Value always serialises");
+        let mut bytes = serde_json::to_vec(&body).expect("a Value always serialises");
+        let limit = self.config().mqtt_message_limit();
+        if bytes.len() > limit {
+            bytes = without_payloads(body, bytes.len(), limit);
+        }
         if let Err(e) = self.mqtt().publish(reply.topic.clone(), QoS::AtLeastOnce, false, bytes).await {
             tracing::warn!(topic = %reply.topic, error = %e, "could not publish a reply");
         }
     }
+}
+
+/// A reply too large for one MQTT message, without its payload and the
+/// result's payload (GET /v1/commands/{id} has them), saying so in `omitted`.
+fn without_payloads(mut body: Value, size: usize, limit: usize) -> Vec<u8> {
+    if let Value::Object(obj) = &mut body {
+        obj.remove("payload");
+        obj.remove("payload_base64");
+        if let Some(Value::Object(result)) = obj.get_mut("result") {
+            result.remove("payload");
+            result.remove("payload_base64");
+        }
+        let note = format!(
+            "payload and result payload left out: the reply would be {size} bytes, over the MQTT message limit of {limit}; GET /v1/commands/{{id}} has them"
+        );
+        obj.insert("omitted".into(), note.into());
+    }
+    serde_json::to_vec(&body).expect("a Value always serialises")
 }
 
 /// Commands of one message to one receiver, serialised.
@@ -138,10 +159,11 @@ struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     /// Whether `message` must go in the next message instead.
-    fn is_full_for(&self, message: &[u8]) -> bool {
+    /// (Joined as `[a,b,…]`: a byte per message besides its own.)
+    fn is_full_for(&self, message: &[u8], limit: usize) -> bool {
         !self.commands.is_empty()
             && (self.commands.len() == COMMANDS_PER_MESSAGE
-                || self.bytes + message.len() > COMMAND_MESSAGE_BYTES)
+                || 2 + self.bytes + self.commands.len() + message.len() + 1 > limit)
     }
 
     fn push(&mut self, command: &'a Command, message: Vec<u8>) {

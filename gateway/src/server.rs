@@ -30,19 +30,23 @@ pub struct Running {
 /// live instance holds it), broker, MQTT tasks, HTTP server.
 /// It runs until `shutdown` is cancelled; then `Running::stopped` drains it.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    anyhow::ensure!(
-        config.max_payload_bytes <= protocol::frame::MAX_PAYLOAD,
-        "--max-payload-bytes may be at most {} (what a device frame carries)",
-        protocol::frame::MAX_PAYLOAD
-    );
+    for (flag, value) in
+        [("--max-payload-bytes", config.max_payload_bytes), ("--max-result-bytes", config.max_result_bytes)]
+    {
+        anyhow::ensure!(
+            (1..=protocol::frame::MAX_PAYLOAD).contains(&value),
+            "{flag} must be 1 to {} (what a device frame carries), not {value}",
+            protocol::frame::MAX_PAYLOAD
+        );
+    }
     let store = Store::connect(&config.database_url).await?;
     let instance = Instance::new(config.instance_id.as_deref());
     instance.claim(&store).await?;
     let broker: Brokers = match &config.broker {
         Some(urls) => urls.parse()?,
         None => {
-            // Topic payloads carry base64 and JSON around the command payload.
-            broker::start_embedded(config.mqtt_listen, config.max_payload_bytes * 2 + 64 * 1024)?;
+            // Every message the system sends fits (`protocol::limits`).
+            broker::start_embedded(config.mqtt_listen, config.mqtt_message_limit())?;
             BrokerAddr { host: config.mqtt_listen.ip().to_string(), port: config.mqtt_listen.port() }.into()
         }
     };

@@ -18,8 +18,10 @@ use rumqttc::{
 use rumqttc::{Publish, QoS};
 use tokio_util::sync::CancellationToken;
 
-/// Largest MQTT packet either side accepts: a 64 KiB payload as base64 in JSON
-/// fits many times over. rumqttc's own default (10 KiB) would not.
+/// Largest MQTT packet our clients accept or send: above the largest
+/// message the system sends (`protocol::limits::mqtt_message_limit` of
+/// 1 MiB, about 1.4 MB), so a legal message is never refused here — senders
+/// keep to the message limit themselves. rumqttc's own default (10 KiB) would not do.
 pub const MAX_PACKET: usize = 2 * 1024 * 1024;
 
 /// Capacity of rumqttc's request channel. When full, `publish().await` waits.

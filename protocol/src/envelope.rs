@@ -59,6 +59,10 @@ pub enum ReportKind {
     /// The receiver could not write the command (device not connected here,
     /// deadline passed). The gateway records it; re-sending is the sweeper's job.
     Undeliverable { reason: String },
+    /// The device answered with `size` bytes, more than the receiver
+    /// forwards (`limit`, its `--max-result-bytes`, see [`crate::limits`]):
+    /// the command fails at once; re-sending would get the same answer.
+    ResultTooLarge { size: u64, limit: u64 },
 }
 
 /// One message on `Topics::reports` or `Topics::receiver_commands`: a single

@@ -5,6 +5,7 @@
 //! - [`topics`]: MQTT topic names between gateway and receivers.
 //! - [`envelope`]: the JSON messages carried on those topics.
 //! - [`frame`]: the binary frame between a receiver and a device.
+//! - [`limits`]: every size limit along a command's way, in one place.
 //! - [`serial_line`]: the character format of a serial line (`8N1`, …), as
 //!   receivers and devices write it in their settings.
 //!
@@ -13,6 +14,7 @@
 pub mod device_id;
 pub mod envelope;
 pub mod frame;
+pub mod limits;
 pub mod serial_line;
 pub mod topics;
 

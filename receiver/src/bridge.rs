@@ -37,6 +37,8 @@ struct Inner {
     client: AsyncClient,
     topics: Topics,
     receiver_id: String,
+    /// Largest device answer forwarded (`Config::max_result_bytes`).
+    max_result: usize,
     counters: Arc<Counters>,
     /// Connected devices. A std mutex: held for map lookups only, never across `.await`.
     devices: Mutex<HashMap<DeviceId, Slot>>,
@@ -60,10 +62,9 @@ struct Inner {
     shutdown: CancellationToken,
 }
 
-/// A reports message carries at most this many reports…
+/// A reports message carries at most this many reports, and at most
+/// `protocol::limits::mqtt_message_limit(max_result_bytes)` bytes.
 const REPORTS_PER_MESSAGE: usize = 256;
-/// …and stops taking more once its body is this large (one report always goes).
-const REPORT_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Canceled ids remembered, oldest forgotten first.
 const CANCELED_MEMORY: usize = 4096;
@@ -167,12 +168,20 @@ impl Bridge {
         };
         let (client, eventloop) = client(brokers, spec);
         let (reports, queued) = mpsc::unbounded_channel();
-        tasks.spawn(publish_reports(client.clone(), topics.reports(), queued, shutdown.clone()));
+        let message_limit = protocol::limits::mqtt_message_limit(config.max_result_bytes);
+        tasks.spawn(publish_reports(
+            client.clone(),
+            topics.reports(),
+            queued,
+            message_limit,
+            shutdown.clone(),
+        ));
         let bridge = Bridge {
             inner: Arc::new(Inner {
                 client,
                 topics,
                 receiver_id: config.receiver_id.clone(),
+                max_result: config.max_result_bytes,
                 counters,
                 devices: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
@@ -267,10 +276,20 @@ impl Bridge {
         self.report(command_id, device_id, ReportKind::Undeliverable { reason: reason.into() }).await;
     }
 
-    /// Counts a device's answer and reports it (`code` 0 is success).
+    /// Counts a device's answer and reports it (`code` 0 is success); an
+    /// answer larger than `--max-result-bytes` is reported as
+    /// `result_too_large` instead, so that command fails at once.
     pub async fn result(&self, command_id: Uuid, device_id: &DeviceId, code: i32, payload: Vec<u8>) {
-        self.inner.counters.results_forwarded.inc();
-        self.report(command_id, device_id, ReportKind::Result { code, payload_base64: payload }).await;
+        let limit = self.inner.max_result;
+        let kind = if payload.len() > limit {
+            self.inner.counters.results_too_large.inc();
+            tracing::warn!(%command_id, %device_id, size = payload.len(), limit, "device answer larger than --max-result-bytes; the command fails");
+            ReportKind::ResultTooLarge { size: payload.len() as u64, limit: limit as u64 }
+        } else {
+            self.inner.counters.results_forwarded.inc();
+            ReportKind::Result { code, payload_base64: payload }
+        };
+        self.report(command_id, device_id, kind).await;
     }
 
     /// Queues a report about a command for the gateway, on the topic the
@@ -306,6 +325,9 @@ impl Bridge {
             }
             ReportKind::Undeliverable { reason } => {
                 tracing::debug!(%command_id, %device_id, %reason, "report: undeliverable")
+            }
+            ReportKind::ResultTooLarge { size, limit } => {
+                tracing::debug!(%command_id, %device_id, size, limit, "report: result too large")
             }
         }
         let report = Report {
@@ -561,6 +583,7 @@ async fn publish_reports(
     client: AsyncClient,
     shared: String,
     mut queued: mpsc::UnboundedReceiver<Outgoing>,
+    message_limit: usize,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::new();
@@ -571,23 +594,42 @@ async fn publish_reports(
             _ = shutdown.cancelled() => None,
         };
         let Some(first) = first else { return };
-        let mut bytes = first.body.len();
         batch.push(first);
         // Let the device tasks that are ready run first, so their reports join this message.
         tokio::task::yield_now().await;
-        while batch.len() < REPORTS_PER_MESSAGE && bytes < REPORT_MESSAGE_BYTES {
+        while batch.len() < REPORTS_PER_MESSAGE {
             let Ok(next) = queued.try_recv() else { break };
-            bytes += next.body.len();
             batch.push(next);
         }
         for (to, bodies) in by_topic(batch.drain(..)) {
             let topic = to.map_or_else(|| shared.clone(), |to| to.to_string());
-            let body = protocol::envelope::join_messages(&bodies);
-            if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
-                tracing::warn!(%topic, reports = bodies.len(), error = %e, "could not publish reports");
+            for part in within_limit(&bodies, message_limit) {
+                let body = protocol::envelope::join_messages(part);
+                if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
+                    tracing::warn!(%topic, reports = part.len(), error = %e, "could not publish reports");
+                }
             }
         }
     }
+}
+
+/// `bodies` cut into runs whose joined message (`[a,b,…]`) is at most
+/// `limit` bytes; a body alone over it (none is, by `protocol::limits`)
+/// still goes, alone.
+fn within_limit(bodies: &[Vec<u8>], limit: usize) -> Vec<&[Vec<u8>]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 2);
+    for (i, body) in bodies.iter().enumerate() {
+        if i > start && bytes + body.len() + 1 > limit {
+            parts.push(&bodies[start..i]);
+            (start, bytes) = (i, 2);
+        }
+        bytes += body.len() + 1;
+    }
+    if start < bodies.len() {
+        parts.push(&bodies[start..]);
+    }
+    parts
 }
 
 /// The reports one message carries: its topic (`None`: the shared one) and
@@ -656,6 +698,18 @@ mod tests {
         for unusable in ["", "p/+/reports", "p/#"] {
             assert_eq!(destination_of(&message(Some(unusable)), &mut last), None, "{unusable:?}");
         }
+    }
+
+    #[test]
+    fn batches_are_cut_to_the_message_limit() {
+        let bodies: Vec<Vec<u8>> = [40, 40, 40, 10, 95, 5].iter().map(|n| vec![b'x'; *n]).collect();
+        let parts = within_limit(&bodies, 100);
+        let sizes: Vec<Vec<usize>> = parts.iter().map(|p| p.iter().map(Vec::len).collect()).collect();
+        assert_eq!(sizes, [vec![40, 40], vec![40, 10], vec![95], vec![5]]);
+        for part in parts.iter().filter(|p| p.len() > 1) {
+            assert!(protocol::envelope::join_messages(part).len() <= 100);
+        }
+        assert!(within_limit(&[], 100).is_empty());
     }
 
     #[test]

@@ -80,6 +80,13 @@ pub struct Config {
     /// unanswered one after its result timeout).
     #[arg(long, env = "RECEIVER_DEVICE_ANSWER_TIMEOUT_MS", default_value_t = 10_000)]
     pub device_answer_timeout_ms: u64,
+    /// Largest device answer forwarded, in bytes (at most 1 MiB, a frame's
+    /// largest payload). A larger one fails its command at once
+    /// (`result_too_large`). The gateway's `--max-result-bytes` must be at
+    /// least this: it sizes the embedded broker (`protocol::limits`).
+    #[arg(long, env = "RECEIVER_MAX_RESULT_BYTES", default_value_t = protocol::limits::DEFAULT_MAX_RESULT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=protocol::frame::MAX_PAYLOAD as u64))]
+    pub max_result_bytes: usize,
 }
 
 impl Config {
@@ -95,6 +102,7 @@ impl Config {
             metrics_listen: None,
             device_window: 1,
             device_answer_timeout_ms: 10_000,
+            max_result_bytes: protocol::limits::DEFAULT_MAX_RESULT,
         }
     }
 }
@@ -121,6 +129,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // Checked before anything connects: a bad spec fails with its own error,
     // not after an MQTT connection attempt.
     let modbus = modbus::plan(&config.modbus)?;
+    let serial = serial::plan(&config.serial)?;
     let listener = TcpListener::bind(config.tcp_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for devices on {}: {e} (use --tcp-listen)", config.tcp_listen)
     })?;
@@ -146,7 +155,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         answer_timeout: std::time::Duration::from_millis(config.device_answer_timeout_ms),
     };
     tasks.spawn(tcp::serve(listener, env.clone(), window));
-    serial::start(&config.serial, &env)?;
+    serial::start(serial, &env);
     modbus::start(modbus, &env);
     tracing::info!(%tcp_addr, ?metrics_addr, %broker, receiver_id = %config.receiver_id, "receiver started");
     Ok(Running { tcp_addr, metrics_addr, counters, bridge, tasks })

@@ -11,6 +11,8 @@ pub struct Counters {
     pub commands_written: Counter,
     /// Results reported to the gateway.
     pub results_forwarded: Counter,
+    /// Device answers over `--max-result-bytes`, reported `result_too_large`.
+    pub results_too_large: Counter,
     /// Result frames for a command this connection already answered.
     pub duplicate_results: Counter,
     /// Frames dropped for CRC, length, version, type or body errors.
@@ -29,6 +31,10 @@ impl Counters {
                 .counter("receiver_commands_written", "Command frames or Modbus requests written to devices"),
             results_forwarded: metrics
                 .counter("receiver_results_forwarded", "Results reported to the gateway"),
+            results_too_large: metrics.counter(
+                "receiver_results_too_large",
+                "Device answers over --max-result-bytes, reported as result_too_large (the command fails)",
+            ),
             duplicate_results: metrics.counter(
                 "receiver_duplicate_results",
                 "Result frames dropped because their write was already answered",

@@ -149,13 +149,14 @@ impl FromStr for PortSpec {
     }
 }
 
-/// Parses every spec, then starts one task per port. A bad spec fails start-up;
-/// a port that cannot be opened does not (it is retried with backoff).
-pub(crate) fn start(specs: &[String], env: &Env) -> anyhow::Result<()> {
-    let ports = specs
-        .iter()
-        .map(|s| s.parse::<PortSpec>().map_err(|e| anyhow::anyhow!("--serial {s:?}: {e}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+/// Parses every `--serial` spec (before anything connects: a bad spec fails
+/// start-up with its own error).
+pub(crate) fn plan(specs: &[String]) -> anyhow::Result<Vec<PortSpec>> {
+    specs.iter().map(|s| s.parse::<PortSpec>().map_err(|e| anyhow::anyhow!("--serial {s:?}: {e}"))).collect()
+}
+
+/// Starts one task per port; a port that cannot be opened is retried with backoff.
+pub(crate) fn start(ports: Vec<PortSpec>, env: &Env) {
     for spec in ports {
         let span = tracing::info_span!("serial", port = %spec.line.path);
         let port = Port {
@@ -166,7 +167,6 @@ pub(crate) fn start(specs: &[String], env: &Env) -> anyhow::Result<()> {
         };
         env.tasks.spawn(port.run(env.shutdown.clone()).instrument(span));
     }
-    Ok(())
 }
 
 /// What a port remembers across reopens about the command ids it wrote.

@@ -9,6 +9,7 @@ use plumbing::mqtt::Brokers;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 pub mod clusters;
+pub mod device;
 pub mod procs;
 
 /// The MariaDB/MySQL server tests use (a fresh database per test).

@@ -309,37 +309,24 @@ async fn queued_cancels(s: &System) {
 /// command again at once — not after the gateway's result timeout (a minute
 /// here) — and the command succeeds with its second attempt.
 async fn a_device_that_hangs_up_gets_its_command_again_when_it_reconnects(db: Db) {
-    use futures::{SinkExt, StreamExt};
-    use protocol::{Frame, FrameCodec};
+    use system_tests::device::RawDevice;
     let mut spec = Spec::new(db);
     spec.tune = |c| c.result_timeout_ms = 60_000;
     let Some(s) = System::start(spec).await else { return };
-    let device: protocol::DeviceId = "hangs-up-1".parse().unwrap();
-    s.register(device.as_str()).await;
-    let connect = || async {
-        let socket = tokio::net::TcpStream::connect(s.receiver.tcp_addr).await.unwrap();
-        let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::default());
-        framed.send(&Frame::Hello { device_id: device.clone() }).await.unwrap();
-        framed
-    };
-    let command_id = |frame: Option<Result<Result<Frame, _>, _>>| match frame {
-        Some(Ok(Ok(Frame::Command { id, .. }))) => id,
-        other => panic!("expected a COMMAND, got {other:?}"),
-    };
-    let mut first = connect().await;
-    eventually("device online", || s.device_online(device.as_str())).await;
-    let (_, c) = s.send(device.as_str(), json!({"name": "echo", "payload": "again", "mode": "async"})).await;
+    let device = "hangs-up-1";
+    s.register(device).await;
+    let mut first = RawDevice::connect(s.receiver.tcp_addr, device).await;
+    eventually("device online", || s.device_online(device)).await;
+    let (_, c) = s.send(device, json!({"name": "echo", "payload": "again", "mode": "async"})).await;
     let id = c["id"].as_str().unwrap().to_owned();
-    let read = tokio::time::timeout(Duration::from_secs(20), first.next()).await.expect("the command");
-    assert_eq!(command_id(read).to_string(), id);
+    assert_eq!(first.next_command(Duration::from_secs(20)).await.id.to_string(), id);
     drop(first);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut second = connect().await;
+    let mut second = RawDevice::connect(s.receiver.tcp_addr, device).await;
     // Well before the 60 s result timeout.
-    let read = tokio::time::timeout(Duration::from_secs(15), second.next()).await.expect("re-sent at once");
-    let again = command_id(read);
-    assert_eq!(again.to_string(), id);
-    second.send(&Frame::Result { id: again, code: 0, payload: br#""again""#.to_vec().into() }).await.unwrap();
+    let again = second.next_command(Duration::from_secs(15)).await;
+    assert_eq!(again.id.to_string(), id);
+    second.answer(again.id, 0, br#""again""#.to_vec()).await;
     let c = s.final_state(&id).await;
     assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("succeeded"), Some(2)), "{c}");
     s.stop().await;

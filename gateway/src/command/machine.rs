@@ -162,6 +162,14 @@ pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Optio
             },
         ),
         ReportKind::Result { code, payload_base64 } => result_change(*code, payload_base64, receiver),
+        ReportKind::ResultTooLarge { size, limit } => {
+            let message = format!(
+                "the device answered {size} bytes; receiver {receiver} forwards at most {limit} (its --max-result-bytes)"
+            );
+            let error = Some(Failure { kind: FailureKind::ResultTooLarge, message: message.clone() });
+            let change = Change { error, detail: Some(message), delivered: true, ..Change::default() };
+            (Status::Failed, change)
+        }
         ReportKind::Undeliverable { reason } => {
             let message = format!("canceled by the caller; receiver {receiver} did not write it: {reason}");
             let error = Some(Failure { kind: FailureKind::Canceled, message: message.clone() });

@@ -202,14 +202,17 @@ pub enum FailureKind {
     /// `max_attempts` publications, and still no result.
     AttemptsExhausted,
     Canceled,
+    /// The device's answer was larger than its receiver forwards.
+    ResultTooLarge,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 4] = [
+    pub const ALL: [FailureKind; 5] = [
         FailureKind::DeviceError,
         FailureKind::DeadlinePassed,
         FailureKind::AttemptsExhausted,
         FailureKind::Canceled,
+        FailureKind::ResultTooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -218,6 +221,7 @@ impl FailureKind {
             FailureKind::DeadlinePassed => "deadline_passed",
             FailureKind::AttemptsExhausted => "attempts_exhausted",
             FailureKind::Canceled => "canceled",
+            FailureKind::ResultTooLarge => "result_too_large",
         }
     }
 

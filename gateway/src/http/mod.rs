@@ -58,7 +58,7 @@ impl IntoResponse for ApiError {
 /// the cap) so the client, still writing, can read our 413 instead of a reset.
 async fn json_body<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
     const DRAIN_FACTOR: usize = 64;
-    let limit = app.config().max_payload_bytes * 2 + 64 * 1024;
+    let limit = protocol::limits::http_body_limit(app.config().max_payload_bytes);
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     let mut total = 0usize;
