@@ -136,6 +136,8 @@ async fn each_command_is_reported_on_the_topic_its_message_names() {
     let mut config = receiver::Config::new(broker.clone(), "127.0.0.1:0".parse().unwrap());
     config.topic_prefix = prefix.clone();
     config.receiver_id = format!("rx-{}", Uuid::now_v7().simple());
+    // The device holds three commands at once (the default is one at a time).
+    config.device_window = 3;
     let shutdown = CancellationToken::new();
     let running = receiver::start(config, shutdown.clone()).await.expect("receiver starts");
 

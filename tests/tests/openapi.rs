@@ -293,6 +293,15 @@ async fn the_document_matches_every_route() {
     let c = api.call(200, "POST", CANCEL, &format!("/v1/commands/{pending_id}/cancel"), Body::None).await;
     assert_eq!(c["error"]["kind"], "canceled");
     api.call(409, "POST", CANCEL, &format!("/v1/commands/{done_id}/cancel"), Body::None).await;
+    // On its device: a request, answered 202 while the outcome is unknown.
+    let busy = api
+        .submit(202, &slow_dev, json!({"name": "slow", "payload": {"delay_ms": 1000}, "wait_ms": 20}))
+        .await;
+    let busy_id = busy["id"].as_str().unwrap().to_owned();
+    let c =
+        api.call(202, "POST", CANCEL, &format!("/v1/commands/{busy_id}/cancel?wait_ms=0"), Body::None).await;
+    assert!(c["cancel_requested_at"].is_string(), "{c}");
+    api.call(400, "POST", CANCEL, &format!("/v1/commands/{busy_id}/cancel?wait_ms=300001"), Body::None).await;
     api.call(404, "POST", CANCEL, &format!("/v1/commands/{}/cancel", uuid::Uuid::new_v4()), Body::None).await;
     api.call(404, "POST", CANCEL, "/v1/commands/not-a-uuid/cancel", Body::None).await;
 

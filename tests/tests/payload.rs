@@ -325,5 +325,21 @@ async fn mqtt_submissions_carry_payloads_exactly(db: Db) {
             "final reply for {input}: {final_}"
         );
     }
+    // Refused over MQTT as over HTTP: a `rejected` reply naming why, nothing stored.
+    for (i, (input, why)) in REFUSED.iter().enumerate() {
+        let message = format!(
+            r#"{{"device_id":"{}","name":"echo","payload":{input},"reply_to":"{reply_to}","correlation_id":"r-{i}"}}"#,
+            device.id
+        );
+        client.publish(submit.clone(), QoS::AtLeastOnce, false, message).await.unwrap();
+        let rejected: serde_json::Value = serde_json::from_str(&next(&mut replies).await.unwrap()).unwrap();
+        assert_eq!(
+            (rejected["event"].as_str(), rejected["correlation_id"].as_str()),
+            (Some("rejected"), Some(format!("r-{i}").as_str()))
+        );
+        let message = rejected["error"]["message"].as_str().unwrap();
+        assert!(message.contains("payload refused") && message.contains(why), "{input}: {message}");
+    }
+    assert_eq!(s.all_commands().await.len(), CARRIED.len(), "nothing stored for the refused");
     s.stop().await;
 }

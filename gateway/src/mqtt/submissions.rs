@@ -13,6 +13,8 @@
 use std::time::Duration;
 
 use plumbing::backoff::Backoff;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::app::App;
@@ -34,26 +36,34 @@ pub(super) async fn handle(app: &App, payload: &[u8], retained: bool) {
     if retained {
         clear_retained(app).await;
     }
-    let mut fields = match serde_json::from_slice::<Value>(payload) {
-        Ok(Value::Object(fields)) => fields,
-        _ => return dropped(app, "MQTT submission is not a JSON object; dropped"),
+    // Only the routing fields first: the rest is read from the message's own
+    // bytes below, so a payload is judged as the caller wrote it (duplicate
+    // keys, lone surrogate escapes: refused with a reply, as over HTTP).
+    let Ok(routing) = serde_json::from_slice::<Routing>(payload) else {
+        return dropped(app, "MQTT submission is not a JSON object; dropped");
     };
-    let Some(Value::String(topic)) = fields.remove("reply_to") else {
+    let Some(topic) =
+        routing.reply_to.as_deref().and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+    else {
         return dropped(app, "MQTT submission without reply_to; dropped");
     };
-    let correlation_id = match fields.remove("correlation_id") {
-        Some(Value::String(s)) => s,
-        Some(other) => other.to_string(),
+    let correlation_id = match routing.correlation_id.as_deref().map(RawValue::get) {
         None => String::new(),
+        Some(raw) => match serde_json::from_str::<Value>(raw) {
+            Ok(Value::String(s)) => s,
+            Ok(other) => other.to_string(),
+            Err(_) => raw.to_owned(),
+        },
     };
     let key = request_hash(&[topic.as_bytes(), correlation_id.as_bytes(), payload]);
     let origin = MqttOrigin { reply_to: ReplyTo { topic, correlation_id }, key };
     let reply = &origin.reply_to;
-    let device_id = match fields.remove("device_id") {
-        Some(Value::String(s)) => s,
-        _ => String::new(),
-    };
-    let outcome = match serde_json::from_value::<CommandRequest>(Value::Object(fields)) {
+    let device_id = routing
+        .device_id
+        .as_deref()
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .unwrap_or_default();
+    let outcome = match CommandRequest::from_mqtt_message(payload) {
         _ if retained => Err(ApiError::bad_request(RETAINED)),
         Ok(req) if !device_id.is_empty() => submit_while_store_recovers(app, &device_id, &req, &origin).await,
         Ok(_) => Err(ApiError::bad_request("device_id is required")),
@@ -114,6 +124,15 @@ async fn submit_while_store_recovers(
             done => return done,
         }
     }
+}
+
+/// The routing fields of a submission; the others are read by
+/// `CommandRequest::from_mqtt_message`.
+#[derive(Deserialize)]
+struct Routing {
+    reply_to: Option<Box<RawValue>>,
+    correlation_id: Option<Box<RawValue>>,
+    device_id: Option<Box<RawValue>>,
 }
 
 /// Why a retained submission is refused.
