@@ -42,6 +42,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let store = Store::connect(&config.database_url).await?;
     let instance = Instance::new(config.instance_id.as_deref());
     instance.claim(&store).await?;
+    store.set_reply_owner(&instance.nonce);
     let broker: Brokers = match &config.broker {
         Some(urls) => urls.parse()?,
         None => {

@@ -77,11 +77,18 @@ pub async fn run(app: App, shutdown: CancellationToken) {
     }
 }
 
-/// Publishes the final replies that the instance which made their commands
-/// final did not get to (it died between its commit and its publish).
+/// Publishes the final replies that the process which made their commands
+/// final did not get to (it died between its commit and its publish). A
+/// live owner's are left to it; this process's own past their grace were
+/// published (or are being) and only their record is deleted.
 async fn send_owed_replies(app: &App) -> Result<(), StoreError> {
     let now = now_ms();
-    for id in app.store().claim_due_replies(now, 100, now + REPLY_GRACE_MS).await? {
+    let live_since = now - crate::instance::STALE_AFTER.as_millis() as i64;
+    for (id, own) in app.store().claim_due_replies(now, 100, now + REPLY_GRACE_MS, live_since).await? {
+        if own {
+            app.store().reply_sent(id).await?;
+            continue;
+        }
         let Some(command) = app.store().get_command(id).await? else { continue };
         if let Some(reply) = command.reply_to.as_ref().filter(|_| command.status.is_final()) {
             tracing::info!(command_id = %id, device_id = command.device_id.as_str(), "final reply its instance did not send");

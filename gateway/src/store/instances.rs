@@ -113,20 +113,36 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` final replies whose grace has passed (their
-    /// instance died before publishing them), pushing each one's due time to
-    /// `retry_at` so that other instances leave it alone meanwhile.
-    pub async fn claim_due_replies(&self, now: i64, limit: i64, retry_at: i64) -> Result<Vec<uuid::Uuid>> {
+    /// Claims up to `limit` final replies whose grace has passed and whose
+    /// owner is not another live process (heartbeat at or after
+    /// `live_since`): a live owner sends its own, however slowly — a second
+    /// sender would make a second reply. Each claimed one's due time moves
+    /// to `retry_at`, so other instances leave it alone meanwhile. Returns
+    /// each id and whether it is this process's own (published already, or
+    /// about to be: only its record is left to delete).
+    pub async fn claim_due_replies(
+        &self,
+        now: i64,
+        limit: i64,
+        retry_at: i64,
+        live_since: i64,
+    ) -> Result<Vec<(uuid::Uuid, bool)>> {
         use sqlx::Row;
+        let me = self.reply_owner.get().cloned().unwrap_or_default();
         let rows = self
-            .query("SELECT command_id FROM pending_replies WHERE due_at <= ? ORDER BY due_at LIMIT ?")
+            .query(
+                "SELECT p.command_id, p.owner FROM pending_replies p WHERE p.due_at <= ? AND (p.owner IS NULL                  OR p.owner = ? OR NOT EXISTS (SELECT 1 FROM gateway_instances g WHERE g.nonce = p.owner                  AND g.heartbeat_at >= ?)) ORDER BY p.due_at LIMIT ?",
+            )
             .bind(now)
+            .bind(&me)
+            .bind(live_since)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
         let mut claimed = Vec::new();
         for row in rows {
             let id: String = row.try_get("command_id")?;
+            let own = row.try_get::<Option<String>, _>("owner")?.is_some_and(|o| o == me);
             let taken = self
                 .query("UPDATE pending_replies SET due_at = ? WHERE command_id = ? AND due_at <= ?")
                 .bind(retry_at)
@@ -135,7 +151,7 @@ impl Store {
                 .execute(&self.pool)
                 .await?;
             if taken.rows_affected() == 1 {
-                claimed.extend(id.parse::<uuid::Uuid>().ok());
+                claimed.extend(id.parse::<uuid::Uuid>().ok().map(|id| (id, own)));
             }
         }
         Ok(claimed)

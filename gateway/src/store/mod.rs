@@ -141,9 +141,18 @@ pub struct Store {
     /// Statements sent to the database (BEGIN and COMMIT included), for
     /// `/metrics` and the benchmark's statements-per-command figure.
     statements: Counter,
+    /// This process's instance nonce, once claimed: the owner of the final
+    /// replies it commits (`pending_replies.owner`).
+    reply_owner: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl Store {
+    /// Names this process (its instance nonce) as the owner of the final
+    /// replies it will commit from now on.
+    pub fn set_reply_owner(&self, nonce: &str) {
+        let _ = self.reply_owner.set(nonce.to_owned());
+    }
+
     /// Connects, creating a SQLite file if needed, and runs the migrations.
     pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
@@ -173,7 +182,7 @@ impl Store {
         }
         let pool = options.connect(&url).await.map_err(StoreError::Unavailable)?;
         migrate(&pool, backend).await?;
-        Ok(Store { pool, backend, statements: Counter::default() })
+        Ok(Store { pool, backend, statements: Counter::default(), reply_owner: Default::default() })
     }
 
     pub fn backend(&self) -> Backend {

@@ -155,11 +155,12 @@ impl Store {
         let owed: Vec<&&Command> =
             moved.iter().filter(|c| c.status.is_final() && c.reply_to.is_some()).collect();
         for chunk in owed.chunks(200) {
-            let rows = vec!["(?, ?)"; chunk.len()].join(", ");
-            let sql = format!("INSERT INTO pending_replies (command_id, due_at) VALUES {rows}");
+            let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!("INSERT INTO pending_replies (command_id, due_at, owner) VALUES {rows}");
             let mut q = self.query(&sql);
             for c in chunk {
-                q = q.bind(c.id.to_string()).bind(c.updated_at + REPLY_GRACE_MS);
+                let owner = self.reply_owner.get().cloned();
+                q = q.bind(c.id.to_string()).bind(c.updated_at + REPLY_GRACE_MS).bind(owner);
             }
             q.execute(&mut **tx).await?;
         }
@@ -269,33 +270,65 @@ mod tests {
     }
 
     /// A command with an MQTT caller owes its final reply from the moment it
-    /// is final: the row is claimable after the grace, and gone once sent.
+    /// is final, to its owner: past the grace another process takes it only
+    /// once the owner is dead (a live but slow owner sends its own: two
+    /// senders would make two replies); the owner itself only deletes it.
     #[tokio::test]
-    async fn a_final_reply_is_owed_until_sent() {
+    async fn a_final_reply_is_owed_by_its_process_until_sent() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(&format!("sqlite:{}", dir.path().join("gw.db").display())).await.unwrap();
+        let url = format!("sqlite:{}", dir.path().join("gw.db").display());
+        let (owner, other) = (Store::connect(&url).await.unwrap(), Store::connect(&url).await.unwrap());
+        let start = now_ms();
+        owner.claim_instance("gw-a", "nonce-a", start, start - 5_000).await.unwrap();
+        owner.set_reply_owner("nonce-a");
+        other.set_reply_owner("nonce-b");
         let device = DeviceId::parse("d").unwrap();
-        store.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
+        owner.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
         let mut new = new_command(&device);
         new.reply_to =
             Some(crate::command::ReplyTo { topic: "t/replies".into(), correlation_id: "c-1".into() });
-        store.insert_commands(std::slice::from_ref(&new)).await.unwrap();
+        owner.insert_commands(std::slice::from_ref(&new)).await.unwrap();
         let canceled = Change {
             error: Some(Failure { kind: FailureKind::Canceled, message: "test".into() }),
             ..Change::default()
         };
-        let Moved::Yes { command, .. } = store.transition(new.id, Status::Canceled, &canceled).await.unwrap()
+        let Moved::Yes { command, .. } = owner.transition(new.id, Status::Canceled, &canceled).await.unwrap()
         else {
             panic!("canceled")
         };
         let now = now_ms();
-        assert!(store.claim_due_replies(now, 10, now + 1).await.unwrap().is_empty(), "within the grace");
+        assert!(
+            other.claim_due_replies(now, 10, now + 1, start).await.unwrap().is_empty(),
+            "within the grace"
+        );
         let later = command.updated_at + REPLY_GRACE_MS;
-        assert_eq!(store.claim_due_replies(later, 10, later + 1_000).await.unwrap(), [new.id]);
-        assert!(store.claim_due_replies(later, 10, later + 1_000).await.unwrap().is_empty(), "claimed once");
-        store.reply_sent(new.id).await.unwrap();
-        assert!(store.claim_due_replies(later + 5_000, 10, later + 6_000).await.unwrap().is_empty(), "sent");
-        store.close().await;
+        let owner_alive_since = start;
+        assert!(
+            other.claim_due_replies(later, 10, later + 1_000, owner_alive_since).await.unwrap().is_empty(),
+            "its owner is alive"
+        );
+        assert_eq!(owner.claim_due_replies(later, 10, later + 1_000, start).await.unwrap(), [(new.id, true)]);
+        // Not deleted (say the owner's delete failed), and the owner died:
+        let (after, owner_dead_since) = (later + 2_000, later + 2_000);
+        assert_eq!(
+            other.claim_due_replies(after, 10, after + 1_000, owner_dead_since).await.unwrap(),
+            [(new.id, false)]
+        );
+        assert!(
+            other.claim_due_replies(after, 10, after + 1_000, owner_dead_since).await.unwrap().is_empty(),
+            "once"
+        );
+        other.reply_sent(new.id).await.unwrap();
+        assert!(
+            other
+                .claim_due_replies(after + 5_000, 10, after + 6_000, after + 9_000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "sent"
+        );
+        owner.close().await;
+        other.close().await;
     }
 
     /// The multi-row compare-and-set writes every row, or reports that one had
