@@ -50,6 +50,10 @@ pub struct Report {
 pub enum ReportKind {
     /// The command frame was written to the device.
     Delivered,
+    /// The command reached the receiver and waits there for its device
+    /// (which has as many commands as it takes at once): not lost, so the
+    /// gateway waits the result timeout, not the ack timeout, before re-sending.
+    Queued,
     /// The device answered. `code` 0 is success, anything else the device's error code.
     Result {
         code: i32,

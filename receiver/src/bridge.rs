@@ -299,7 +299,7 @@ impl Bridge {
     /// or `undeliverable` ends the command here: its topic is forgotten.
     pub async fn report(&self, command_id: Uuid, device_id: &DeviceId, kind: ReportKind) {
         let to = match kind {
-            ReportKind::Delivered => self.destination(command_id),
+            ReportKind::Delivered | ReportKind::Queued => self.destination(command_id),
             _ => self.take_destination(command_id),
         };
         self.report_to(command_id, device_id, kind, to).await;
@@ -320,6 +320,7 @@ impl Bridge {
         }
         match &kind {
             ReportKind::Delivered => tracing::debug!(%command_id, %device_id, "report: delivered"),
+            ReportKind::Queued => tracing::debug!(%command_id, %device_id, "report: queued"),
             ReportKind::Result { code, .. } => {
                 tracing::debug!(%command_id, %device_id, code, "report: result")
             }

@@ -96,6 +96,8 @@ struct Connection {
 #[derive(Default)]
 struct Flow {
     waiting: VecDeque<CommandMessage>,
+    /// Waiting commands already reported `queued`.
+    reported: std::collections::HashSet<Uuid>,
     /// Written and unanswered: id and when it was (last) written.
     in_flight: Vec<(Uuid, Instant)>,
 }
@@ -113,6 +115,7 @@ impl Flow {
     }
 
     fn written(&mut self, id: Uuid, now: Instant) {
+        self.reported.remove(&id);
         self.in_flight.retain(|(i, _)| *i != id);
         self.in_flight.push((id, now));
     }
@@ -220,6 +223,14 @@ impl Connection {
                     }
                     Written::Refused => {}
                     Written::Gone => return,
+                }
+            }
+            // Those left waiting are not lost: the gateway should not re-send them at its ack timeout.
+            let waiting: Vec<Uuid> = flow.waiting.iter().map(|c| c.id).collect();
+            flow.reported.retain(|id| waiting.contains(id));
+            for id in waiting {
+                if flow.reported.insert(id) {
+                    self.bridge.report(id, device_id, ReportKind::Queued).await;
                 }
             }
             let next_release = held.front().map(|(_, at)| *at + DELIVERED_HOLD);

@@ -17,6 +17,7 @@ system_tests::on_both_stores!(
     cancel_moves_to_canceled_only_what_never_ran,
     commands_queued_behind_a_slow_one_are_canceled_for_real,
     a_device_that_hangs_up_gets_its_command_again_when_it_reconnects,
+    commands_waiting_behind_a_slow_one_are_not_sent_again,
     concurrent_duplicate_submissions_make_one_command,
     two_sweepers_never_publish_the_same_attempt,
 );
@@ -256,9 +257,19 @@ async fn two_sweepers_never_publish_the_same_attempt(db: Db) {
     for id in &ids {
         let c = s.final_state(id).await;
         assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("succeeded"), Some(1)), "{c}");
-        let events = s.events(id).await;
+        // Publications only: a device busy with another command has this one
+        // wait at the receiver, which says so (`queued`, a `sent → sent` event).
+        let details = s.event_details(id).await;
+        let events: Vec<_> = s
+            .events(id)
+            .await
+            .into_iter()
+            .zip(&details)
+            .filter(|(_, d)| !d.starts_with("waiting at receiver"))
+            .map(|(e, _)| e)
+            .collect();
         assert_eq!(statuses(&events), vec!["scheduled", "sent", "delivered", "succeeded"], "{id}");
-        let sent = &s.event_details(id).await[1];
+        let sent = &details[1];
         let instance = sent.split(" by ").nth(1).and_then(|r| r.split(':').next()).unwrap_or("?");
         *by_instance.entry(instance.to_owned()).or_default() += 1;
     }
@@ -329,5 +340,32 @@ async fn a_device_that_hangs_up_gets_its_command_again_when_it_reconnects(db: Db
     second.answer(again.id, 0, br#""again""#.to_vec()).await;
     let c = s.final_state(&id).await;
     assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("succeeded"), Some(2)), "{c}");
+    s.stop().await;
+}
+
+/// Commands that wait at the receiver behind a slow one (the device has one
+/// at a time) are reported `queued`: the gateway waits its result timeout
+/// for them, not its ack timeout, so they cost no extra attempt.
+async fn commands_waiting_behind_a_slow_one_are_not_sent_again(db: Db) {
+    let mut spec = Spec::new(db);
+    // Ack timeout 1.5 s (the test default), far below the slow command's 4 s.
+    spec.tune = |c| c.result_timeout_ms = 30_000;
+    let Some(s) = System::start(spec).await else { return };
+    let dev = &s.device_ids[0];
+    let (_, slow) =
+        s.send(dev, json!({"name": "slow", "payload": {"delay_ms": 4000}, "mode": "async"})).await;
+    let slow = slow["id"].as_str().unwrap().to_owned();
+    eventually("the slow one delivered", || async { s.command(&slow).await["status"] == "delivered" }).await;
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let (_, c) = s.send(dev, json!({"name": "echo", "payload": i, "mode": "async"})).await;
+        waiting.push(c["id"].as_str().unwrap().to_owned());
+    }
+    for id in &waiting {
+        let c = s.final_state(id).await;
+        assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("succeeded"), Some(1)), "{c}");
+        let details = s.event_details(id).await;
+        assert!(details.iter().any(|d| d.contains("waiting at receiver")), "{details:?}");
+    }
     s.stop().await;
 }

@@ -34,6 +34,8 @@ pub struct Change {
     /// reached a device (`delivered_at` unset): a receiver's `undeliverable`
     /// completes such a cancel.
     pub completes_cancel: bool,
+    /// Legal only from this status (besides `Status::can_move_to`).
+    pub only_from: Option<Status>,
 }
 
 /// One move to make: command `id` to status `to`, with `change`.
@@ -67,7 +69,8 @@ pub fn step(current: &Command, to: Status, change: &Change, now: i64) -> Option<
         current.status.can_move_to(to)
     };
     let cancel_completable = current.cancel_requested_at.is_some() && current.delivered_at.is_none();
-    if !legal || (change.completes_cancel && !cancel_completable) {
+    let from_ok = change.only_from.is_none_or(|s| s == current.status);
+    if !legal || !from_ok || (change.completes_cancel && !cancel_completable) {
         return None;
     }
     let next = apply(current, to, change, now);
@@ -158,6 +161,15 @@ pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Optio
                 delivered: true,
                 next_attempt_at: Some(now + result_timeout.as_millis() as i64),
                 detail: Some(format!("receiver {receiver}")),
+                ..Change::default()
+            },
+        ),
+        ReportKind::Queued => (
+            Status::Sent,
+            Change {
+                next_attempt_at: Some(now + result_timeout.as_millis() as i64),
+                detail: Some(format!("waiting at receiver {receiver} for its device")),
+                only_from: Some(Status::Sent),
                 ..Change::default()
             },
         ),
@@ -350,6 +362,19 @@ mod tests {
         let m = report_move(&undeliverable, 1, Duration::ZERO).unwrap();
         assert!(step(&done, m.to, &m.change, 1).is_none());
         assert!(step(&sent(), m.to, &m.change, 1).is_none(), "no cancel was requested");
+    }
+
+    #[test]
+    fn a_queued_command_waits_the_result_timeout_without_an_attempt() {
+        let c = sent();
+        let queued = report_move(&report(&c, ReportKind::Queued), 100, Duration::from_secs(15)).unwrap();
+        let (next, events) = step(&c, queued.to, &queued.change, 100).unwrap();
+        assert_eq!((next.status, next.attempts), (Status::Sent, c.attempts));
+        assert_eq!(next.next_attempt_at, Some(c.expires_at.min(100 + 15_000)));
+        assert_eq!((events[0].from, events[0].to), (Some(Status::Sent), Status::Sent));
+        let mut delivered = c;
+        delivered.status = Status::Delivered;
+        assert!(step(&delivered, queued.to, &queued.change, 100).is_none(), "never back from delivered");
     }
 
     #[test]
