@@ -81,8 +81,8 @@ enum Written {
     Yes(Uuid),
     /// Not written, and reported undeliverable.
     Refused,
-    /// The socket is gone.
-    Gone,
+    /// The socket is gone: why.
+    Gone(std::io::Error),
 }
 
 struct Connection {
@@ -157,12 +157,12 @@ impl Connection {
             tracing::info!("device connected");
             let attached = self.bridge.attach(&device_id).await;
             let conn = attached.conn;
-            self.serve(&device_id, framed, attached.commands, shutdown.clone()).await;
+            let reason = self.serve(&device_id, framed, attached.commands, shutdown.clone()).await;
             // At shutdown the bridge says goodbye for every device at once.
             if !shutdown.is_cancelled() {
                 self.bridge.detach(&device_id, conn).await;
             }
-            tracing::info!("device disconnected");
+            tracing::info!(%reason, "device disconnected");
         }
         .instrument(span)
         .await
@@ -186,20 +186,21 @@ impl Connection {
         None
     }
 
-    /// Serves the device until either side goes away; a `delivered` still held
-    /// back then is sent (the frame was written).
+    /// Serves the device until either side goes away, and says why; a
+    /// `delivered` still held back then is sent (the frame was written).
     async fn serve(
         &self,
         device_id: &DeviceId,
         framed: Socket,
         commands: tokio::sync::mpsc::Receiver<CommandMessage>,
         shutdown: CancellationToken,
-    ) {
+    ) -> String {
         let mut held = VecDeque::new();
-        self.serve_until_gone(device_id, framed, commands, &mut held, shutdown).await;
+        let reason = self.serve_until_gone(device_id, framed, commands, &mut held, shutdown).await;
         for (id, _) in held {
             self.bridge.report(id, device_id, ReportKind::Delivered).await;
         }
+        reason
     }
 
     async fn serve_until_gone(
@@ -209,7 +210,7 @@ impl Connection {
         mut commands: tokio::sync::mpsc::Receiver<CommandMessage>,
         held: &mut VecDeque<(Uuid, Instant)>,
         shutdown: CancellationToken,
-    ) {
+    ) -> String {
         let mut answered = RecentIds::new(ANSWERED_MEMORY);
         let mut flow = Flow::default();
         let Window { size: window, answer_timeout } = self.window;
@@ -222,7 +223,7 @@ impl Connection {
                         held.push_back((id, now));
                     }
                     Written::Refused => {}
-                    Written::Gone => return,
+                    Written::Gone(e) => return format!("writing to the device failed: {e}"),
                 }
             }
             // Those left waiting are not lost: the gateway should not re-send them at its ack timeout.
@@ -236,7 +237,7 @@ impl Connection {
             let next_release = held.front().map(|(_, at)| *at + DELIVERED_HOLD);
             let room = flow.waiting.len() < WAITING;
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return "the receiver is shutting down".into(),
                 () = sleep_until(next_release) => {
                     let now = Instant::now();
                     while let Some((id, _)) = held.front().filter(|(_, at)| *at + DELIVERED_HOLD <= now) {
@@ -249,13 +250,14 @@ impl Connection {
                 }
                 cmd = commands.recv(), if room => {
                     // None: a newer connection of the same device took over.
-                    let Some(cmd) = cmd else { return };
+                    let Some(cmd) = cmd else { return "a newer connection of the same device took over".into() };
                     // A re-sent command's answer must go through again.
                     answered.forget(&cmd.id);
                     flow.waiting.push_back(cmd);
                 }
                 item = framed.next() => match item {
-                    None | Some(Err(_)) => return,
+                    None => return "the device closed the connection".into(),
+                    Some(Err(e)) => return format!("reading from the device failed: {e}"),
                     Some(Ok(Ok(frame))) => {
                         if let Frame::Result { id, .. } = &frame {
                             // The result says "delivered" as well.
@@ -263,7 +265,7 @@ impl Connection {
                             flow.answered(*id);
                         }
                         if !self.on_frame(device_id, &mut framed, &mut answered, frame).await {
-                            return;
+                            return "writing a PONG to the device failed".into();
                         }
                     }
                     Some(Ok(Err(e))) => {
@@ -290,7 +292,7 @@ impl Connection {
             }
             Err(protocol::frame::EncodeError::Io(e)) => {
                 tracing::info!(command_id = %id, error = %e, "write failed; not delivered");
-                Written::Gone
+                Written::Gone(e)
             }
             Err(e) => {
                 self.bridge.undeliverable(id, device_id, format!("cannot frame the command: {e}")).await;
