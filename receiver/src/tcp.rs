@@ -120,6 +120,18 @@ impl Flow {
         self.in_flight.push((id, now));
     }
 
+    /// The waiting commands not reported `queued` yet, now counted as
+    /// reported; nothing to do (and no allocation) while none waits.
+    fn newly_waiting(&mut self) -> Vec<Uuid> {
+        if self.waiting.is_empty() {
+            self.reported.clear();
+            return Vec::new();
+        }
+        let waiting: std::collections::HashSet<Uuid> = self.waiting.iter().map(|c| c.id).collect();
+        self.reported.retain(|id| waiting.contains(id));
+        waiting.into_iter().filter(|id| self.reported.insert(*id)).collect()
+    }
+
     fn answered(&mut self, id: Uuid) {
         self.in_flight.retain(|(i, _)| *i != id);
     }
@@ -227,12 +239,8 @@ impl Connection {
                 }
             }
             // Those left waiting are not lost: the gateway should not re-send them at its ack timeout.
-            let waiting: Vec<Uuid> = flow.waiting.iter().map(|c| c.id).collect();
-            flow.reported.retain(|id| waiting.contains(id));
-            for id in waiting {
-                if flow.reported.insert(id) {
-                    self.bridge.report(id, device_id, ReportKind::Queued).await;
-                }
+            for id in flow.newly_waiting() {
+                self.bridge.report(id, device_id, ReportKind::Queued).await;
             }
             let next_release = held.front().map(|(_, at)| *at + DELIVERED_HOLD);
             let room = flow.waiting.len() < WAITING;

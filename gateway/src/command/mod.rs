@@ -26,9 +26,10 @@ impl Payload {
         Payload { bytes: serde_json::to_vec(value).expect("a Value always serialises"), is_json: true }
     }
 
-    /// Writes `payload` (if JSON that `exact_json` takes) or `payload_base64` into `obj`.
-    fn render_into(bytes: &[u8], as_json: bool, obj: &mut serde_json::Map<String, Value>) {
-        match as_json.then(|| exact_json(bytes).ok()).flatten() {
+    /// Writes `payload` (the bytes `parsed` as JSON) or, when they did not
+    /// parse, `payload_base64` into `obj`.
+    fn render_into(bytes: &[u8], parsed: Option<Value>, obj: &mut serde_json::Map<String, Value>) {
+        match parsed {
             Some(v) => obj.insert("payload".into(), v),
             None => obj.insert("payload_base64".into(), Value::String(BASE64.encode(bytes))),
         };
@@ -186,7 +187,8 @@ impl DeviceResult {
     pub fn to_json(&self) -> Value {
         let mut obj = serde_json::Map::new();
         obj.insert("code".into(), self.code.into());
-        Payload::render_into(&self.payload, true, &mut obj);
+        // A device's bytes: shown as JSON only if a `Value` keeps them exactly.
+        Payload::render_into(&self.payload, exact_json(&self.payload).ok(), &mut obj);
         obj.insert("message".into(), self.message.clone().map_or(Value::Null, Value::String));
         Value::Object(obj)
     }
@@ -302,7 +304,12 @@ impl Command {
         };
         put("error", error);
         put("idempotency_key", self.idempotency_key.clone().map_or(Value::Null, Value::String));
-        Payload::render_into(&self.payload.bytes, self.payload.is_json, &mut obj);
+        // Checked by `exact_json` when it was accepted and stored as its
+        // compact serialization: a plain parse gives it back, on this hot path
+        // (every answer and listing) without checking it again.
+        let bytes = &self.payload.bytes;
+        let parsed = self.payload.is_json.then(|| serde_json::from_slice(bytes).ok()).flatten();
+        Payload::render_into(bytes, parsed, &mut obj);
         Value::Object(obj)
     }
 }
