@@ -73,8 +73,12 @@ pub(super) async fn handle(app: &App, payload: &[u8], retained: bool) {
         Ok(Some(submitted)) => {
             let command = submitted.command;
             app.reply(reply, "accepted", command.to_json()).await;
-            // An idempotent repeat of a command that is already final gets its final answer now.
-            if command.status.is_final() {
+            // An idempotent repeat of a command that is already final gets its
+            // final answer now — unless that answer went to this same route
+            // already (the final move's reply): the same message handled again
+            // after a commit whose outcome was lost (a database node failing
+            // over), or a repeat that names the same reply_to and correlation_id.
+            if command.status.is_final() && command.reply_to.as_ref() != Some(reply) {
                 app.reply(reply, "final", command.to_json()).await;
             }
         }
