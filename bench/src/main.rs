@@ -12,6 +12,7 @@
 
 mod baseline;
 mod dbstats;
+mod floor;
 mod load;
 mod pipeline;
 mod procs;
@@ -30,6 +31,9 @@ use crate::dbstats::{DbCounters, PerCommand, Snapshot};
 use crate::pipeline::{System, SystemOptions};
 use crate::procs::{usage_of, Binaries, Children, Usage};
 use crate::report::{LogWarnings, ProcessFigures, Ratios, Report, Settings};
+
+/// The message secret of a benchmark run (its processes live for one run, on loopback).
+const BENCH_MESSAGE_SECRET: &str = "the benchmark's message secret, at least 32 bytes";
 
 /// The gateway's default `--max-payload-bytes`, and the broker packet limit it
 /// derives from it (gateway/src/server.rs), so the baseline's embedded broker
@@ -74,6 +78,10 @@ struct Args {
     /// Small sizes for CI: 300 commands, 20 devices, concurrency 16.
     #[arg(long)]
     quick: bool,
+    /// Gateway↔receiver messages unsigned (`--insecure`); by default they
+    /// are signed, as in production (PROTOCOL 4.7). Run both to see the cost.
+    #[arg(long)]
+    unsigned: bool,
     /// Gateway instances sharing the database and the broker (1 to 4); the
     /// phases' calls go round-robin over them, and async results are
     /// long-polled on another instance than the one that took them. Run once
@@ -245,6 +253,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         devices: shape.devices,
         dir,
         instances: usize::from(args.instances),
+        message_secret: (!args.unsigned).then_some(BENCH_MESSAGE_SECRET),
     };
     let system = System::start(opts, &mut children).await.context("starting the pipeline")?;
     let mut db = DbCounters::connect(&database_url).await.context("connecting for statement counters")?;
@@ -261,6 +270,10 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         per_command(&mut db_per_command, "scheduled", db_before, db.snapshot().await?, n);
         scheduled = Some(result);
     }
+    let floor = match args.scheduled {
+        Some(_) => None,
+        None => floor::run(&database_url, &shape).await.context("store floor")?,
+    };
     let mut pipeline_async = None;
     if args.mode.runs_async() && args.scheduled.is_none() {
         let (before, db_before) = (readings(&children), db.snapshot().await?);
@@ -283,6 +296,15 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let logs = children.logs();
     children.stop().await;
     let processes = cpu.figures(&end, &after_setup, &pids);
+    let db_statements_per_command = (!db_per_command.is_empty()).then_some(db_per_command);
+    let targets = report::targets(&report::TargetInputs {
+        baseline: baseline.as_ref(),
+        pipeline_async: pipeline_async.as_ref(),
+        pipeline_sync: pipeline_sync.as_ref(),
+        floor: floor.as_ref(),
+        processes: &processes,
+        db: db_statements_per_command.as_ref(),
+    });
     Ok(Report {
         settings: Settings {
             commands: args.scheduled.unwrap_or(shape.commands),
@@ -310,7 +332,9 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         pipeline_async,
         pipeline_sync,
         scheduled,
-        db_statements_per_command: (!db_per_command.is_empty()).then_some(db_per_command),
+        floor,
+        targets,
+        db_statements_per_command,
         processes,
         devices: read_sim_totals(&system.sim_stats),
         log_warnings: logs.iter().map(|(name, path)| (*name, scan(path))).collect(),
@@ -326,8 +350,8 @@ fn baseline_broker(broker: Option<&str>) -> anyhow::Result<BrokerAddr> {
         Some(url) => Ok(url.parse()?),
         None => {
             let addr = demo::free_port()?;
-            gateway::broker::start_embedded(addr, EMBEDDED_MAX_PACKET)?;
-            Ok(BrokerAddr { host: addr.ip().to_string(), port: addr.port() })
+            gateway::broker::start_embedded(addr, EMBEDDED_MAX_PACKET, Default::default())?;
+            Ok(BrokerAddr::new(addr.ip().to_string(), addr.port()))
         }
     }
 }

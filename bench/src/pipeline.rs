@@ -41,6 +41,9 @@ pub(crate) struct SystemOptions<'a> {
     pub(crate) dir: &'a Path,
     /// Gateway instances on the same database and broker (1 to `MAX_INSTANCES`).
     pub(crate) instances: usize,
+    /// Gateway↔receiver messages signed with this message secret (PROTOCOL
+    /// 4.7), as in production; `None`: unsigned (`--insecure`).
+    pub(crate) message_secret: Option<&'a str>,
 }
 
 /// Most gateway instances a run starts.
@@ -120,7 +123,8 @@ impl System {
         children: &mut Children,
     ) -> anyhow::Result<()> {
         let tcp = free_port()?;
-        let args = [
+        let receiver_id = format!("{}-receiver", opts.prefix);
+        let mut args: Vec<String> = [
             "--broker",
             broker,
             "--tcp-listen",
@@ -128,9 +132,14 @@ impl System {
             "--topic-prefix",
             opts.prefix,
             "--receiver-id",
-            &format!("{}-receiver", opts.prefix),
+            &receiver_id,
         ]
-        .map(String::from);
+        .map(String::from)
+        .into();
+        if let Some(secret) = opts.message_secret {
+            let key = protocol::seal::receiver_key(secret.as_bytes(), &receiver_id, 1);
+            args.extend(["--receiver-key".into(), key.to_base64()]);
+        }
         children.spawn("receiver", &opts.bins.receiver, &args, opts.dir)?;
         children
             .wait_until(
@@ -366,6 +375,9 @@ fn start_gateways(
                 .map(String::from)
                 .into();
         args.extend(["--http-listen".into(), http.to_string()]);
+        if let Some(secret) = opts.message_secret {
+            args.extend(["--message-secret".into(), secret.to_owned()]);
+        }
         match embedded.filter(|_| k == 0) {
             Some(mqtt) => args.extend(["--mqtt-listen".into(), mqtt.to_string()]),
             None => args.extend(["--broker".into(), broker.clone()]),

@@ -81,6 +81,9 @@ impl Children {
         let child = Command::new(exe)
             .args(args)
             .env("NO_COLOR", "1")
+            // Loopback only, no credentials: the benchmark measures the pipeline.
+            .env("GATEWAY_INSECURE", "true")
+            .env("RECEIVER_INSECURE", "true")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

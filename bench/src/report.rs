@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::baseline::BaselineResult;
 use crate::dbstats::PerCommand;
+use crate::floor::Floor;
 use crate::load::Latency;
 use crate::pipeline::{AsyncResult, Failures, SetupTimes, SyncResult};
 use crate::scheduled::ScheduledResult;
@@ -22,6 +23,10 @@ pub(crate) struct Report {
     pub(crate) pipeline_sync: Option<SyncResult>,
     pub(crate) scheduled: Option<ScheduledResult>,
     pub(crate) ratios: Ratios,
+    /// The store floor (MySQL/MariaDB only; `None` on SQLite or with --scheduled).
+    pub(crate) floor: Option<Floor>,
+    /// The figures issue 15 sets targets for, each beside its target.
+    pub(crate) targets: Vec<Target>,
     /// `None` on SQLite (no statement counters).
     pub(crate) db_statements_per_command: Option<BTreeMap<&'static str, PerCommand>>,
     pub(crate) processes: BTreeMap<&'static str, ProcessFigures>,
@@ -79,6 +84,75 @@ impl Ratios {
     }
 }
 
+/// One figure beside its target: `met` is `None` when the figure is missing.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    pub(crate) value: Option<f64>,
+    pub(crate) unit: &'static str,
+    /// `≥ 0.5`, `≤ 60`, …
+    pub(crate) target: String,
+    pub(crate) met: Option<bool>,
+}
+
+impl Target {
+    fn at_least(name: &'static str, value: Option<f64>, unit: &'static str, bound: f64) -> Target {
+        let met = value.map(|v| v >= bound);
+        Target { name, value, unit, target: format!("≥ {bound}"), met }
+    }
+
+    fn at_most(name: &'static str, value: Option<f64>, unit: &'static str, bound: f64) -> Target {
+        let met = value.map(|v| v <= bound);
+        Target { name, value, unit, target: format!("≤ {bound}"), met }
+    }
+}
+
+/// What the targets are computed from.
+pub(crate) struct TargetInputs<'a> {
+    pub(crate) baseline: Option<&'a BaselineResult>,
+    pub(crate) pipeline_async: Option<&'a AsyncResult>,
+    pub(crate) pipeline_sync: Option<&'a SyncResult>,
+    pub(crate) floor: Option<&'a Floor>,
+    pub(crate) processes: &'a BTreeMap<&'static str, ProcessFigures>,
+    pub(crate) db: Option<&'a BTreeMap<&'static str, PerCommand>>,
+}
+
+/// The targets of issue 15 (docs/BENCHMARKS.md): async throughput ÷ the
+/// store floor from two connections; the gateways' CPU per command (every
+/// `gateway*` process, µs); sync latency above the broker's; statements and
+/// commits per sync command.
+pub(crate) fn targets(i: &TargetInputs<'_>) -> Vec<Target> {
+    let gateway_us = |phase: &str| -> Option<f64> {
+        let per_1k: Vec<f64> = i
+            .processes
+            .iter()
+            .filter(|(name, _)| name.starts_with("gateway"))
+            .filter_map(|(_, p)| p.cpu_s_per_1k.get(phase).copied())
+            .collect();
+        // CPU s per 1,000 commands = ms per command; × 1,000 = µs.
+        (!per_1k.is_empty()).then(|| per_1k.iter().sum::<f64>() * 1000.0)
+    };
+    let floor_two = i.floor.map(|f| f.two.commands_per_s);
+    let async_ratio = i.pipeline_async.zip(floor_two).map(|(a, f)| a.throughput_per_s / f);
+    let sync_p = |pick: fn(&Latency) -> f64| i.pipeline_sync.and_then(|s| s.latency).map(|l| pick(&l));
+    let base_p50 = i.baseline.and_then(|b| b.latency).map(|l| l.p50_ms);
+    let sync_db = |counter: &str| i.db.and_then(|db| db.get("sync")).and_then(|p| p.0.get(counter).copied());
+    vec![
+        Target::at_least("async throughput ÷ store floor (2 connections)", async_ratio, "x", 0.5),
+        Target::at_most("gateway CPU per async command", gateway_us("async"), "µs", 60.0),
+        Target::at_most("gateway CPU per sync command", gateway_us("sync"), "µs", 60.0),
+        Target::at_most(
+            "sync p50 above the broker's p50 (one caller)",
+            sync_p(|l| l.p50_ms).zip(base_p50).map(|(s, b)| s - b),
+            "ms",
+            1.0,
+        ),
+        Target::at_most("sync p99 (one caller)", sync_p(|l| l.p99_ms), "ms", 5.0),
+        Target::at_most("statements per sync command", sync_db("Questions"), "", 5.0),
+        Target::at_most("commits per sync command", sync_db("Com_commit"), "", 1.0),
+    ]
+}
+
 /// CPU seconds per 1,000 commands in each phase, and peak RSS, of one process.
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct ProcessFigures {
@@ -113,6 +187,7 @@ impl Report {
         );
         self.set_up(&mut t);
         self.figures(&mut t);
+        self.floor(&mut t);
         self.scheduled(&mut t);
         self.outcomes(&mut t);
         self.resources(&mut t);
@@ -195,6 +270,40 @@ impl Report {
                 let _ = write!(t, "{:>9.1}x{:>9.1}x{:>9.1}x{:>9.1}x", l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms);
             }
             let _ = writeln!(t);
+        }
+        let _ = writeln!(t);
+    }
+
+    fn floor(&self, t: &mut String) {
+        if let Some(f) = &self.floor {
+            let _ = writeln!(
+                t,
+                "store floor (the least durable work per async command, straight to the same database, batches of {}):",
+                f.one.batch
+            );
+            for run in [&f.one, &f.two] {
+                let cpu = run.server_cpu_us_per_command.map_or_else(
+                    || "database CPU not measured".into(),
+                    |us| format!("{us:.1} µs of database CPU per command"),
+                );
+                let _ = writeln!(
+                    t,
+                    "  {} connection(s): {:.0} commands/s ({} in {:.2} s), {cpu}",
+                    run.connections, run.commands_per_s, run.commands, run.elapsed_s
+                );
+            }
+        }
+        if self.targets.iter().any(|x| x.value.is_some()) {
+            let _ = writeln!(t, "targets (issue 15; sync-latency targets are for --concurrency 1):");
+            for x in &self.targets {
+                let Some(v) = x.value else { continue };
+                let verdict = match x.met {
+                    Some(true) => "met",
+                    _ => "NOT met",
+                };
+                let _ =
+                    writeln!(t, "  {:<48}{v:>10.3} {:<3} target {:<8} {verdict}", x.name, x.unit, x.target);
+            }
         }
         let _ = writeln!(t);
     }

@@ -44,7 +44,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("gateway   {}  (embedded MQTT broker at {})", system.base, gw.broker);
     println!("database  {}", system.database_url);
     println!("receiver  devices connect to {}", rx.tcp_addr);
-    println!("fleet     {} devices connected and online\n", args.devices);
+    println!("fleet     {} devices connected and online", args.devices);
+    println!(
+        "security  demo mode: anonymous HTTP API and MQTT broker on loopback (what --insecure allows);\n          gateway↔receiver messages signed (docs/SECURITY.md has the production set-up)\n"
+    );
     let outcome = send_mix(&system.http, &system.base, system.fleet.device_ids(), args.commands).await;
     let t = system.fleet.stats().totals;
     println!(
@@ -52,7 +55,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         t.received, t.executed, t.duplicates, t.executed_ids_repeated
     );
     if args.keep_running {
-        println!("\nstill running; try: curl {}/v1/commands?limit=5   (Ctrl-C to stop)", system.base);
+        println!(
+            "\nstill running; open {}/console, or try: curl {}/v1/commands?limit=5   (Ctrl-C to stop)",
+            system.base, system.base
+        );
         tokio::signal::ctrl_c().await?;
     }
     system.stop().await;

@@ -59,11 +59,19 @@ impl LocalSystem {
                 (format!("sqlite:{}", dir.join("gateway.db").display()), Some(dir))
             }
         };
+        // Demo mode (`insecure`: anonymous HTTP API and MQTT broker, on
+        // loopback only), but gateway↔receiver messages signed, with a secret
+        // made for this run (PROTOCOL 4.7).
+        let secret: String = (0..48).map(|_| char::from(b'a' + rand::random::<u8>() % 26)).collect();
         let mut config = Config::for_local(database_url.clone(), free_port()?, free_port()?);
         config.broker = opts.broker;
+        config.message_secret = Some(secret.parse()?);
         let gateway = gateway::start(config, shutdown.clone()).await?;
         let broker = gateway.broker.to_string();
-        let receiver = receiver::start(receiver::Config::new(broker, free_port()?), shutdown.clone()).await?;
+        let mut rconfig = receiver::Config::new(broker, free_port()?);
+        let key = protocol::seal::receiver_key(secret.as_bytes(), &rconfig.receiver_id, 1);
+        rconfig.receiver_key = Some(key.to_base64().parse()?);
+        let receiver = receiver::start(rconfig, shutdown.clone()).await?;
         let fleet_config = firmware_sim::FleetConfig {
             connect: vec![receiver.tcp_addr],
             devices: opts.devices,

@@ -16,5 +16,5 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // rumqttd logs every client that drops its connection as an ERROR: off unless asked for.
-    plumbing::cli::main("warn,rumqttd=off", demo::demo::run(cli.args))
+    plumbing::cli::main("warn,rumqttd=off", plumbing::cli::LogFormat::Text, demo::demo::run(cli.args))
 }

@@ -33,6 +33,22 @@ pub struct FleetConfig {
     /// Each connection is dropped by the device after a time drawn from
     /// `min..=max` milliseconds (from its connect); `None` keeps it.
     pub churn_ms: Option<(u64, u64)>,
+    /// The fleet secret each device's key derives from (PROTOCOL.md §5.9):
+    /// a device answers a receiver's CHALLENGE with it; `None`: a challenge
+    /// ends the connection with an error saying the receiver wants keys.
+    pub device_key_secret: Option<protocol::device_auth::FleetSecret>,
+    /// One device's own key, as the registry issued it (`POST
+    /// /v1/devices/{id}/key`), instead of `device_key_secret`; only with
+    /// `devices == 1`.
+    pub device_key: Option<protocol::device_auth::DeviceKey>,
+    /// The key generation the devices start with (1, 2, …; see
+    /// [`crate::Fleet::set_key_generation`] to move a running fleet on).
+    pub device_key_generation: u32,
+    /// Connect over TLS, trusting the certificates in this PEM file.
+    pub tls_ca: Option<PathBuf>,
+    /// The name the receiver's certificate must carry (with `tls_ca`);
+    /// default: the IP address connected to.
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for FleetConfig {
@@ -48,6 +64,11 @@ impl Default for FleetConfig {
             duplicate_results: false,
             drop_ratio: 0.0,
             churn_ms: None,
+            device_key_secret: None,
+            device_key: None,
+            device_key_generation: 1,
+            tls_ca: None,
+            tls_server_name: None,
         }
     }
 }
@@ -76,6 +97,18 @@ impl FleetConfig {
         }
         // The ids differ only in their digits, and the last is the longest.
         checked_id(&self.id_prefix, self.id_start + self.devices.max(1) - 1)?;
+        if self.device_key_generation == 0 {
+            return Err(ConfigError::GenerationZero);
+        }
+        if self.device_key.is_some() && (self.devices != 1 || self.device_key_secret.is_some()) {
+            return Err(ConfigError::DeviceKeyForOne);
+        }
+        if let Some(ca) = &self.tls_ca {
+            crate::tls::connector(ca).map_err(ConfigError::Tls)?;
+        }
+        if let Some(name) = &self.tls_server_name {
+            crate::tls::server_name(name).map_err(ConfigError::Tls)?;
+        }
         Ok(())
     }
 }
@@ -119,6 +152,12 @@ pub enum ConfigError {
     InvalidDeviceId(String),
     #[error("no receiver address to connect to")]
     NoReceiver,
+    #[error("key generation 0 does not exist (generations start at 1)")]
+    GenerationZero,
+    #[error("a device key belongs to one device: use it with --devices 1 and no --device-key-secret")]
+    DeviceKeyForOne,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// `<prefix><index>`, the index zero-padded to 4 digits: `dev-0007`.
@@ -264,6 +303,19 @@ mod tests {
         assert_eq!(config(0.0, Some((0, 0))).validate(), Err(ConfigError::ChurnZero));
         let nowhere = FleetConfig { connect: Vec::new(), ..FleetConfig::default() };
         assert_eq!(nowhere.validate(), Err(ConfigError::NoReceiver));
+    }
+
+    #[test]
+    fn validate_checks_the_key_settings() {
+        let key = protocol::device_auth::DeviceKey::parse(&"00".repeat(32)).unwrap();
+        let one = FleetConfig { device_key: Some(key), ..FleetConfig::default() };
+        assert_eq!(one.validate(), Ok(()));
+        let two = FleetConfig { devices: 2, ..one.clone() };
+        assert_eq!(two.validate(), Err(ConfigError::DeviceKeyForOne));
+        let zero = FleetConfig { device_key_generation: 0, ..FleetConfig::default() };
+        assert_eq!(zero.validate(), Err(ConfigError::GenerationZero));
+        let ca = FleetConfig { tls_ca: Some("/nonexistent/ca.pem".into()), ..FleetConfig::default() };
+        assert!(matches!(ca.validate(), Err(ConfigError::Tls(e)) if e.contains("--tls-ca")));
     }
 
     #[test]

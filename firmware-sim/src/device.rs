@@ -8,6 +8,12 @@
 //! a command is "executing". The firmware, with its memory and counters,
 //! belongs to the device, not the connection, so it survives reconnects.
 //!
+//! Authentication: a CHALLENGE from the receiver is answered with an AUTH
+//! made with the device's key (derived from the fleet secret, at the
+//! fleet's current key generation); a device without a key ends the
+//! connection, saying so. A new key generation (`Fleet::set_key_generation`)
+//! makes every device reconnect with it, as a real one would after a rotation.
+//!
 //! Faults on demand: `drop_ratio` loses commands with a new id before they
 //! are looked at (in the firmware), `churn_ms` makes the device hang up on its own.
 
@@ -20,6 +26,7 @@ use protocol::frame::EncodeError;
 use protocol::{DeviceId, Frame, FrameCodec, FrameError};
 use rand::Rng;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +46,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-type Connection = Framed<TcpStream, FrameCodec>;
+/// A device's byte stream: plain TCP, or TLS over it.
+trait LinkStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkStream for S {}
+
+type Connection = Framed<Box<dyn LinkStream>, FrameCodec>;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +65,10 @@ enum SessionEnd {
     Read(#[from] std::io::Error),
     #[error("write failed: {0}")]
     Write(#[from] EncodeError),
+    #[error("the receiver requires device authentication and this device has no key (start firmware-sim with --device-key-secret)")]
+    AuthRequired,
+    #[error("a new key generation: reconnecting with it")]
+    Rekey,
 }
 
 /// The delays between reconnects.
@@ -72,11 +87,18 @@ pub(crate) struct Device {
     firmware: Firmware,
     /// Index of the receiver (in `Behaviour::connect`) it connects to next.
     receiver: usize,
+    /// The key generation to authenticate with (a change: reconnect with it).
+    generation: watch::Receiver<u32>,
 }
 
 impl Device {
-    pub(crate) fn new(id: DeviceId, behaviour: Arc<Behaviour>, counters: DeviceCounters) -> Self {
-        Self { firmware: Firmware::new(id, behaviour, counters), receiver: 0 }
+    pub(crate) fn new(
+        id: DeviceId,
+        behaviour: Arc<Behaviour>,
+        counters: DeviceCounters,
+        generation: watch::Receiver<u32>,
+    ) -> Self {
+        Self { firmware: Firmware::new(id, behaviour, counters), receiver: 0, generation }
     }
 
     /// The receiver it connects to next.
@@ -122,6 +144,17 @@ impl Device {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::warn!(%error, "cannot set TCP_NODELAY");
         }
+        let stream: Box<dyn LinkStream> = match &self.firmware.behaviour().tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let name = tls.name.clone().unwrap_or_else(|| addr.ip().into());
+                let handshake = tokio::time::timeout(CONNECT_TIMEOUT, tls.connector.connect(name, stream));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    result = handshake => Box::new(result.map_err(|_| std::io::ErrorKind::TimedOut)??),
+                }
+            }
+        };
         Ok(Some(Framed::new(stream, FrameCodec::default())))
     }
 
@@ -131,6 +164,8 @@ impl Device {
         self.firmware.counters().set_connected(true);
         tracing::info!(addr = %self.receiver(), "connected");
         let churn_at = self.churn_deadline();
+        // A key generation set before this connect is the one it uses.
+        self.generation.mark_unchanged();
         let hello = Frame::Hello { device_id: self.firmware.id().clone() };
         if let Err(end) = send(&mut conn, hello, shutdown).await {
             return end;
@@ -168,6 +203,7 @@ impl Device {
         // finished command is always remembered before its RESULT is sent.
         tokio::select! {
             _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
+            Ok(()) = self.generation.changed() => Err(SessionEnd::Rekey),
             _ = sleep_until(churn_at) => {
                 self.firmware.counters().update(|s| s.churns += 1);
                 Err(SessionEnd::Churn)
@@ -195,10 +231,32 @@ impl Device {
         match item {
             Ok(Frame::Command { id, name, payload }) => self.firmware.receive(id, name, payload),
             Ok(Frame::Ping) => send(conn, Frame::Pong, shutdown).await?,
+            Ok(Frame::Challenge { nonce }) => {
+                let auth = self.answer_challenge(&nonce)?;
+                send(conn, auth, shutdown).await?
+            }
             Ok(other) => self.bad_frame(&format!("unexpected {other:?}")),
             Err(error) => self.bad_frame(&error.to_string()),
         }
         Ok(())
+    }
+
+    /// The AUTH answering a CHALLENGE, with the key of the current generation.
+    fn answer_challenge(&self, nonce: &[u8]) -> Result<Frame, SessionEnd> {
+        let generation = *self.generation.borrow();
+        let id = self.firmware.id();
+        let behaviour = self.firmware.behaviour();
+        let key = match (&behaviour.own_key, &behaviour.key_secret) {
+            (Some(key), _) => *key,
+            (None, Some(secret)) => secret.device_key(id, generation),
+            (None, None) => {
+                tracing::error!("the receiver asks for authentication and this device has no key (--device-key-secret or --device-key)");
+                return Err(SessionEnd::AuthRequired);
+            }
+        };
+        let proof = key.prove(id, nonce);
+        tracing::debug!(generation, "answering the receiver's challenge");
+        Ok(Frame::Auth { generation, proof })
     }
 
     fn bad_frame(&self, what: &str) {

@@ -32,12 +32,26 @@ pub(crate) struct Behaviour {
     pub(crate) drop_ratio: f64,
     /// When a TCP device hangs up on its own, in ms after connecting.
     pub(crate) churn_ms: Option<(u64, u64)>,
+    /// What device keys derive from, if the devices have keys.
+    pub(crate) key_secret: Option<protocol::device_auth::FleetSecret>,
+    /// A single device's own key (instead of `key_secret`).
+    pub(crate) own_key: Option<protocol::device_auth::DeviceKey>,
+    /// TLS towards the receivers, if on: the connector and the name to check.
+    pub(crate) tls: Option<crate::tls::TlsClient>,
 }
 
 impl Behaviour {
     /// Takes the config as given, but never panics on it: a NaN or
-    /// out-of-range ratio is clamped and a reversed range is reordered.
+    /// out-of-range ratio is clamped and a reversed range is reordered. A
+    /// TLS setting that does not load panics ([`FleetConfig::validate`] says why).
     pub(crate) fn from_config(config: &FleetConfig) -> Self {
+        let tls = config.tls_ca.as_ref().map(|ca| {
+            let connector = crate::tls::connector(ca).unwrap_or_else(|e| panic!("invalid fleet config: {e}"));
+            let name = config.tls_server_name.as_ref().map(|name| {
+                crate::tls::server_name(name).unwrap_or_else(|e| panic!("invalid fleet config: {e}"))
+            });
+            crate::tls::TlsClient { connector, name }
+        });
         Self {
             connect: config.connect.clone(),
             fail_ratio: probability(config.fail_ratio),
@@ -45,6 +59,9 @@ impl Behaviour {
             duplicate_results: config.duplicate_results,
             drop_ratio: probability(config.drop_ratio),
             churn_ms: config.churn_ms.map(ordered),
+            key_secret: config.device_key_secret.clone(),
+            own_key: config.device_key,
+            tls,
         }
     }
 }

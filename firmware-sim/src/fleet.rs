@@ -21,6 +21,8 @@ use crate::FleetConfig;
 pub struct Fleet {
     stats: Arc<SharedStats>,
     connected: watch::Receiver<usize>,
+    /// The devices' key generation (see [`Fleet::set_key_generation`]).
+    generation: watch::Sender<u32>,
     tasks: TaskTracker,
     stats_file: Option<PathBuf>,
 }
@@ -35,13 +37,23 @@ impl Fleet {
         let stats = SharedStats::new(valid_ids(&config));
         let behaviour = Arc::new(Behaviour::from_config(&config));
         let tasks = TaskTracker::new();
+        let generation = watch::Sender::new(config.device_key_generation);
         for (index, id) in stats.ids().iter().enumerate() {
             let counters = DeviceCounters::new(stats.clone(), index);
-            let device = Device::new(id.clone(), behaviour.clone(), counters);
+            let device = Device::new(id.clone(), behaviour.clone(), counters, generation.subscribe());
             let span = tracing::info_span!("device", device_id = %id);
             tasks.spawn(device.run(shutdown.clone()).instrument(span));
         }
-        Fleet::running(stats, tasks, config.stats_file, shutdown)
+        let mut fleet = Fleet::running(stats, tasks, config.stats_file, shutdown);
+        fleet.generation = generation;
+        fleet
+    }
+
+    /// Moves every device to key generation `generation` (after the
+    /// registry issued it): each drops its connection and authenticates
+    /// anew with it, keeping its memory of answered commands.
+    pub fn set_key_generation(&self, generation: u32) {
+        self.generation.send_replace(generation);
     }
 
     /// What every way of starting devices (TCP fleet, serial bus) ends with:
@@ -57,7 +69,7 @@ impl Fleet {
         }
         tasks.close();
         let connected = stats.watch_connected();
-        Fleet { stats, connected, tasks, stats_file }
+        Fleet { stats, connected, generation: watch::Sender::new(1), tasks, stats_file }
     }
 
     /// The device ids, in index order.

@@ -20,6 +20,7 @@
 //! - `memory`: which command ids a device has answered, and with what.
 //! - `execute`: what running a command means here (echo, fail, random failures, latency).
 //! - [`stats`]: the counters tests and the stats file read, and how the file is written.
+//! - `tls`: the TLS client side (`--tls-ca`).
 //! - [`serial`]: serial mode — all devices on one serial line (a bus), addressed
 //!   by a HELLO before each COMMAND, with line noise and bit flips on demand.
 
@@ -31,6 +32,7 @@ mod fleet;
 mod memory;
 pub mod serial;
 pub mod stats;
+mod tls;
 
 pub use config::{
     device_id, parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, ConfigError, FleetConfig,

@@ -10,7 +10,8 @@ use firmware_sim::{
     parse_churn_ms, parse_drop_ratio, parse_fail_ratio, parse_latency_ms, Bus, Fleet, FleetConfig,
     SerialConfig,
 };
-use plumbing::cli::shutdown_signal;
+use plumbing::cli::{shutdown_signal, SecretParser};
+use protocol::device_auth::{DeviceKey, FleetSecret};
 use tokio_util::sync::CancellationToken;
 
 /// A simulated fleet of devices, each a TCP connection to a receiver, or all
@@ -33,6 +34,9 @@ struct Cli {
     /// Serial only: probability (0.0..=1.0) that one bit of an outgoing frame is flipped.
     #[arg(long, env = "FIRMWARE_SIM_FLIP_RATIO", default_value = "0", value_parser = parse_probability, requires = "serial")]
     flip_ratio: f64,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, env = "FIRMWARE_SIM_LOG_FORMAT", value_enum, default_value_t = plumbing::cli::LogFormat::Text)]
+    log_format: plumbing::cli::LogFormat,
     /// Number of devices (one connection each, or all on the serial line).
     #[arg(long, env = "FIRMWARE_SIM_DEVICES", value_parser = clap::value_parser!(u32).range(1..))]
     devices: u32,
@@ -62,11 +66,47 @@ struct Cli {
     /// number) after connecting, then reconnects. Off by default.
     #[arg(long, env = "FIRMWARE_SIM_CHURN_MS", value_parser = parse_churn_ms)]
     churn_ms: Option<(u64, u64)>,
+    /// The fleet secret each device's key derives from (hex or base64, at
+    /// least 32 bytes; the gateway's and receivers' --device-key-secret):
+    /// devices answer a receiver's challenge with it. Without it, a device
+    /// that is challenged disconnects, saying the receiver wants keys.
+    #[arg(long, env = "FIRMWARE_SIM_DEVICE_KEY_SECRET", hide_env_values = true, value_parser = SecretParser::<FleetSecret>::new())]
+    device_key_secret: Option<FleetSecret>,
+    /// `--device-key-secret` read from this file instead.
+    #[arg(long, env = "FIRMWARE_SIM_DEVICE_KEY_SECRET_FILE", conflicts_with = "device_key_secret")]
+    device_key_secret_file: Option<PathBuf>,
+    /// One device's own key as the registry issued it (base64 or hex; with
+    /// --devices 1 and the generation it was issued as): what a real device
+    /// is provisioned with, instead of --device-key-secret.
+    #[arg(long, env = "FIRMWARE_SIM_DEVICE_KEY", hide_env_values = true, value_parser = SecretParser::<DeviceKey>::new(), conflicts_with_all = ["device_key_secret", "device_key_secret_file"])]
+    device_key: Option<DeviceKey>,
+    /// The key generation the devices authenticate with.
+    #[arg(long, env = "FIRMWARE_SIM_DEVICE_KEY_GENERATION", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    device_key_generation: u32,
+    /// Connect over TLS, trusting the certificates in this PEM file.
+    #[arg(long, env = "FIRMWARE_SIM_TLS_CA", conflicts_with = "serial")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the receiver's certificate must carry (default: the IP address connected to).
+    #[arg(long, env = "FIRMWARE_SIM_TLS_SERVER_NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 impl Cli {
-    /// The fleet, and the line when in serial mode.
-    fn into_config(self) -> (FleetConfig, Option<SerialConfig>) {
+    /// The fleet, and the line when in serial mode; fails on a secret file it cannot read.
+    fn into_config(self) -> anyhow::Result<(FleetConfig, Option<SerialConfig>)> {
+        let device_key_secret = match (self.device_key_secret, &self.device_key_secret_file) {
+            (Some(secret), _) => Some(secret),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read --device-key-secret-file {}: {e}", path.display())
+                })?;
+                Some(
+                    parse_secret(&text)
+                        .map_err(|e| anyhow::anyhow!("--device-key-secret-file {}: {e}", path.display()))?,
+                )
+            }
+            (None, None) => None,
+        };
         let serial = self.serial.map(|(path, baud)| SerialConfig {
             path,
             baud,
@@ -85,17 +125,23 @@ impl Cli {
             duplicate_results: self.duplicate_results,
             drop_ratio: self.drop_ratio,
             churn_ms: self.churn_ms,
+            device_key_secret,
+            device_key: self.device_key,
+            device_key_generation: self.device_key_generation,
+            tls_ca: self.tls_ca,
+            tls_server_name: self.tls_server_name,
         };
-        (fleet, serial)
+        Ok((fleet, serial))
     }
 }
 
 fn main() -> std::process::ExitCode {
-    plumbing::cli::main("info", run())
+    let cli = Cli::parse();
+    plumbing::cli::main("info", cli.log_format, run(cli))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let (config, serial) = Cli::parse().into_config();
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, serial) = cli.into_config()?;
     config.validate()?;
     let shutdown = CancellationToken::new();
     match serial {
@@ -127,6 +173,11 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|error| format!("{text:?} is not a usable host:port ({error})"))?
         .next()
         .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// A fleet secret; the error says why, never the value.
+fn parse_secret(text: &str) -> Result<FleetSecret, String> {
+    FleetSecret::parse(text).map_err(|e| format!("not a usable fleet secret: {e}"))
 }
 
 /// A probability in `0.0..=1.0`.

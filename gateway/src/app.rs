@@ -6,14 +6,19 @@
 
 use std::sync::Arc;
 
+use plumbing::metrics::Metrics;
 use plumbing::mqtt::Brokers;
 use rumqttc::AsyncClient;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::instance::Instance;
 use crate::metrics::GatewayMetrics;
 use crate::presence::RollCall;
+use crate::provenance::Provenance;
+use crate::receiver_limits::ReceiverLimits;
+use crate::shutdown::Lifecycle;
 use crate::store::Store;
 use crate::waiters::Waiters;
 use crate::writer::{self, InsertRequest};
@@ -42,17 +47,47 @@ pub(crate) struct Inner {
     /// The current roll call: receivers that answered it. A std mutex, never
     /// held across an `.await`.
     pub(crate) rollcall: std::sync::Mutex<RollCall>,
+    /// Refused presence is logged at most once per 5 s.
+    pub(crate) presence_log: plumbing::throttle::Throttle,
+    /// When a count last found `--max-unregistered-devices` reached.
+    pub(crate) unregistered_full: std::sync::Mutex<Option<std::time::Instant>>,
     /// New commands on their way to the group-commit writer.
     pub(crate) inserts: mpsc::Sender<InsertRequest>,
+    /// Signing what goes to receivers, checking what comes from them.
+    pub(crate) provenance: Provenance,
+    /// How much each receiver may send.
+    pub(crate) receiver_limits: ReceiverLimits,
+    /// Readiness and the steps of a graceful shutdown.
+    pub(crate) lifecycle: Lifecycle,
 }
 
 impl App {
     /// Builds the handle and starts the group-commit writer (it ends when
-    /// every `App` is gone).
-    pub fn new(config: Config, instance: Instance, brokers: Brokers, store: Store, mqtt: AsyncClient) -> App {
+    /// every `App` is gone, or at the flush of a graceful shutdown). The
+    /// shutdown begins when `shutdown` is cancelled (see [`crate::shutdown`]).
+    pub fn new(
+        config: Config,
+        instance: Instance,
+        brokers: Brokers,
+        store: Store,
+        mqtt: AsyncClient,
+        (provenance, registry): (Provenance, Metrics),
+        shutdown: &CancellationToken,
+    ) -> App {
         let topics = Topics::new(config.topic_prefix.clone());
-        let inserts = writer::start(store.clone(), instance.id.clone());
-        let metrics = GatewayMetrics::new(store.statements());
+        let receiver_limits =
+            ReceiverLimits::new(&registry, config.receiver_report_rate, config.receiver_presence_rate);
+        let metrics = GatewayMetrics::new(registry, store.statements());
+        let cap = writer::DeviceCap {
+            max: config.max_device_queue,
+            // The sweeper looks at a waiting command again after about this long.
+            retry_after_ms: config.ack_timeout_ms,
+            refused: metrics.device_queue_full.clone(),
+        };
+        let lifecycle = Lifecycle::new(shutdown);
+        let (inserts, writer) =
+            writer::start(store.clone(), instance.id.clone(), cap, lifecycle.writer_close());
+        lifecycle.set_writer(writer);
         App {
             inner: Arc::new(Inner {
                 config,
@@ -65,7 +100,12 @@ impl App {
                 metrics,
                 sweep_now: tokio::sync::Notify::new(),
                 rollcall: std::sync::Mutex::default(),
+                presence_log: plumbing::throttle::Throttle::default(),
+                unregistered_full: std::sync::Mutex::default(),
                 inserts,
+                provenance,
+                receiver_limits,
+                lifecycle,
             }),
         }
     }
@@ -93,6 +133,14 @@ impl App {
 
     pub fn metrics(&self) -> &GatewayMetrics {
         &self.inner.metrics
+    }
+
+    pub fn provenance(&self) -> &Provenance {
+        &self.inner.provenance
+    }
+
+    pub fn receiver_limits(&self) -> &ReceiverLimits {
+        &self.inner.receiver_limits
     }
 
     pub fn mqtt(&self) -> &AsyncClient {

@@ -27,6 +27,28 @@ pub enum ErrorKind {
     StoreUnavailable,
     /// 500: a stored row does not make sense (see the log).
     Internal,
+    /// 503: the gateway is shutting down and takes no new submissions; with
+    /// `Retry-After` (another instance, or this one restarted, will).
+    ShuttingDown,
+    /// 401: no API key, or one that is malformed, unknown or revoked
+    /// (with `WWW-Authenticate: Bearer`).
+    Unauthorized,
+    /// 403: the API key lacks the scope the route needs (the message names it).
+    Forbidden,
+    /// 414: the request's URI (path and query) is too long.
+    UriTooLong,
+    /// 415: a write without `Content-Type: application/json`.
+    UnsupportedMediaType,
+    /// 429: the API key submitted faster than its rate (`--submit-rate-per-key`);
+    /// with `Retry-After`.
+    RateLimited,
+    /// 429: the device has as many non-final commands as it may
+    /// (`--max-device-queue`, the message names the cap); with `Retry-After`.
+    DeviceQueueFull,
+    /// 503: the gateway's queue for this kind of work is full (MQTT
+    /// submissions, `--mqtt-submission-queue`); nothing was accepted, try again
+    /// after the hint.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -38,7 +60,15 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::StoreUnavailable => "store_unavailable",
+            ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::UnsupportedMediaType => "unsupported_media_type",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::DeviceQueueFull => "device_queue_full",
+            ErrorKind::Overloaded => "overloaded",
         }
     }
 
@@ -50,22 +80,72 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::StoreUnavailable => 503,
+            ErrorKind::ShuttingDown => 503,
             ErrorKind::Internal => 500,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::UriTooLong => 414,
+            ErrorKind::UnsupportedMediaType => 415,
+            ErrorKind::RateLimited | ErrorKind::DeviceQueueFull => 429,
+            ErrorKind::Overloaded => 503,
+        }
+    }
+
+    /// The kind of an error status some layer other than the handlers
+    /// answered with (axum's rejections, fallbacks): the kind of that status,
+    /// else `bad_request` for a 4xx and `internal` for the rest.
+    pub fn for_status(status: u16) -> ErrorKind {
+        const KINDS: [ErrorKind; 15] = [
+            ErrorKind::BadRequest,
+            ErrorKind::NotFound,
+            ErrorKind::Conflict,
+            ErrorKind::PayloadTooLarge,
+            ErrorKind::MethodNotAllowed,
+            ErrorKind::StoreUnavailable,
+            ErrorKind::Internal,
+            ErrorKind::Unauthorized,
+            ErrorKind::Forbidden,
+            ErrorKind::UriTooLong,
+            ErrorKind::UnsupportedMediaType,
+            ErrorKind::RateLimited,
+            ErrorKind::DeviceQueueFull,
+            ErrorKind::Overloaded,
+            ErrorKind::ShuttingDown,
+        ];
+        match KINDS.into_iter().find(|k| k.http_status() == status) {
+            Some(kind) => kind,
+            None if (400..500).contains(&status) => ErrorKind::BadRequest,
+            None => ErrorKind::Internal,
         }
     }
 }
 
-/// A refused request: `{"error": {"kind", "message"}}` in JSON.
+/// A refused request: `{"error": {"kind", "message"}}` in JSON, plus
+/// `"retry_after_ms"` when the caller should wait before trying again (HTTP
+/// also says it in `Retry-After`, in whole seconds rounded up).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
+    /// How long to wait before trying again, in ms (limits and full queues).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
-        ApiError { kind, message: message.into() }
+        ApiError { kind, message: message.into(), retry_after_ms: None }
+    }
+
+    /// The same error with a retry hint, in ms.
+    pub fn retry_after(mut self, ms: u64) -> ApiError {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    /// The retry hint in whole seconds, rounded up, at least 1 (`Retry-After`).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after_ms.map(|ms| ms.div_ceil(1000).max(1))
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -86,7 +166,11 @@ impl ApiError {
     }
 
     pub fn to_json(&self) -> Value {
-        serde_json::json!({"error": {"kind": self.kind, "message": self.message}})
+        let mut body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
+        if let Some(ms) = self.retry_after_ms {
+            body["error"]["retry_after_ms"] = ms.into();
+        }
+        body
     }
 }
 
@@ -122,5 +206,16 @@ mod tests {
         let e = ApiError::new(ErrorKind::PayloadTooLarge, "too big");
         assert_eq!(e.to_json()["error"]["kind"], ErrorKind::PayloadTooLarge.as_str());
         assert_eq!(e.to_json()["error"]["message"], "too big");
+        assert!(e.to_json()["error"].get("retry_after_ms").is_none());
+    }
+
+    #[test]
+    fn a_retry_hint_is_in_the_body_and_in_whole_seconds() {
+        let e = ApiError::new(ErrorKind::RateLimited, "slow down").retry_after(1_200);
+        assert_eq!(e.to_json()["error"]["retry_after_ms"], 1_200);
+        assert_eq!(e.retry_after_secs(), Some(2));
+        assert_eq!(ApiError::new(ErrorKind::Overloaded, "x").retry_after(3).retry_after_secs(), Some(1));
+        assert_eq!(ErrorKind::for_status(429), ErrorKind::RateLimited);
+        assert_eq!(ErrorKind::for_status(503), ErrorKind::StoreUnavailable);
     }
 }

@@ -20,28 +20,41 @@
 //! Beside the steps: [`command`] is the pure domain (statuses and the state
 //! machine, unit-tested without I/O); [`instance`] is this process among
 //! several gateway instances; [`presence`] tracks which receiver holds
-//! each device (and the roll call); [`broker`] embeds rumqttd when no external
+//! each device (and the roll call); [`provenance`] signs what goes to
+//! receivers and checks who sent what comes back; [`broker`] embeds rumqttd when no external
 //! broker is given; [`app`] is the shared handle; [`server`] wires the parts
-//! and owns shutdown; [`error`] and [`metrics`] are what callers and
-//! operators see.
+//! and [`shutdown`] says how they stop (and whether the instance is ready); [`fds`] shares the file descriptors out among HTTP,
+//! the broker and the database; [`error`] and [`metrics`] are what callers and
+//! operators see. [`api_key`] is what HTTP callers prove themselves with
+//! (checked in `http::auth`); [`token`] is `gateway token`, which manages them.
+//! `http::console` serves the operators' web page, a client of the HTTP API.
+//! [`client`] is `gateway device|send|command`: a client of the HTTP API,
+//! apart from all of the above.
 
+pub mod api_key;
 pub mod app;
 pub mod broker;
 pub mod cancel;
+pub mod client;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod fds;
 pub mod http;
 pub mod instance;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
+pub mod provenance;
 pub mod publish;
+pub mod receiver_limits;
 pub mod reports;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod submit;
 pub mod sweeper;
+pub mod token;
 pub mod waiters;
 pub mod writer;
 

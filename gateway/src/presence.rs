@@ -5,7 +5,7 @@
 //! of receivers that did not answer within the grace period are marked
 //! offline (their receiver died while nobody listened).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
@@ -13,20 +13,50 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::command::now_ms;
-use crate::store::StoreError;
+use crate::store::{PresenceOutcome, StoreError};
 use protocol::envelope::{Presence, ReceiverStatus};
 
-/// Receivers that answered the current roll call.
+/// How long the store is taken to be full of unregistered devices' presence
+/// after a count found it so.
+const FULL_RECHECK: Duration = Duration::from_secs(1);
+
+/// Receivers that answered the current roll call, and each receiver's
+/// session as its latest `online: true` status gave it.
 #[derive(Debug, Default)]
 pub(crate) struct RollCall {
     round: u64,
     answered: HashSet<String>,
+    sessions: HashMap<String, String>,
 }
 
 impl App {
     /// Records a device's presence; a device coming online wakes its waiting commands.
     pub async fn apply_presence(&self, p: &Presence) -> Result<(), StoreError> {
-        self.store().set_presence(&p.device_id, &p.receiver_id, p.online).await?;
+        if let Some(generation) = p.key_generation.filter(|_| p.online) {
+            // A revoked or never-issued key: the device is not where this says (PROTOCOL.md §5.9).
+            if !self.store().accept_key_generation(&p.device_id, generation).await? {
+                self.metrics().presence_key_refused.inc();
+                tracing::warn!(device_id = %p.device_id, receiver = %p.receiver_id, generation, "presence refused: the device authenticated with a key generation that is not valid (revoked or never issued)");
+                return Ok(());
+            }
+        }
+        let max_unregistered = self.config().max_unregistered_devices;
+        // Found full within the last second: not counted again (a count costs
+        // a scan of the unregistered rows; a flood of made-up ids would pay it each time).
+        let full =
+            self.inner.unregistered_full.lock().expect("lock").is_some_and(|at| at.elapsed() < FULL_RECHECK);
+        let room = if full { 0 } else { max_unregistered };
+        let outcome = self.store().set_presence(&p.device_id, &p.receiver_id, p.online, room).await?;
+        if outcome == PresenceOutcome::TooManyUnregistered {
+            if !full {
+                *self.inner.unregistered_full.lock().expect("lock") = Some(std::time::Instant::now());
+            }
+            self.metrics().presence_unregistered_refused.inc();
+            if self.inner.presence_log.allow() {
+                tracing::warn!(device_id = %p.device_id, receiver = %p.receiver_id, max_unregistered, "presence refused: the device is not registered and the most unregistered devices allowed are held (further refusals not logged for 5 s)");
+            }
+            return Ok(());
+        }
         tracing::info!(device_id = %p.device_id, receiver = %p.receiver_id, online = p.online, "presence");
         if p.online && self.store().wake_device(&p.device_id, now_ms()).await? > 0 {
             self.inner.sweep_now.notify_one();
@@ -35,11 +65,32 @@ impl App {
     }
 
     /// Online: the receiver answered the roll call. Offline (a clean goodbye
-    /// or its last will): all its devices are offline.
+    /// or its last will): all its devices are offline — if it is the goodbye
+    /// of the receiver's current session. Signed, a goodbye of an unknown or
+    /// older session is refused: a replayed last will changes nothing (a
+    /// receiver that died unheard is found by the roll call instead).
     pub async fn apply_receiver_status(&self, s: &ReceiverStatus) -> Result<(), StoreError> {
         if s.online {
-            self.inner.rollcall.lock().expect("rollcall lock").answered.insert(s.receiver_id.clone());
+            let mut rollcall = self.inner.rollcall.lock().expect("rollcall lock");
+            rollcall.answered.insert(s.receiver_id.clone());
+            if let Some(session) = &s.session {
+                rollcall.sessions.insert(s.receiver_id.clone(), session.clone());
+            }
         } else {
+            let known =
+                self.inner.rollcall.lock().expect("rollcall lock").sessions.get(&s.receiver_id).cloned();
+            let current = match (&known, &s.session) {
+                (Some(known), Some(session)) => known == session,
+                _ => !self.provenance().is_signed(),
+            };
+            if !current {
+                let why = format!(
+                    "goodbye of receiver {:?} session {:?}; its current session is {known:?}",
+                    s.receiver_id, s.session
+                );
+                self.provenance().refuse("receiver_status", "not_current_session", "", &why);
+                return Ok(());
+            }
             let n = self.store().receiver_gone(&s.receiver_id).await?;
             tracing::info!(receiver = %s.receiver_id, devices = n, "receiver gone; its devices are offline");
         }

@@ -30,7 +30,7 @@ impl App {
     /// The move that claims the next attempt of `command`: `sent`, one more
     /// attempt, next look after the ack timeout plus back-off (see
     /// `command::machine::attempt_change`).
-    pub fn attempt_change(&self, command: &Command, why: &str) -> Change {
+    pub fn attempt_change(&self, command: &Command, receiver: &str, why: &str) -> Change {
         let config = self.config();
         let backoff = match u32::try_from(command.attempts) {
             Ok(0) | Err(_) => Duration::ZERO,
@@ -41,7 +41,7 @@ impl App {
             ),
         };
         let wait = Duration::from_millis(config.ack_timeout_ms) + backoff;
-        attempt_change(command, why, self.instance_id(), now_ms(), wait)
+        attempt_change(command, receiver, why, self.instance_id(), now_ms(), wait)
     }
 
     /// Publishes a command whose attempt is claimed to the receiver that
@@ -78,8 +78,9 @@ impl App {
     }
 
     async fn publish_commands(&self, receiver: &str, batch: Batch<'_>) {
-        let body = protocol::envelope::join_messages(&batch.encoded);
         let topic = self.topics().receiver_commands(receiver);
+        let body =
+            self.provenance().seal_for(receiver, &topic, protocol::envelope::join_messages(&batch.encoded));
         let published = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await;
         for command in batch.commands {
             let (command_id, device_id, attempt) = (command.id, command.device_id.as_str(), command.attempts);
@@ -93,12 +94,15 @@ impl App {
         }
     }
 
-    /// Tells receivers that a published command was canceled: they drop it
-    /// unless it has reached the device.
+    /// Tells the receiver the command's current attempt went to that it was
+    /// canceled: it drops it unless it has reached the device.
     pub(crate) async fn publish_cancel(&self, command: &Command) {
+        let Some(receiver) = &command.sent_to else { return };
         let notice = Cancel { command_id: command.id, device_id: command.device_id.clone() };
         let body = serde_json::to_vec(&notice).expect("a Cancel always serialises");
-        if let Err(e) = self.mqtt().publish(self.topics().cancels(), QoS::AtLeastOnce, false, body).await {
+        let topic = self.topics().receiver_cancels(receiver);
+        let body = self.provenance().seal_for(receiver, &topic, body);
+        if let Err(e) = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await {
             tracing::warn!(command_id = %command.id, error = %e, "could not tell receivers of a cancel");
         }
     }

@@ -27,29 +27,33 @@ impl App {
     /// Applies receiver reports, in order, in one store transaction. Errors are
     /// store errors only: the caller retries the whole batch.
     pub async fn apply_reports(&self, reports: &[Report]) -> Result<(), StoreError> {
-        let result_timeout = Duration::from_millis(self.config().result_timeout_ms);
-        let mut moves: Vec<Move> = Vec::with_capacity(reports.len());
-        let mut applied: Vec<&Report> = Vec::with_capacity(reports.len());
-        for report in reports {
-            match report_move(report, now_ms(), result_timeout) {
-                Some(m) => {
-                    moves.push(m);
-                    applied.push(report);
-                }
-                None => self.note_undeliverable(report).await?,
-            }
-        }
-        if moves.is_empty() {
+        if reports.is_empty() {
             return Ok(());
         }
+        let result_timeout = Duration::from_millis(self.config().result_timeout_ms);
+        let moves: Vec<Move> = reports.iter().map(|r| report_move(r, now_ms(), result_timeout)).collect();
         let outcomes = self.store().transition_many(&moves).await?;
-        for ((m, report), outcome) in moves.iter().zip(applied).zip(outcomes) {
-            self.after_report(m, report, outcome).await?;
+        // Identical notes of the batch are written once, with their count: a
+        // receiver repeating itself costs one event, not one per message.
+        let mut notes: Vec<(&Report, i64)> = Vec::new();
+        for ((m, report), outcome) in moves.iter().zip(reports).zip(outcomes) {
+            if self.after_report(m, report, outcome).await? {
+                match notes.iter_mut().find(|(r, _)| same_note(r, report)) {
+                    Some((_, times)) => *times += 1,
+                    None => notes.push((report, 1)),
+                }
+            }
+        }
+        for (report, times) in notes {
+            self.note_undeliverable(report, times).await?;
         }
         Ok(())
     }
 
-    async fn after_report(&self, m: &Move, report: &Report, outcome: Moved) -> Result<(), StoreError> {
+    /// What a report's move did, logged and counted; true if it is an
+    /// `undeliverable` to note in the command's events (by the caller, which
+    /// collapses repeats).
+    async fn after_report(&self, m: &Move, report: &Report, outcome: Moved) -> Result<bool, StoreError> {
         let (command_id, device_id) = (m.id, report.device_id.as_str());
         match outcome {
             Moved::Yes { from, command } => {
@@ -59,9 +63,28 @@ impl App {
                     self.on_final(&command).await;
                 }
             }
-            // Not the completion of a cancel: logged, nothing moves.
-            Moved::Refused(_) if matches!(report.kind, ReportKind::Undeliverable { .. }) => {
-                self.note_undeliverable(report).await?;
+            // Not from the receiver the command was sent to, or not about its
+            // device: changes nothing, leaves no trace in the command's log.
+            Moved::Refused(current)
+                if !current.status.is_final()
+                    && !m.change.reported_by.as_ref().is_some_and(|r| r.may_move(&current)) =>
+            {
+                let why = format!(
+                    "report on command {command_id} (device {:?}) from receiver {:?}, but its attempt went to {:?} for device {:?}",
+                    report.device_id.as_str(),
+                    report.receiver_id,
+                    current.sent_to,
+                    current.device_id.as_str()
+                );
+                self.provenance().refuse("report", "not_sent_to_this_receiver", "", &why);
+            }
+            // Not the completion of a cancel: logged (if from the receiver the
+            // command went to), nothing moves.
+            Moved::Refused(current)
+                if matches!(report.kind, ReportKind::Undeliverable { .. })
+                    && current.sent_to.as_deref() == Some(report.receiver_id.as_str()) =>
+            {
+                return Ok(true);
             }
             Moved::Refused(current) => {
                 self.metrics().reports_ignored.inc();
@@ -70,7 +93,7 @@ impl App {
                     let detail =
                         format!("result after cancel: {}", m.change.detail.clone().unwrap_or_default());
                     // Canceled is final: the note gets the status and attempt it was refused at.
-                    self.store().note_as_it_stands(command_id, &detail).await?;
+                    self.store().note_as_it_stands(command_id, &detail, 1).await?;
                 }
             }
             Moved::NotFound => {
@@ -78,15 +101,17 @@ impl App {
                 tracing::warn!(%command_id, device_id, "report for an unknown command");
             }
         }
-        Ok(())
+        Ok(false)
     }
 
-    async fn note_undeliverable(&self, report: &Report) -> Result<(), StoreError> {
+    /// Logs an `undeliverable` report (`times` identical ones) in the command's
+    /// events; a repeat of the latest event only counts there.
+    async fn note_undeliverable(&self, report: &Report, times: i64) -> Result<(), StoreError> {
         let ReportKind::Undeliverable { reason } = &report.kind else { return Ok(()) };
         let (command_id, receiver) = (report.command_id, &report.receiver_id);
-        tracing::debug!(%command_id, device_id = report.device_id.as_str(), %receiver, %reason, "undeliverable");
+        tracing::debug!(%command_id, device_id = report.device_id.as_str(), %receiver, ?reason, times, "undeliverable");
         let detail = format!("undeliverable at receiver {receiver}: {reason}");
-        if !self.store().note_as_it_stands(command_id, &detail).await? {
+        if !self.store().note_as_it_stands(command_id, &detail, times).await? {
             self.metrics().reports_unknown.inc();
         }
         Ok(())
@@ -105,6 +130,11 @@ impl App {
             }
         }
     }
+}
+
+/// Two reports that would write the same note on the same command.
+fn same_note(a: &Report, b: &Report) -> bool {
+    a.command_id == b.command_id && a.receiver_id == b.receiver_id && a.kind == b.kind
 }
 
 /// The applier task: applies reports in arrival order, in batches of what has
@@ -126,13 +156,7 @@ pub(crate) async fn apply_until_shutdown(
         let Some(mut next) = first else { return };
         let mut reports = Vec::new();
         loop {
-            match decode_one_or_many::<Report>(&next.payload) {
-                Ok(mut r) => reports.append(&mut r),
-                Err(e) => {
-                    app.metrics().reports_malformed.inc();
-                    tracing::warn!(error = %e, "malformed reports message dropped");
-                }
-            }
+            reports.append(&mut verified_reports(&app, &next));
             batch.push(next);
             if reports.len() >= REPORT_BATCH {
                 break;
@@ -151,6 +175,43 @@ pub(crate) async fn apply_until_shutdown(
             }
         }
     }
+}
+
+/// The reports of one message, if it passes `Provenance::open` (signed by a
+/// receiver) and decodes, each one naming the receiver that signed it;
+/// anything else is counted and dropped (and acknowledged: redelivery would
+/// not change it).
+fn verified_reports(app: &App, message: &Publish) -> Vec<Report> {
+    let topic = &*message.topic;
+    let Some(verified) = app.provenance().open("report", topic, &message.payload, |_| false) else {
+        return Vec::new();
+    };
+    let mut reports = match decode_one_or_many::<Report>(verified.body) {
+        Ok(reports) => reports,
+        Err(e) => {
+            app.metrics().reports_malformed.inc();
+            tracing::warn!(error = %e, "malformed reports message dropped");
+            return Vec::new();
+        }
+    };
+    // The signer's bucket (unsigned: the first report's receiver's).
+    let sender = verified.from.as_deref().or(reports.first().map(|r| r.receiver_id.as_str())).unwrap_or("");
+    if !app.receiver_limits().allow_reports(sender, reports.len()) {
+        return Vec::new();
+    }
+    reports.retain(|r| {
+        if !protocol::DeviceId::is_valid(&r.receiver_id) {
+            app.provenance().refuse_invalid_receiver("report", topic, &r.receiver_id);
+            return false;
+        }
+        let own = crate::provenance::sent_by(&verified, &r.receiver_id);
+        if !own {
+            let why = format!("a report naming receiver {:?} signed by {:?}", r.receiver_id, verified.from);
+            app.provenance().refuse("report", "wrong_sender", topic, &why);
+        }
+        own
+    });
+    reports
 }
 
 /// Retries a batch's store write until it succeeds; false if shut down first.

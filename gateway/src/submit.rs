@@ -129,7 +129,7 @@ impl App {
     ///
     /// Errors: 404 unknown device (or an id no device can have), 409 disabled
     /// device or idempotency key reused with another request, 400/413 invalid
-    /// fields, 503 store unavailable.
+    /// fields, 503 store unavailable or (`shutting_down`) the gateway is shutting down.
     pub async fn submit(
         &self,
         device_id: &str,
@@ -154,7 +154,10 @@ impl App {
 
     #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(device_id = submission.device_id, command_id = field::Empty))]
     async fn submit_from(&self, submission: Submission<'_>) -> Result<Option<Submitted>, ApiError> {
-        let result = self.submit_inner(submission).await;
+        let result = match self.lifecycle().admit() {
+            Ok(()) => self.submit_inner(submission).await,
+            Err(refused) => Err(refused),
+        };
         match &result {
             Ok(Some(s)) => {
                 self.metrics().accepted.inc();
@@ -274,6 +277,7 @@ impl App {
             request_hash: hash,
             reply_to: reply_to.cloned(),
             submission_key: None,
+            sent_to: None,
         })
     }
 

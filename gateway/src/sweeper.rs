@@ -46,19 +46,29 @@ pub struct Swept {
 pub async fn run(app: App, shutdown: CancellationToken) {
     let interval = Duration::from_millis(app.config().sweep_interval_ms.max(10));
     let mut last_cleanup = tokio::time::Instant::now();
+    // At least twice per retention period (a short one, in tests, is then kept to).
+    let retention = Duration::from_millis(app.config().retention_ms);
+    let cleanup_every = match retention.is_zero() {
+        true => CLEANUP_EVERY,
+        false => CLEANUP_EVERY.min(retention / 2).max(Duration::from_millis(100)),
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
             _ = app.sweep_requested() => {}
         }
-        if last_cleanup.elapsed() >= CLEANUP_EVERY {
+        if last_cleanup.elapsed() >= cleanup_every {
             last_cleanup = tokio::time::Instant::now();
             if let Err(e) = app.store().forget_before(now_ms() - SUBMISSION_MEMORY_MS).await {
                 tracing::warn!(error = %e, "old submission keys not forgotten; trying again later");
             }
             if let Err(e) = crate::instance::forget_dead(&app).await {
                 tracing::warn!(error = %e, "dead instances not forgotten; trying again later");
+            }
+            app.receiver_limits().forget_idle();
+            if let Err(e) = forget_old(&app, &shutdown).await {
+                tracing::warn!(error = %e, "old commands not deleted; trying again later");
             }
         }
         if let Err(e) = send_owed_replies(&app).await {
@@ -75,6 +85,49 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Retention batches per cleanup at most (so a backlog is worked off over
+/// several cleanups, between sweeps, not in one long run).
+const RETENTION_BATCHES_PER_CLEANUP: usize = 20;
+
+/// Retention (`--retention-ms`): deletes final commands that became final
+/// longer ago than that, with their events, in batches of `--retention-batch`
+/// (`Store::delete_final_before`); and the presence of unregistered devices
+/// offline that long. Several instances may do it at once: each delete is
+/// idempotent.
+async fn forget_old(app: &App, shutdown: &CancellationToken) -> Result<(), StoreError> {
+    let retention = app.config().retention_ms;
+    if retention == 0 {
+        return Ok(());
+    }
+    let before = now_ms().saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+    let batch = app.config().retention_batch;
+    let mut deleted = 0;
+    for _ in 0..RETENTION_BATCHES_PER_CLEANUP {
+        let n = app.store().delete_final_before(before, batch).await?;
+        deleted += n;
+        if n < batch as u64 || shutdown.is_cancelled() {
+            break;
+        }
+    }
+    if deleted > 0 {
+        app.metrics().retention_deleted.inc_by(deleted);
+        tracing::info!(deleted, retention_ms = retention, "final commands past retention deleted");
+    }
+    app.store().forget_unregistered_before(before).await?;
+    Ok(())
+}
+
+/// Longest wait between two looks at a command of an offline device.
+const OFFLINE_RECHECK_MAX_MS: u64 = 300_000;
+
+/// How long a command of an offline device waits before the sweeper looks at
+/// it again: its age (so the looks double apart), at least `ack_timeout_ms`,
+/// at most [`OFFLINE_RECHECK_MAX_MS`].
+fn offline_recheck_ms(age_ms: i64, ack_timeout_ms: u64) -> i64 {
+    let age = u64::try_from(age_ms).unwrap_or(0);
+    age.clamp(ack_timeout_ms, OFFLINE_RECHECK_MAX_MS.max(ack_timeout_ms)) as i64
 }
 
 /// Publishes the final replies that the process which made their commands
@@ -126,7 +179,11 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
             }
             Due::Attempt(why) => {
                 tracing::debug!(%command_id, device_id, why, "due: another attempt");
-                moves.push(Move { id: c.id, to: Status::Sent, change: app.attempt_change(c, why) });
+                // Due only when online, so a receiver holds the device.
+                if let Some(receiver) = online.get(&c.device_id) {
+                    let change = app.attempt_change(c, receiver, why);
+                    moves.push(Move { id: c.id, to: Status::Sent, change });
+                }
             }
             Due::CancelAgain => {
                 tracing::debug!(%command_id, device_id, "due, with its cancel requested: telling the receivers again");
@@ -135,9 +192,13 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
             }
             Due::Wait => {
                 // Attempts are not burnt on a device no receiver holds: the command
-                // waits (until its deadline); the device coming back wakes it early.
+                // waits (until its deadline); the device coming back wakes it at once
+                // (`wake_device`). Meanwhile it is looked at again after an interval
+                // that doubles with its age, so a long offline queue costs the
+                // sweeper a few looks per command, not one per ack timeout.
                 tracing::debug!(%command_id, device_id, "due, but the device is offline: waiting");
-                app.store().postpone(c, now + app.config().ack_timeout_ms as i64).await?;
+                let wait = offline_recheck_ms(now - c.created_at, app.config().ack_timeout_ms);
+                app.store().postpone(c, now + wait).await?;
                 swept.waiting += 1;
             }
         }
@@ -167,4 +228,18 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
     app.send_to_receivers(&routes).await;
     tracing::debug!(?swept, "swept");
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_at_an_offline_devices_commands_ever_less_often() {
+        assert_eq!(offline_recheck_ms(0, 5_000), 5_000);
+        assert_eq!(offline_recheck_ms(-3, 5_000), 5_000, "a clock step back");
+        assert_eq!(offline_recheck_ms(12_000, 5_000), 12_000);
+        assert_eq!(offline_recheck_ms(10 * 3_600_000, 5_000), 300_000);
+        assert_eq!(offline_recheck_ms(0, 600_000), 600_000, "never below the ack timeout");
+    }
 }

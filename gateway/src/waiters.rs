@@ -21,6 +21,16 @@ const RECHECK_EVERY: Duration = Duration::from_secs(1);
 /// What a waiter is sent: the command as committed once it is final.
 type Final = Option<Arc<Command>>;
 
+/// How a waiting caller's nap ended.
+enum Nap {
+    /// The command is final.
+    Final(Arc<Command>),
+    /// Time to look in the store again (or the caller's wait is over).
+    Over,
+    /// The gateway is shutting down: answer with the command as it stands.
+    ShuttingDown,
+}
+
 /// Registry of waiters, keyed by command id. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Waiters {
@@ -126,10 +136,23 @@ impl App {
                 return Ok(Some(known));
             }
             let nap = (deadline - now).min(RECHECK_EVERY);
-            if let Ok(done) = tokio::time::timeout(nap, waiter.notified()).await {
-                return Ok(Some(Arc::unwrap_or_clone(done)));
+            match self.nap(&mut waiter, nap).await {
+                Nap::Final(done) => return Ok(Some(Arc::unwrap_or_clone(done))),
+                Nap::Over => known = self.recheck(known).await,
+                Nap::ShuttingDown => return Ok(Some(self.recheck(known).await)),
             }
-            known = self.recheck(known).await;
+        }
+    }
+
+    /// Waits up to `nap` for the final command; a graceful shutdown whose
+    /// grace is over ends the wait early (`crate::shutdown`).
+    async fn nap(&self, waiter: &mut Waiter, nap: Duration) -> Nap {
+        tokio::select! {
+            done = tokio::time::timeout(nap, waiter.notified()) => match done {
+                Ok(done) => Nap::Final(done),
+                Err(_) => Nap::Over,
+            },
+            () = self.lifecycle().answer_now() => Nap::ShuttingDown,
         }
     }
 
@@ -162,10 +185,11 @@ impl App {
                 return Ok(known);
             }
             let nap = (deadline - now).min(RECHECK_EVERY);
-            if let Ok(done) = tokio::time::timeout(nap, waiter.notified()).await {
-                return Ok(Arc::unwrap_or_clone(done));
+            match self.nap(&mut waiter, nap).await {
+                Nap::Final(done) => return Ok(Arc::unwrap_or_clone(done)),
+                Nap::Over => known = self.recheck(known).await,
+                Nap::ShuttingDown => return Ok(self.recheck(known).await),
             }
-            known = self.recheck(known).await;
         }
     }
 }

@@ -3,11 +3,25 @@
 //! devices in one query, stores those whose device exists and is enabled in
 //! one transaction, then answers each. Under load many submissions share one
 //! query and one commit; alone, one waits for nothing.
+//!
+//! The per-device cap (`--max-device-queue`) is checked here, per batch: one
+//! query counts the batch's devices' non-final commands, and a submission
+//! that would take its device past the cap is refused (429
+//! `device_queue_full`) unless it repeats an accepted command's idempotency
+//! key. This task is the only writer of new commands of its instance, so the
+//! cap is exact for one instance; instances sharing a database may together
+//! overshoot it by the batches the others have in flight (at most
+//! `INSERT_BATCH` each).
 
+use std::collections::HashMap;
+
+use plumbing::metrics::Counter;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::command::{NewCommand, Status};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::store::{Inserted, Store, StoreError};
 
 /// New commands waiting for the writer. When full, submissions wait (back-pressure).
@@ -30,16 +44,94 @@ pub(crate) struct Stored {
     pub(crate) receiver: Option<String>,
 }
 
-/// Starts the writer; it ends when every sender is gone.
-pub(crate) fn start(store: Store, instance_id: String) -> mpsc::Sender<InsertRequest> {
-    let (tx, rx) = mpsc::channel(INSERT_QUEUE);
-    tokio::spawn(write_new_commands(store, instance_id, rx));
-    tx
+/// The per-device cap as the writer applies it.
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceCap {
+    /// Non-final commands a device may have.
+    pub(crate) max: u64,
+    /// The retry hint of a refusal, in ms.
+    pub(crate) retry_after_ms: u64,
+    /// Counts refusals (`gateway_device_queue_full_total`).
+    pub(crate) refused: Counter,
 }
 
-async fn write_new_commands(store: Store, instance_id: String, mut rx: mpsc::Receiver<InsertRequest>) {
+/// Starts the writer; it ends when every sender is gone, or when `close` is
+/// cancelled and it has stored (or refused) every request already queued —
+/// later sends fail, and their submissions are answered 503.
+pub(crate) fn start(
+    store: Store,
+    instance_id: String,
+    cap: DeviceCap,
+    close: CancellationToken,
+) -> (mpsc::Sender<InsertRequest>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(INSERT_QUEUE);
+    let task = tokio::spawn(write_new_commands(store, instance_id, cap, rx, close));
+    (tx, task)
+}
+
+/// Takes the requests that would go past their device's cap out of `batch`
+/// and refuses them; a request repeating an existing idempotency key stays.
+async fn apply_cap(store: &Store, cap: &DeviceCap, batch: &mut Vec<InsertRequest>) -> Result<(), StoreError> {
+    let mut ids: Vec<_> = batch.iter().map(|r| &r.new.device_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut counts: HashMap<String, u64> = store.queued_counts(&ids).await?;
+    let mut kept = Vec::with_capacity(batch.len());
+    for request in batch.drain(..) {
+        let device = request.new.device_id.as_str();
+        let queued = counts.entry(device.to_owned()).or_default();
+        if *queued < cap.max {
+            *queued += 1;
+            kept.push(request);
+            continue;
+        }
+        if let Some(key) = &request.new.idempotency_key {
+            if store.has_idempotency_key(&request.new.device_id, key).await? {
+                kept.push(request);
+                continue;
+            }
+        }
+        cap.refused.inc();
+        let message = format!(
+            "device {device:?} has {queued} commands not yet final, its cap (--max-device-queue {}); \
+             try again when some are final",
+            cap.max
+        );
+        let refusal = ApiError::new(ErrorKind::DeviceQueueFull, message).retry_after(cap.retry_after_ms);
+        let _ = request.done.send(Err(refusal));
+    }
+    *batch = kept;
+    Ok(())
+}
+
+async fn write_new_commands(
+    store: Store,
+    instance_id: String,
+    cap: DeviceCap,
+    mut rx: mpsc::Receiver<InsertRequest>,
+    close: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(INSERT_BATCH);
-    while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
+    loop {
+        // `recv_many` is cancel-safe: nothing is taken when `close` wins.
+        let taken = tokio::select! {
+            taken = rx.recv_many(&mut batch, INSERT_BATCH) => taken,
+            () = close.cancelled(), if !rx.is_closed() => {
+                // No new requests; those queued are still received, then 0.
+                rx.close();
+                continue;
+            }
+        };
+        if taken == 0 {
+            break;
+        }
+        if let Err(e) = apply_cap(&store, &cap, &mut batch).await {
+            answer_all(batch.drain(..), e);
+            continue;
+        }
+        if batch.is_empty() {
+            continue;
+        }
         let ids: Vec<_> = batch.iter().map(|r| &r.new.device_id).collect();
         let devices = match store.get_devices(&ids).await {
             Ok(devices) => devices,
@@ -72,6 +164,7 @@ async fn write_new_commands(store: Store, instance_id: String, mut rx: mpsc::Rec
                     let receiver = d.receiver_id.clone().filter(|_| d.online);
                     if request.new.status == Status::Pending && receiver.is_some() {
                         request.new.status = Status::Sent;
+                        request.new.sent_to = receiver.clone();
                         request.new.first_attempt_detail =
                             Some(format!("attempt 1 by {instance_id}: accepted"));
                     }

@@ -10,11 +10,22 @@
 //! - [`memory`]: a bounded memory of recent ids, oldest forgotten first (`lru`).
 //! - [`metrics`]: a Prometheus registry and its `/metrics` endpoint
 //!   (`prometheus-client`, `axum`).
-//! - [`cli`]: the programs' `main`: tracing set-up, one `error:` line and exit
-//!   code 1 on failure, SIGINT/SIGTERM.
+//! - [`seal`]: signed messages at run time: nonces, the replay guard,
+//!   counting refused messages (`protocol::seal` is the format).
+//! - [`health`]: `/healthz` and `/readyz` answers (`axum`).
+//! - [`throttle`]: at most one log line per period about a frequent event.
+//! - [`config`]: settings from defaults, a TOML file, the environment and
+//!   flags, in that order of precedence (`figment`, `clap`); printed with
+//!   secrets masked.
+//! - [`cli`]: the programs' `main`: tracing set-up (text or JSON lines), one `error:`
+//!   line and exit code 1 on failure, SIGINT/SIGTERM (a second one exits at once).
 
 pub mod backoff;
 pub mod cli;
+pub mod config;
+pub mod health;
 pub mod memory;
 pub mod metrics;
 pub mod mqtt;
+pub mod seal;
+pub mod throttle;

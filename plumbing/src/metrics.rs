@@ -62,17 +62,19 @@ impl Metrics {
         )
     }
 
-    /// Serves `GET /metrics` on `listen` until `shutdown`. Binds before
-    /// returning, so a taken port is an error at start; returns the bound
-    /// address (useful with port 0) and the task to run.
+    /// Serves `GET /metrics` and the routes of `extra` (e.g. `/readyz`) on
+    /// `listen` until `shutdown`. Binds before returning, so a taken port is
+    /// an error at start; returns the bound address (useful with port 0) and
+    /// the task to run.
     pub async fn serve(
         &self,
         listen: SocketAddr,
+        extra: Router,
         shutdown: CancellationToken,
     ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()> + Send + 'static)> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let router = self.router();
+        let router = self.router().merge(extra);
         let serve = async move {
             let served =
                 axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;

@@ -46,7 +46,7 @@ impl Session for Probe {
 fn closed_port() -> BrokerAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    BrokerAddr { host: "127.0.0.1".into(), port }
+    BrokerAddr::new("127.0.0.1", port)
 }
 
 fn mosquitto() -> Option<BrokerAddr> {
@@ -72,7 +72,7 @@ async fn a_dead_first_broker_is_skipped_for_the_next() {
 async fn a_lost_connection_moves_to_the_next_broker() {
     let Some(second) = mosquitto() else { return };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let first = BrokerAddr { host: "127.0.0.1".into(), port: listener.local_addr().unwrap().port() };
+    let first = BrokerAddr::new("127.0.0.1", listener.local_addr().unwrap().port());
     tokio::spawn(accept_then_drop(listener));
     let brokers = Brokers::new(vec![first, second.clone()]).unwrap();
     let probe = connect_through(&brokers, &second).await;

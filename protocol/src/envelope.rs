@@ -27,8 +27,9 @@ pub struct CommandMessage {
     pub reports_to: Option<String>,
 }
 
-/// Gateway → receivers on `Topics::cancels`, QoS 1: drop this command if it
-/// has not been written to its device yet.
+/// Gateway → the receiver the command's current attempt went to, on
+/// `Topics::receiver_cancels`, QoS 1: drop this command if it has not been
+/// written to its device yet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cancel {
     pub command_id: Uuid,
@@ -116,6 +117,11 @@ pub struct Presence {
     pub device_id: DeviceId,
     pub receiver_id: String,
     pub online: bool,
+    /// The key generation the device authenticated with (PROTOCOL.md §5.9);
+    /// absent when it did not authenticate (a serial or Modbus device, or a
+    /// receiver that admits unauthenticated devices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_generation: Option<u32>,
 }
 
 /// Receiver → gateway on `Topics::receiver_status`; the `online: false` form is
@@ -124,6 +130,12 @@ pub struct Presence {
 pub struct ReceiverStatus {
     pub receiver_id: String,
     pub online: bool,
+    /// The receiver process's incarnation (random at each start; the same
+    /// in its online statuses and its last will). A gateway takes an
+    /// `online: false` only with the session of the receiver's latest
+    /// `online: true`, so an old will or goodbye replayed later changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 mod b64 {

@@ -59,9 +59,9 @@ impl Topics {
         format!("{}/finals", self.prefix)
     }
 
-    /// Gateway → every receiver: a published command was canceled (`envelope::Cancel`).
-    pub fn cancels(&self) -> String {
-        format!("{}/cancels", self.prefix)
+    /// Gateway → one receiver: a command it was sent was canceled (`envelope::Cancel`).
+    pub fn receiver_cancels(&self, receiver_id: &str) -> String {
+        format!("{}/receivers/{}/cancels", self.prefix, receiver_id)
     }
 
     /// Gateway → every receiver: "say which devices you hold" (any payload).

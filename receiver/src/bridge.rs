@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::provenance::Provenance;
 use crate::{Config, Counters};
 use protocol::envelope::{Cancel, CommandMessage, Presence, ReceiverStatus, Report, ReportKind};
 use protocol::{DeviceId, Topics};
@@ -60,11 +61,28 @@ struct Inner {
     /// clean session loses it with the connection).
     subscribed: AtomicBool,
     shutdown: CancellationToken,
+    /// Signs what is published, checks commands and cancels.
+    provenance: Arc<Provenance>,
+    /// This process's incarnation, in its statuses and last will.
+    session: String,
+    /// Roll calls being answered (`Bridge::answer_rollcall`). A std mutex,
+    /// never held across an `.await`.
+    rollcall: Mutex<RollCalls>,
+}
+
+/// Whether a roll call is being answered, and whether another came meanwhile.
+#[derive(Debug, Default)]
+struct RollCalls {
+    answering: bool,
+    again: bool,
 }
 
 /// A reports message carries at most this many reports, and at most
 /// `protocol::limits::mqtt_message_limit(max_result_bytes)` bytes.
 const REPORTS_PER_MESSAGE: usize = 256;
+
+/// Least time between the starts of two roll-call answers (`Bridge::answer_rollcall`).
+const ROLLCALL_SPACING: Duration = Duration::from_secs(1);
 
 /// Canceled ids remembered, oldest forgotten first.
 const CANCELED_MEMORY: usize = 4096;
@@ -80,8 +98,9 @@ const WRITTEN_MEMORY: usize = 65_536;
 struct Cancels {
     /// Canceled ids; the value: whether `undeliverable` was reported for it.
     canceled: RecentIds<Uuid, bool>,
-    /// Ids handed to a device transport for writing (whether or not the write then worked).
-    written: RecentIds<Uuid>,
+    /// Ids handed to a device transport for writing (whether or not the
+    /// write then worked), with the device they were written to.
+    written: RecentIds<Uuid, DeviceId>,
 }
 
 impl Cancels {
@@ -97,7 +116,7 @@ impl Cancels {
 
     /// A transport is about to write `id`: `None` to go ahead (it is now
     /// written), or why not and whether that still needs reporting.
-    fn take(&mut self, id: Uuid) -> Option<bool> {
+    fn take(&mut self, id: Uuid, device_id: &DeviceId) -> Option<bool> {
         match self.canceled.get(&id).copied() {
             Some(reported) => {
                 let report = !reported && !self.written.contains(&id);
@@ -107,7 +126,7 @@ impl Cancels {
                 Some(report)
             }
             None => {
-                self.written.insert(id, ());
+                self.written.insert(id, device_id.clone());
                 None
             }
         }
@@ -132,6 +151,8 @@ struct Outgoing {
 struct Slot {
     conn: u64,
     tx: mpsc::Sender<CommandMessage>,
+    /// The key generation the connection authenticated with, if it did.
+    key_generation: Option<u32>,
 }
 
 /// A device's registration, held by its connection task.
@@ -149,14 +170,17 @@ impl Bridge {
         config: &Config,
         brokers: &Brokers,
         counters: Arc<Counters>,
+        provenance: Arc<Provenance>,
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Bridge {
         let topics = Topics::new(config.topic_prefix.clone());
-        let gone = ReceiverStatus { receiver_id: config.receiver_id.clone(), online: false };
+        let session = Uuid::now_v7().simple().to_string();
+        let status_topic = topics.receiver_status(&config.receiver_id);
+        let gone = status(&config.receiver_id, false, &session);
         let will = LastWill::new(
-            topics.receiver_status(&config.receiver_id),
-            serde_json::to_vec(&gone).expect("serialisable"),
+            status_topic.clone(),
+            provenance.seal(&status_topic, gone),
             QoS::AtLeastOnce,
             false,
         );
@@ -173,7 +197,7 @@ impl Bridge {
             client.clone(),
             topics.reports(),
             queued,
-            message_limit,
+            (message_limit, provenance.clone()),
             shutdown.clone(),
         ));
         let bridge = Bridge {
@@ -193,6 +217,9 @@ impl Bridge {
                 reports,
                 subscribed: AtomicBool::new(false),
                 shutdown: shutdown.clone(),
+                provenance,
+                session,
+                rollcall: Mutex::default(),
             }),
         };
         tasks.spawn(bridge.clone().poll(eventloop, brokers.clone(), shutdown.clone()));
@@ -212,16 +239,46 @@ impl Bridge {
     /// Registers a device's connection (replacing an older one of the same
     /// device) so that its commands are routed to it, and reports it online.
     pub async fn attach(&self, device_id: &DeviceId) -> Attached {
+        self.attach_with_key(device_id, None).await.expect("an unauthenticated attach never loses")
+    }
+
+    /// [`Bridge::attach`] for a device that authenticated with key
+    /// `key_generation` (reported in its presence); `None`, changing
+    /// nothing, when its current connection here authenticated with a newer
+    /// generation (an old key cannot take a device over from its new one).
+    pub async fn attach_with_key(
+        &self,
+        device_id: &DeviceId,
+        key_generation: Option<u32>,
+    ) -> Option<Attached> {
         let (tx, commands) = mpsc::channel(DEVICE_QUEUE);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        // Dropping the old slot's sender tells the older connection task to end.
-        self.inner.devices.lock().expect("devices lock").insert(device_id.clone(), Slot { conn, tx });
+        {
+            let mut devices = self.inner.devices.lock().expect("devices lock");
+            let newer = devices.get(device_id).and_then(|s| s.key_generation).zip(key_generation);
+            if newer.is_some_and(|(current, offered)| current > offered) {
+                return None;
+            }
+            // Dropping the old slot's sender tells the older connection task to end.
+            devices.insert(device_id.clone(), Slot { conn, tx, key_generation });
+        }
         // Until this receiver's command subscription is made (after each
         // connect), its presence waits: `announce` reports every device held then.
         if self.inner.subscribed.load(Ordering::SeqCst) {
             self.presence(device_id, true).await;
         }
-        Attached { conn, commands }
+        Some(Attached { conn, commands })
+    }
+
+    /// Whether the receiver is connected to the broker with its command
+    /// subscriptions made (what `/readyz` calls `broker`).
+    pub fn is_subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::SeqCst)
+    }
+
+    /// The key generation the device's current connection here authenticated with.
+    pub fn key_generation(&self, device_id: &DeviceId) -> Option<u32> {
+        self.inner.devices.lock().expect("devices lock").get(device_id).and_then(|s| s.key_generation)
     }
 
     /// Unregisters a connection if it is still the device's current one.
@@ -242,6 +299,13 @@ impl Bridge {
         self.inner.cancels.lock().expect("cancels lock").written.contains(&id)
     }
 
+    /// Whether command `id` was written here to `device_id` (on any of its
+    /// connections, as far as the bounded memory of written ids reaches): a
+    /// device answers only commands sent to it.
+    pub fn written_to(&self, id: Uuid, device_id: &DeviceId) -> bool {
+        self.inner.cancels.lock().expect("cancels lock").written.get(&id) == Some(device_id)
+    }
+
     /// Every transport asks this right before writing: true when `cmd` must
     /// not be written — its deadline passed, or the gateway canceled it —
     /// with it reported undeliverable (to its own `reports_to`) unless that
@@ -254,7 +318,7 @@ impl Bridge {
         let reason = if cmd.expires_at_ms <= now {
             "deadline passed before delivery"
         } else {
-            match self.inner.cancels.lock().expect("cancels lock").take(cmd.id) {
+            match self.inner.cancels.lock().expect("cancels lock").take(cmd.id, &cmd.device_id) {
                 None => return false,
                 Some(false) => {
                     tracing::debug!(command_id = %cmd.id, "canceled; not written");
@@ -369,10 +433,15 @@ impl Bridge {
     }
 
     async fn presence(&self, device_id: &DeviceId, online: bool) {
-        let p =
-            Presence { device_id: device_id.clone(), receiver_id: self.inner.receiver_id.clone(), online };
-        let body = serde_json::to_vec(&p).expect("serialisable");
+        let key_generation = if online { self.key_generation(device_id) } else { None };
+        let p = Presence {
+            device_id: device_id.clone(),
+            receiver_id: self.inner.receiver_id.clone(),
+            online,
+            key_generation,
+        };
         let topic = self.inner.topics.presence(device_id.as_str());
+        let body = self.inner.provenance.seal(&topic, serde_json::to_vec(&p).expect("serialisable"));
         match publish_until_shutdown(&self.inner.client, topic, body, &self.inner.shutdown).await {
             Ok(()) => {}
             // The goodbye's ReceiverStatus covers every device.
@@ -387,8 +456,11 @@ impl Bridge {
     /// subscriptions), then say we are here and re-announce every device.
     async fn announce(self) {
         let topics = &self.inner.topics;
-        let filters =
-            [topics.receiver_commands(&self.inner.receiver_id), topics.cancels(), topics.rollcall()];
+        let filters = [
+            topics.receiver_commands(&self.inner.receiver_id),
+            topics.receiver_cancels(&self.inner.receiver_id),
+            topics.rollcall(),
+        ];
         plumbing::mqtt::subscribe_all(&self.inner.client, &filters).await;
         // Queued after the subscriptions on the same connection, so the broker
         // has them before any gateway hears of a device here.
@@ -396,13 +468,43 @@ impl Bridge {
         self.report_presence().await;
     }
 
+    /// Answers a roll call — at most one at a time, and answers at least
+    /// `ROLLCALL_SPACING` apart: roll calls that come while one is being
+    /// answered (or within that spacing) make one more answer after it, not
+    /// one each (20 roll calls in a row once cost 20 re-announcements of every
+    /// device and delayed real presence changes by most of a minute).
+    fn answer_rollcall(&self) {
+        {
+            let mut rollcall = self.inner.rollcall.lock().expect("rollcall lock");
+            if rollcall.answering {
+                rollcall.again = true;
+                return;
+            }
+            rollcall.answering = true;
+        }
+        let bridge = self.clone();
+        // Not from the polling task: a full request channel would deadlock it.
+        tokio::spawn(async move {
+            loop {
+                let started = tokio::time::Instant::now();
+                bridge.clone().report_presence().await;
+                tokio::time::sleep_until(started + ROLLCALL_SPACING).await;
+                let mut rollcall = bridge.inner.rollcall.lock().expect("rollcall lock");
+                if !std::mem::take(&mut rollcall.again) {
+                    rollcall.answering = false;
+                    return;
+                }
+            }
+        });
+    }
+
     /// Says this receiver is here and which devices it holds (after a connect,
     /// and whenever a gateway asks on the roll-call topic: presence published
     /// while no gateway was subscribed is otherwise lost).
     async fn report_presence(self) {
-        let status = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: true };
         let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
-        let body = serde_json::to_vec(&status).expect("serialisable");
+        let body = status(&self.inner.receiver_id, true, &self.inner.session);
+        let body = self.inner.provenance.seal(&topic, body);
         if let Err(e) = self.inner.client.publish(topic, QoS::AtLeastOnce, false, body).await {
             tracing::warn!(error = %e, "could not publish receiver status");
         }
@@ -449,18 +551,20 @@ impl Bridge {
     /// Routes a commands message, records a cancel, or answers a roll call.
     fn on_publish(&self, p: &Publish) {
         if p.topic == self.inner.topics.rollcall() {
-            // Not from the polling task: a full request channel would deadlock it.
-            tokio::spawn(self.clone().report_presence());
+            self.answer_rollcall();
             return;
         }
-        if p.topic == self.inner.topics.cancels() {
-            match serde_json::from_slice::<Cancel>(&p.payload) {
+        let cancels = p.topic == self.inner.topics.receiver_cancels(&self.inner.receiver_id);
+        let kind = if cancels { "cancel" } else { "command" };
+        let Some(body) = self.inner.provenance.open(kind, &p.topic, &p.payload) else { return };
+        if cancels {
+            match serde_json::from_slice::<Cancel>(body) {
                 Ok(c) => self.on_cancel(c),
                 Err(e) => tracing::warn!(error = %e, "malformed cancel dropped"),
             }
             return;
         }
-        match protocol::envelope::decode_one_or_many::<CommandMessage>(&p.payload) {
+        match protocol::envelope::decode_one_or_many::<CommandMessage>(body) {
             Ok(messages) => {
                 // The commands of one message name one topic, normally: shared, not copied.
                 let mut last = None;
@@ -507,9 +611,9 @@ impl Bridge {
         // have said (a clean disconnect suppresses the will), not one per device:
         // with 10,000 devices those filled the request channel while nothing
         // polled it, and the receiver hung on its way out.
-        let gone = ReceiverStatus { receiver_id: self.inner.receiver_id.clone(), online: false };
-        let body = serde_json::to_vec(&gone).expect("serialisable");
         let topic = self.inner.topics.receiver_status(&self.inner.receiver_id);
+        let body = status(&self.inner.receiver_id, false, &self.inner.session);
+        let body = self.inner.provenance.seal(&topic, body);
         let client = self.inner.client.clone();
         let farewell = async move {
             if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
@@ -553,6 +657,12 @@ impl Session for Bridge {
     }
 }
 
+/// This receiver's status message, serialised (PROTOCOL 4.4).
+fn status(receiver_id: &str, online: bool, session: &str) -> Vec<u8> {
+    let s = ReceiverStatus { receiver_id: receiver_id.to_owned(), online, session: Some(session.to_owned()) };
+    serde_json::to_vec(&s).expect("serialisable")
+}
+
 /// The topic a command's reports go to, from its message: `reports_to`, or
 /// `None` (the shared reports topic) when absent — or unusable as a topic
 /// name (empty, a wildcard), which would lose the reports. `last` is the
@@ -584,7 +694,7 @@ async fn publish_reports(
     client: AsyncClient,
     shared: String,
     mut queued: mpsc::UnboundedReceiver<Outgoing>,
-    message_limit: usize,
+    (message_limit, provenance): (usize, Arc<Provenance>),
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::new();
@@ -605,7 +715,7 @@ async fn publish_reports(
         for (to, bodies) in by_topic(batch.drain(..)) {
             let topic = to.map_or_else(|| shared.clone(), |to| to.to_string());
             for part in within_limit(&bodies, message_limit) {
-                let body = protocol::envelope::join_messages(part);
+                let body = provenance.seal(&topic, protocol::envelope::join_messages(part));
                 if let Err(e) = publish_until_shutdown(&client, topic.clone(), body, &shutdown).await {
                     tracing::warn!(%topic, reports = part.len(), error = %e, "could not publish reports");
                 }

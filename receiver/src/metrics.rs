@@ -1,7 +1,7 @@
 //! The receiver's counters: Prometheus counters in the receiver's own
 //! registry (served on `/metrics` with `--metrics-listen`), readable by tests.
 
-use plumbing::metrics::{Counter, Metrics};
+use plumbing::metrics::{Counter, Gauge, Metrics};
 
 /// What the receiver counts. Each is exported as `receiver_<field>_total`
 /// (help texts without a final period: prometheus-client adds it).
@@ -21,6 +21,24 @@ pub struct Counters {
     pub undeliverable: Counter,
     /// TCP connections closed without a valid HELLO.
     pub connections_rejected: Counter,
+    /// TCP connections that named a device but failed its authentication
+    /// (no, wrong or outdated AUTH): closed, the device's current connection kept.
+    pub device_auth_refused: Counter,
+    /// RESULT frames for a command not written to that device here: dropped.
+    pub foreign_results: Counter,
+    /// TCP device connections open now, openings included (a gauge).
+    pub device_connections: Gauge,
+    /// TCP connections closed at once: `--max-device-connections` were open.
+    pub device_connections_refused: Counter,
+    /// Connections closed in their opening to make room for a newer one
+    /// (`--max-device-handshakes` were opening).
+    pub device_handshakes_evicted: Counter,
+    /// Connections closed without a valid HELLO (and AUTH) within
+    /// `--device-handshake-timeout-ms` (also in `connections_rejected`).
+    pub device_handshake_timeouts: Counter,
+    /// Device connections closed after `--device-idle-timeout-ms` of silence
+    /// (not even a PONG to the receiver's PING).
+    pub device_idle_closed: Counter,
 }
 
 impl Counters {
@@ -49,6 +67,35 @@ impl Counters {
             ),
             connections_rejected: metrics
                 .counter("receiver_connections_rejected", "TCP connections closed without a valid HELLO"),
+            device_auth_refused: metrics.counter(
+                "receiver_device_auth_refused",
+                "Device connections refused for a missing, wrong or outdated AUTH (the current connection is kept)",
+            ),
+            foreign_results: metrics.counter(
+                "receiver_foreign_results",
+                "RESULT frames dropped because their command was not written to that device here",
+            ),
+            device_connections: metrics.register(
+                "receiver_device_connections",
+                "TCP device connections open now, those still in their opening (TLS, HELLO, AUTH) included",
+                Gauge::default(),
+            ),
+            device_connections_refused: metrics.counter(
+                "receiver_device_connections_refused",
+                "TCP device connections closed at once because --max-device-connections were open",
+            ),
+            device_handshakes_evicted: metrics.counter(
+                "receiver_device_handshakes_evicted",
+                "TCP connections closed in their opening to make room for a newer one (--max-device-handshakes)",
+            ),
+            device_handshake_timeouts: metrics.counter(
+                "receiver_device_handshake_timeouts",
+                "TCP connections closed without a valid HELLO (and AUTH) within --device-handshake-timeout-ms",
+            ),
+            device_idle_closed: metrics.counter(
+                "receiver_device_idle_closed",
+                "Device connections closed after --device-idle-timeout-ms of silence (no PONG to a PING)",
+            ),
         }
     }
 }

@@ -358,7 +358,8 @@ impl Bus<'_> {
             Ok(Frame::Hello { device_id }) => self.attach(device_id).await,
             Ok(Frame::Ping) => return line.send(&Frame::Pong).await.map_err(into_io),
             Ok(Frame::Pong) => {}
-            Ok(other @ Frame::Command { .. }) => {
+            // No authentication on a wired bus (PROTOCOL.md §5.9).
+            Ok(other @ (Frame::Command { .. } | Frame::Challenge { .. } | Frame::Auth { .. })) => {
                 self.port.counters.bad_frames.inc();
                 tracing::debug!(frame = ?other, "unexpected frame from the line dropped");
             }

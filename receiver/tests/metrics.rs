@@ -42,6 +42,9 @@ async fn metrics_endpoint_serves_the_counters() {
     let body = get_metrics(metrics_addr).await;
     assert!(body.contains("# HELP receiver_commands_written "), "{body}");
     assert!(body.contains("receiver_bad_frames_total 0"), "{body}");
+    for refusals in ["receiver_device_auth_refused_total 0", "receiver_foreign_results_total 0"] {
+        assert!(body.contains(refusals), "{body}");
+    }
 
     // A peer that sends four PINGs and no HELLO is not a device: four bad
     // frames, then its connection is rejected.

@@ -50,6 +50,19 @@ impl RawDevice {
         tokio::time::timeout(within, read).await.expect("a COMMAND in time")
     }
 
+    /// True when the receiver closes the connection within `within` (frames before that skipped).
+    pub async fn is_closed(&mut self, within: Duration) -> bool {
+        let end = async {
+            loop {
+                match self.framed.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(within, end).await.is_ok()
+    }
+
     /// Writes a RESULT frame.
     pub async fn answer(&mut self, id: Uuid, code: i32, payload: Vec<u8>) {
         self.framed.send(&Frame::Result { id, code, payload: payload.into() }).await.expect("RESULT written");

@@ -2,7 +2,7 @@
 //! Mosquitto), receiver and simulated fleet — on free loopback ports, against
 //! SQLite or a fresh MariaDB database, and offers the calls tests make.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use plumbing::mqtt::Brokers;
@@ -43,8 +43,21 @@ pub fn receiver_config(broker_url: &str, topic_prefix: &str) -> receiver::Config
     config
 }
 
+/// A loopback address with a port nobody listens on, for a listener a test
+/// starts later (a program given `--http-listen` and the like).
+///
+/// The port comes from [`clusters::free_low_port`]: below the kernel's
+/// ephemeral range, so that no outgoing connection of a test running beside
+/// this one can be given it before the listener binds (a port from
+/// `bind(:0)` can: CI once failed with "Address already in use" that way),
+/// and reserved (its UDP twin held) until this test process ends, so it is
+/// never handed out twice.
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    static HELD: std::sync::Mutex<Vec<clusters::LowPort>> = std::sync::Mutex::new(Vec::new());
+    let port = clusters::free_low_port();
+    let addr = port.addr();
+    HELD.lock().unwrap().push(port);
+    addr
 }
 
 fn unique(prefix: &str) -> String {
@@ -127,6 +140,35 @@ impl Spec {
     }
 }
 
+/// The broker password of the users a test makes (`mqtt_users_file`).
+pub const TEST_BROKER_PASSWORD: &str = "test broker password";
+
+/// A Mosquitto password file at `path` with `users` (user, password), made
+/// by `mosquitto_passwd -b`: the format both the embedded broker and
+/// Mosquitto read.
+pub fn mqtt_users_file(path: &std::path::Path, users: &[(&str, &str)]) {
+    for (i, (user, password)) in users.iter().enumerate() {
+        let mut command = std::process::Command::new("mosquitto_passwd");
+        if i == 0 {
+            command.arg("-c");
+        }
+        let status =
+            command.arg("-b").arg(path).arg(user).arg(password).status().expect("mosquitto_passwd runs");
+        assert!(status.success(), "mosquitto_passwd {user}: {status}");
+    }
+}
+
+/// The message secret of signed test systems (`Spec::signed`).
+pub const TEST_MESSAGE_SECRET: &str = "a test message secret, at least 32 bytes long";
+
+impl Spec {
+    /// Gateway↔receiver messages signed (PROTOCOL 4.7): the gateway has
+    /// `TEST_MESSAGE_SECRET`; `System::start` gives the receiver its key.
+    pub fn signed(db: Db) -> Spec {
+        Spec { tune: |c| c.message_secret = Some(TEST_MESSAGE_SECRET.parse().unwrap()), ..Spec::new(db) }
+    }
+}
+
 /// Timeouts short enough for tests, long enough for a loaded 2-core machine.
 pub fn test_timeouts(config: &mut gateway::Config) {
     config.ack_timeout_ms = 1_500;
@@ -149,6 +191,10 @@ pub struct System {
     pub db: TestDb,
     pub shutdown: CancellationToken,
     tune: fn(&mut gateway::Config),
+    /// The key (every scope) `http` sends when the gateway requires API keys.
+    pub api_key: Option<String>,
+    /// The embedded broker's users file, when the gateway runs without --insecure.
+    _users: Option<tempfile::TempDir>,
 }
 
 impl System {
@@ -167,12 +213,45 @@ impl System {
         }
         test_timeouts(&mut config);
         (spec.tune)(&mut config);
+        let mut rconfig = receiver_config("mqtt://set.below:1", &topic_prefix);
+        (spec.receiver_tune)(&mut rconfig);
+        // Without --insecure the gateway needs a message secret (the test one)
+        // and its embedded broker users (the receiver, with a test password).
+        if !config.insecure && config.message_secret.is_none() {
+            config.message_secret = Some(TEST_MESSAGE_SECRET.parse().unwrap());
+        }
+        let users =
+            (!config.insecure && config.broker.is_none() && config.mqtt_users_file.is_none()).then(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("mqtt-users");
+                mqtt_users_file(&path, &[(&rconfig.receiver_id, TEST_BROKER_PASSWORD)]);
+                config.mqtt_users_file = Some(path);
+                rconfig.broker_username = Some(rconfig.receiver_id.clone());
+                rconfig.broker_password = Some(TEST_BROKER_PASSWORD.parse().unwrap());
+                dir
+            });
+        let secret = config.message_secret.clone();
         let gateway = gateway::start(config, shutdown.clone()).await.expect("gateway starts");
         let broker = gateway.broker.clone();
-        let mut rconfig = receiver_config(&broker.to_string(), &topic_prefix);
-        (spec.receiver_tune)(&mut rconfig);
+        // The addresses only: the gateway's own login is not the receiver's.
+        rconfig.broker = broker
+            .as_slice()
+            .iter()
+            .map(|b| format!("{}://{}:{}", if b.tls { "mqtts" } else { "mqtt" }, b.host, b.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        // A signing gateway's receiver holds its key, unless the test gave one.
+        if let Some(secret) = secret.filter(|_| rconfig.receiver_key.is_none()) {
+            let key = protocol::seal::receiver_key(secret.expose().as_bytes(), &rconfig.receiver_id, 1);
+            rconfig.receiver_key = Some(key.to_base64().parse().unwrap());
+        }
         let receiver = receiver::start(rconfig, shutdown.clone()).await.expect("receiver starts");
-        let http = reqwest::Client::new();
+        // With API keys required, the harness's own client holds one with every scope.
+        let api_key = match gateway.app.config().api_keys_required() {
+            true => Some(create_api_key(gateway.app.store(), "harness", &gateway::api_key::Scope::ALL).await),
+            false => None,
+        };
+        let http = http_client(api_key.as_deref());
         let base = format!("http://{}", gateway.http_addr);
         let fleet_config = firmware_sim::FleetConfig {
             connect: vec![receiver.tcp_addr],
@@ -200,6 +279,8 @@ impl System {
             db,
             shutdown,
             tune: spec.tune,
+            _users: users,
+            api_key,
         };
         for id in &system.device_ids {
             eventually("device online", || system.device_online(id)).await;
@@ -342,4 +423,36 @@ macro_rules! on_both_stores {
             }
         }
     )*};
+}
+
+/// Creates an API key with these scopes in the gateway's store, as
+/// `gateway token create` does; returns its text (`gk_<id>_<secret>`).
+pub async fn create_api_key(
+    store: &gateway::store::Store,
+    name: &str,
+    scopes: &[gateway::api_key::Scope],
+) -> String {
+    let new = gateway::api_key::NewKey::generate();
+    let key = gateway::store::ApiKey {
+        id: new.id.clone(),
+        name: name.to_owned(),
+        key_hash: new.hash.clone(),
+        scopes: scopes.to_vec(),
+        created_at: gateway::command::now_ms(),
+        revoked_at: None,
+    };
+    assert!(store.insert_api_key(&key).await.expect("the key is stored"), "a fresh key id");
+    new.text().to_owned()
+}
+
+/// An HTTP client that sends `Authorization: Bearer <key>` on every request
+/// when given a key.
+pub fn http_client(api_key: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut value: reqwest::header::HeaderValue = format!("Bearer {key}").parse().unwrap();
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
 }

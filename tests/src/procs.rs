@@ -139,6 +139,10 @@ impl Proc {
         let stderr = log.try_clone().expect("log file handle clones");
         let child = Command::new(&self.program)
             .args(&self.args)
+            // Tests run without credentials unless they say otherwise (a test of
+            // the security features sets these to false in its own envs).
+            .env("GATEWAY_INSECURE", "true")
+            .env("RECEIVER_INSECURE", "true")
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
@@ -171,11 +175,28 @@ impl Proc {
     /// SIGTERM, then waits up to `grace` for the process to exit (SIGKILL
     /// after that). `None` if it had to be killed or was not running.
     pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let pid = self.pid()?;
-        // std offers only SIGKILL; `kill` the command sends SIGTERM without unsafe code.
-        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "could not SIGTERM {} (pid {pid})", self.name);
-        let deadline = Instant::now() + grace;
+        self.pid()?;
+        self.signal("TERM");
+        let status = self.wait_exit(grace).await;
+        if status.is_none() {
+            eprintln!("{} did not exit within {grace:?} of SIGTERM; killing it", self.name);
+            self.kill9();
+        }
+        status
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`, …) to the running process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid().unwrap_or_else(|| panic!("{} is not running", self.name));
+        // std offers only SIGKILL; `kill` the command sends others without unsafe code.
+        let sent = Command::new("kill").args([format!("-{name}"), pid.to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "could not send SIG{name} to {} (pid {pid})", self.name);
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status,
+    /// or `None` if it still runs (or was not running).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
@@ -183,8 +204,6 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!("{} did not exit within {grace:?} of SIGTERM; killing it", self.name);
-        self.kill9();
         None
     }
 
@@ -267,6 +286,21 @@ impl Api {
     pub fn new(addr: SocketAddr) -> Api {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client builds");
+        Api { base: format!("http://{addr}"), http }
+    }
+
+    /// `new`, sending `Authorization: Bearer <key>` on every request (a
+    /// gateway run without `--insecure` wants an API key).
+    pub fn with_key(addr: SocketAddr, key: &str) -> Api {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut value: reqwest::header::HeaderValue = format!("Bearer {key}").parse().unwrap();
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()
             .expect("an HTTP client builds");
         Api { base: format!("http://{addr}"), http }

@@ -3,7 +3,8 @@
 //! each response's status must be declared for its operation and its body must
 //! match the declared schema. Coverage is checked both ways: every operation
 //! and every declared status of the document was seen, and every route that
-//! `gateway::http::router` serves is in the document.
+//! `gateway::http::router` serves is in the document (but the console's
+//! files, which are not API).
 //!
 //! Schemas are OpenAPI 3.0 schema objects; `json_schema` turns them into JSON
 //! Schema (2020-12) for the `jsonschema` crate: `nullable: true` becomes a type
@@ -13,10 +14,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use gateway::api_key::Scope;
+use gateway::http::auth::{access, Access, ACCESS};
 use serde_json::{json, Value};
-use system_tests::{Db, Spec, System};
+use system_tests::{create_api_key, free_port, Db, Spec, System};
 
 const DOC: &str = include_str!("../../docs/openapi.json");
+/// The fleet secret of the system under test (device keys are issued from it).
+const SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const HTTP_RS: &str = include_str!("../../gateway/src/http/mod.rs");
 
 /// What `gateway::http::router` serves, as (method, path template). Checked
@@ -26,14 +31,26 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/devices/{device_id}"),
     ("PUT", "/v1/devices/{device_id}"),
     ("POST", "/v1/devices/{device_id}/commands"),
+    ("POST", "/v1/devices/{device_id}/key"),
     ("GET", "/v1/commands"),
+    ("GET", "/v1/commands/summary"),
     ("GET", "/v1/commands/{id}"),
     ("GET", "/v1/commands/{id}/events"),
     ("POST", "/v1/commands/{id}/cancel"),
     ("GET", "/openapi.json"),
     ("GET", "/healthz"),
+    ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/"),
+    ("GET", "/console"),
+    ("GET", "/console/console.js"),
+    ("GET", "/console/console.css"),
 ];
+
+/// The console's files (gateway/src/http/console.rs): routed and open, but
+/// not API, so not in the document (tests/tests/console.rs checks them).
+const CONSOLE: &[(&str, &str)] =
+    &[("GET", "/"), ("GET", "/console"), ("GET", "/console/console.js"), ("GET", "/console/console.css")];
 
 const METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "PATCH"];
 
@@ -41,18 +58,22 @@ const METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "PATCH"];
 const DEVICES: &str = "/v1/devices";
 const DEVICE: &str = "/v1/devices/{device_id}";
 const SUBMIT: &str = "/v1/devices/{device_id}/commands";
+const KEY: &str = "/v1/devices/{device_id}/key";
 const COMMANDS: &str = "/v1/commands";
+const SUMMARY: &str = "/v1/commands/summary";
 const COMMAND: &str = "/v1/commands/{id}";
 const EVENTS: &str = "/v1/commands/{id}/events";
 const CANCEL: &str = "/v1/commands/{id}/cancel";
 /// Not a path of the document: the router's fallback for unknown paths.
 const UNKNOWN_ROUTE: &str = "(no route)";
 
-/// A request body.
+/// A request body. Every write says its body is JSON (the gateway refuses
+/// it otherwise, with 415), also with `None`; `Text` says `text/plain`.
 enum Body {
     None,
     Json(Value),
     Raw(Vec<u8>),
+    Text(String),
 }
 
 /// The document, the system under test, and what has been checked so far.
@@ -63,6 +84,8 @@ struct Api {
     s: System,
     /// (method, template) → statuses seen and checked.
     seen: BTreeMap<(String, String), BTreeSet<u16>>,
+    /// The client requests go out with (the harness's own until the API key checks).
+    client: reqwest::Client,
 }
 
 impl Api {
@@ -70,18 +93,34 @@ impl Api {
     /// against the document (`check`) and returns the body (JSON, or the text
     /// as a JSON string).
     async fn call(&mut self, expect: u16, method: &str, template: &str, path: &str, body: Body) -> Value {
+        self.call_as(expect, method, template, path, body, |r| r).await
+    }
+
+    /// `call`, with `prepare` adding to the request (e.g. its API key).
+    async fn call_as(
+        &mut self,
+        expect: u16,
+        method: &str,
+        template: &str,
+        path: &str,
+        body: Body,
+        prepare: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Value {
         assert!(
             template == UNKNOWN_ROUTE || matches_template(template, path),
             "{path} is not an instance of {template}"
         );
         let method_ = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self.s.http.request(method_, self.s.url(path));
+        let write = method != "GET";
+        let mut req = self.client.request(method_, self.s.url(path));
         req = match body {
+            Body::None if write => req.header("content-type", "application/json"),
             Body::None => req,
             Body::Json(v) => req.header("content-type", "application/json").body(v.to_string()),
             Body::Raw(b) => req.header("content-type", "application/json").body(b),
+            Body::Text(t) => req.header("content-type", "text/plain").body(t),
         };
-        let r = req.send().await.unwrap();
+        let r = prepare(req).send().await.unwrap();
         let status = r.status().as_u16();
         let content_type =
             r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
@@ -186,9 +225,12 @@ impl Api {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_matches_every_route() {
-    let s = System::start(Spec::new(Db::Sqlite)).await.expect("SQLite is always there");
+    let spec =
+        Spec { tune: |c| c.device_key_secret = Some(SECRET.parse().unwrap()), ..Spec::new(Db::Sqlite) };
+    let s = System::start(spec).await.expect("SQLite is always there");
     let doc: Value = serde_json::from_str(DOC).unwrap();
-    let mut api = Api { defs: json_schema_defs(&doc), doc, s, seen: BTreeMap::new() };
+    let client = s.http.clone();
+    let mut api = Api { defs: json_schema_defs(&doc), doc, s, seen: BTreeMap::new(), client };
     let dev = api.s.device_ids[0].clone();
     let slow_dev = api.s.device_ids[1].clone();
 
@@ -213,6 +255,16 @@ async fn the_document_matches_every_route() {
     api.get(200, DEVICES, &format!("/v1/devices?after={after}&limit=1")).await;
     api.get(400, DEVICES, "/v1/devices?limit=0").await;
     api.get(400, DEVICES, "/v1/devices?limit=abc").await;
+
+    // ---- device keys ----
+    let k = api.call(201, "POST", KEY, &format!("/v1/devices/{offline}/key"), Body::None).await;
+    assert_eq!((k["device_id"].as_str(), k["generation"].as_u64()), (Some(offline), Some(1)), "{k}");
+    let k = api
+        .call(201, "POST", KEY, &format!("/v1/devices/{offline}/key?revoke_previous=true"), Body::None)
+        .await;
+    assert_eq!(k["generation"], 2, "{k}");
+    api.call(400, "POST", KEY, &format!("/v1/devices/{offline}/key?revoke_previous=maybe"), Body::None).await;
+    api.call(404, "POST", KEY, "/v1/devices/nobody/key", Body::None).await;
 
     // ---- submit: sync, async, and every refusal ----
     let c = api.submit(200, &dev, json!({"name": "echo", "payload": {"hello": "world"}})).await;
@@ -319,22 +371,31 @@ async fn the_document_matches_every_route() {
     api.get(400, COMMANDS, "/v1/commands?cursor=not-a-uuid").await;
     api.get(400, COMMANDS, "/v1/commands?limit=1001").await;
     api.get(400, COMMANDS, "/v1/commands?limit=abc").await;
+    let summary = api.get(200, SUMMARY, "/v1/commands/summary?minutes=5&buckets=5").await;
+    assert_eq!(summary["buckets"].as_array().map(Vec::len), Some(5));
+    api.get(400, SUMMARY, "/v1/commands/summary?minutes=0").await;
 
     // ---- service ----
     let served = api.get(200, "/openapi.json", "/openapi.json").await;
     assert_eq!(served, api.doc, "the served document is docs/openapi.json");
     let ok = api.get(200, "/healthz", "/healthz").await;
     assert_eq!(ok, "ok");
+    let ready = api.get(200, "/readyz", "/readyz").await;
+    assert_eq!(ready["ready"], true, "{ready}");
     let metrics = api.get(200, "/metrics", "/metrics").await;
     // The operation's description lists the metrics: exactly those are served.
     let listed = metric_names(api.doc["paths"]["/metrics"]["get"]["description"].as_str().unwrap());
-    let served: BTreeSet<String> = metrics
+    let mut served: BTreeSet<String> = metrics
         .as_str()
         .unwrap()
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .map(|l| l.split_whitespace().next().unwrap().split('{').next().unwrap().to_owned())
         .collect();
+    // A labelled family has no series until its first sample (no refusal in
+    // this run): it is documented all the same.
+    served.insert("gateway_messages_refused_total".to_owned());
+    served.insert("gateway_receiver_messages_rate_limited_total".to_owned());
     assert_eq!(listed, served, "metrics in the description vs served");
 
     // ---- the router's fallbacks: unknown path 404, undeclared method 405 ----
@@ -353,6 +414,16 @@ async fn the_document_matches_every_route() {
         }
     }
 
+    // ---- a gateway without --device-key-secret issues no keys ----
+    let mut plain = gateway::Config::for_local(api.s.db.url.clone(), free_port(), free_port());
+    plain.topic_prefix = api.s.topic_prefix.clone();
+    plain.broker = Some(api.s.broker.to_string());
+    let plain = gateway::start(plain, api.s.shutdown.clone()).await.expect("a second gateway starts");
+    let ours = std::mem::replace(&mut api.s.base, format!("http://{}", plain.http_addr));
+    let refused = api.call(409, "POST", KEY, &format!("/v1/devices/{dev}/key"), Body::None).await;
+    assert!(refused["error"]["message"].as_str().unwrap().contains("--device-key-secret"), "{refused}");
+    api.s.base = ours;
+
     // ---- the store gone: 503 wherever the document says so ----
     api.s.gateway.app.store().close().await;
     api.get(503, DEVICES, "/v1/devices").await;
@@ -360,10 +431,17 @@ async fn the_document_matches_every_route() {
     api.put(503, DEVICE, &format!("/v1/devices/{dev}"), json!({})).await;
     api.submit(503, &dev, json!({"name": "x"})).await;
     api.get(503, COMMANDS, "/v1/commands").await;
+    api.get(503, SUMMARY, "/v1/commands/summary").await;
     api.get(503, COMMAND, &format!("/v1/commands/{done_id}")).await;
     api.get(503, EVENTS, &format!("/v1/commands/{done_id}/events")).await;
     api.call(503, "POST", CANCEL, &format!("/v1/commands/{done_id}/cancel"), Body::None).await;
+    api.call(503, "POST", KEY, &format!("/v1/devices/{dev}/key"), Body::None).await;
     api.get(200, "/healthz", "/healthz").await;
+    let unready = api.get(503, "/readyz", "/readyz").await;
+    assert_eq!(unready["not_ready"], json!(["database", "migrations"]), "{unready}");
+
+    // ---- API keys required: 401, 403, 415 wherever the document says so ----
+    check_access(&mut api, &done_id).await;
 
     // ---- coverage, both ways ----
     let routes: BTreeSet<(String, String)> =
@@ -383,16 +461,70 @@ async fn the_document_matches_every_route() {
             documented.insert(key);
         }
     }
-    let missing: Vec<_> = routes.difference(&documented).collect();
+    let console: BTreeSet<(String, String)> =
+        CONSOLE.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+    let missing: Vec<_> = routes.difference(&documented).filter(|r| !console.contains(r)).collect();
     assert!(missing.is_empty(), "routes the router serves that the document lacks: {missing:?}");
     let extra: Vec<_> = documented.difference(&routes).collect();
     assert!(extra.is_empty(), "operations in the document the router does not serve: {extra:?}");
     assert!(undone.is_empty(), "declared responses never exercised: {undone:?}");
+    let access: BTreeSet<(String, String)> =
+        ACCESS.iter().map(|(m, p, _)| ((*m).to_owned(), (*p).to_owned())).collect();
+    assert_eq!(routes, access, "ROUTES vs the access rules (gateway::http::auth::ACCESS)");
 
     for ((method, template), statuses) in &api.seen {
         eprintln!("checked {method:6} {template:34} {statuses:?}");
     }
     api.s.stop().await;
+}
+
+/// On a gateway that requires API keys: the document's security (open
+/// operations say `security: []`, the others list their scopes in
+/// `x-scopes`) is what `auth::ACCESS` enforces, and each protected operation
+/// answers 401 without a key, 403 with a key lacking its scopes, and — a
+/// write — 415 for a `text/plain` body with the right key.
+async fn check_access(api: &mut Api, command_id: &str) {
+    let mut spec = Spec::new(Db::Sqlite);
+    spec.tune = |config| config.insecure = false;
+    let secure = System::start(spec).await.expect("SQLite is always there");
+    std::mem::replace(&mut api.s, secure).stop().await;
+    api.client = reqwest::Client::new();
+    let store = api.s.gateway.app.store().clone();
+    let mut operations = Vec::new();
+    for (template, item) in api.doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap().iter().filter(|(k, _)| k.as_str() != "parameters") {
+            operations.push((method.to_uppercase(), template.clone(), op.clone()));
+        }
+    }
+    for (method, template, op) in operations {
+        let path = Api::sample_path(&template, command_id);
+        let (rule, listed) = access(&method.parse().unwrap(), &template);
+        assert!(listed, "{method} {template} has no line in auth::ACCESS");
+        let Some(scopes) = op.get("x-scopes") else {
+            assert_eq!((&op["security"], rule), (&json!([]), Access::Open), "{method} {template} is open");
+            api.call(200, &method, &template, &path, Body::None).await;
+            continue;
+        };
+        let declared: BTreeSet<Scope> =
+            scopes.as_array().unwrap().iter().map(|s| Scope::parse(s.as_str().unwrap()).unwrap()).collect();
+        let Access::AnyOf(enforced) = rule else {
+            panic!("{method} {template}: open, documented with scopes")
+        };
+        assert_eq!(declared, enforced.iter().copied().collect(), "{method} {template}: x-scopes vs ACCESS");
+        api.call(401, &method, &template, &path, Body::None).await;
+        let others: Vec<Scope> = Scope::ALL.into_iter().filter(|s| !declared.contains(s)).collect();
+        let other_key = create_api_key(&store, "other", &others).await;
+        let body =
+            api.call_as(403, &method, &template, &path, Body::None, |r| r.bearer_auth(&other_key)).await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(declared.iter().all(|s| message.contains(s.as_str())), "403 names the scopes: {message}");
+        if method != "GET" {
+            let scopes: Vec<Scope> = declared.iter().copied().collect();
+            let key = create_api_key(&store, "right", &scopes).await;
+            let text = Body::Text("{}".into());
+            api.call_as(415, &method, &template, &path, text, |r| r.bearer_auth(&key)).await;
+        }
+    }
 }
 
 /// `components.schemas` of the document, as JSON Schema `$defs`.

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use protocol::envelope::{Report, ReportKind};
+use protocol::DeviceId;
 use uuid::Uuid;
 
 use super::{Command, DeviceResult, Failure, FailureKind, NewCommand, Status};
@@ -36,6 +37,29 @@ pub struct Change {
     pub completes_cancel: bool,
     /// Legal only from this status (besides `Status::can_move_to`).
     pub only_from: Option<Status>,
+    /// An attempt: the receiver it is published to (`sent_to`).
+    pub sent_to: Option<String>,
+    /// A receiver's report: legal only for a command published (`sent` or
+    /// `delivered`) to that receiver, for that device (PROTOCOL 4.2).
+    pub reported_by: Option<Reporter>,
+}
+
+/// Who a report comes from and what it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reporter {
+    pub receiver: String,
+    pub device: DeviceId,
+}
+
+impl Reporter {
+    /// Whether `current` was sent to this receiver, for this device, and is
+    /// still where a report can move it: never from `pending`/`scheduled`
+    /// (not published) nor from a final status.
+    pub fn may_move(&self, current: &Command) -> bool {
+        matches!(current.status, Status::Sent | Status::Delivered)
+            && current.sent_to.as_deref() == Some(self.receiver.as_str())
+            && current.device_id == self.device
+    }
 }
 
 /// One move to make: command `id` to status `to`, with `change`.
@@ -70,7 +94,8 @@ pub fn step(current: &Command, to: Status, change: &Change, now: i64) -> Option<
     };
     let cancel_completable = current.cancel_requested_at.is_some() && current.delivered_at.is_none();
     let from_ok = change.only_from.is_none_or(|s| s == current.status);
-    if !legal || !from_ok || (change.completes_cancel && !cancel_completable) {
+    let reporter_ok = change.reported_by.as_ref().is_none_or(|r| r.may_move(current));
+    if !legal || !from_ok || !reporter_ok || (change.completes_cancel && !cancel_completable) {
         return None;
     }
     let next = apply(current, to, change, now);
@@ -85,6 +110,9 @@ fn apply(current: &Command, to: Status, change: &Change, now: i64) -> Command {
     next.updated_at = now;
     if change.bump_attempts {
         next.attempts += 1;
+    }
+    if let Some(receiver) = &change.sent_to {
+        next.sent_to = Some(receiver.clone());
     }
     if change.delivered && next.delivered_at.is_none() {
         next.delivered_at = Some(now);
@@ -152,7 +180,9 @@ pub fn accepted_events(new: &NewCommand) -> Vec<EventRecord> {
 /// requested and that never reached a device: to `canceled` (a receiver
 /// writes no `undeliverable` for a command it has written, PROTOCOL 4.5);
 /// otherwise it moves nothing (it is logged; re-sending is the sweeper's job).
-pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Option<Move> {
+/// Every report move is legal only for a command sent to the reporting
+/// receiver, for the device named ([`Reporter::may_move`]).
+pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Move {
     let receiver = &report.receiver_id;
     let (to, change) = match &report.kind {
         ReportKind::Delivered => (
@@ -189,7 +219,8 @@ pub fn report_move(report: &Report, now: i64, result_timeout: Duration) -> Optio
             (Status::Canceled, change)
         }
     };
-    Some(Move { id: report.command_id, to, change })
+    let reported_by = Some(Reporter { receiver: receiver.clone(), device: report.device_id.clone() });
+    Move { id: report.command_id, to, change: Change { reported_by, ..change } }
 }
 
 fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) {
@@ -210,12 +241,20 @@ fn result_change(code: i32, payload: &[u8], receiver: &str) -> (Status, Change) 
 /// publishes: claim first, so a crash between the two leaves a `sent` command
 /// with no delivery, which the ack timeout re-sends, and a fast delivery
 /// report cannot overtake the claim.
-pub fn attempt_change(command: &Command, why: &str, instance_id: &str, now: i64, wait: Duration) -> Change {
+pub fn attempt_change(
+    command: &Command,
+    receiver: &str,
+    why: &str,
+    instance_id: &str,
+    now: i64,
+    wait: Duration,
+) -> Change {
     let attempt = command.attempts + 1;
     Change {
         bump_attempts: true,
+        sent_to: Some(receiver.to_owned()),
         next_attempt_at: Some(now + wait.as_millis() as i64),
-        detail: Some(format!("attempt {attempt} by {instance_id}: {why}")),
+        detail: Some(format!("attempt {attempt} by {instance_id} to receiver {receiver}: {why}")),
         ..Change::default()
     }
 }
@@ -296,7 +335,6 @@ pub fn due(c: &Command, now: i64, device_online: bool) -> Due {
 mod tests {
     use super::*;
     use crate::command::tests::a_command;
-    use protocol::DeviceId;
 
     fn sent() -> Command {
         let mut c = a_command();
@@ -313,16 +351,47 @@ mod tests {
         Report {
             command_id: c.id,
             device_id: DeviceId::parse("dev-1").unwrap(),
-            receiver_id: "rx-1".into(),
+            receiver_id: "receiver-1".into(),
             kind,
         }
+    }
+
+    #[test]
+    fn only_the_receiver_an_attempt_went_to_moves_the_command_by_its_reports() {
+        let c = sent();
+        let ok = |receiver: &str, device: &str| Report {
+            command_id: c.id,
+            device_id: DeviceId::parse(device).unwrap(),
+            receiver_id: receiver.into(),
+            kind: ReportKind::Result { code: 0, payload_base64: b"forged".to_vec() },
+        };
+        let moves = |r: &Report, c: &Command| {
+            let m = report_move(r, 100, Duration::from_secs(15));
+            step(c, m.to, &m.change, 100).is_some()
+        };
+        assert!(moves(&ok("receiver-1", "dev-1"), &c));
+        assert!(!moves(&ok("attacker", "dev-1"), &c), "another receiver");
+        assert!(!moves(&ok("receiver-1", "dev-2"), &c), "about another device");
+        for status in [Status::Pending, Status::Scheduled] {
+            let mut unpublished = c.clone();
+            (unpublished.status, unpublished.attempts, unpublished.sent_to) = (status, 0, None);
+            assert!(!moves(&ok("receiver-1", "dev-1"), &unpublished), "never {status} → final");
+            unpublished.sent_to = Some("receiver-1".into());
+            assert!(!moves(&ok("receiver-1", "dev-1"), &unpublished), "never {status} → final");
+        }
+        // A re-send to another receiver: the first one's reports no longer count.
+        let change = attempt_change(&c, "receiver-2", "why", "gw-1", 1_000, Duration::from_secs(5));
+        let (resent, _) = step(&c, Status::Sent, &change, 1_000).unwrap();
+        assert_eq!(resent.sent_to.as_deref(), Some("receiver-2"));
+        assert!(!moves(&ok("receiver-1", "dev-1"), &resent));
+        assert!(moves(&ok("receiver-2", "dev-1"), &resent));
     }
 
     #[test]
     fn a_quick_result_implies_the_delivery() {
         let c = sent();
         let ok = report(&c, ReportKind::Result { code: 0, payload_base64: b"{}".to_vec() });
-        let m = report_move(&ok, 100, Duration::from_secs(15)).unwrap();
+        let m = report_move(&ok, 100, Duration::from_secs(15));
         let (next, events) = step(&c, m.to, &m.change, 100).unwrap();
         assert_eq!(
             (next.status, next.delivered_at, next.completed_at),
@@ -340,12 +409,12 @@ mod tests {
     #[test]
     fn a_result_after_delivered_is_one_event_and_keeps_delivered_at() {
         let c = sent();
-        let delivered = report_move(&report(&c, ReportKind::Delivered), 50, Duration::from_secs(15)).unwrap();
+        let delivered = report_move(&report(&c, ReportKind::Delivered), 50, Duration::from_secs(15));
         let (c, events) = step(&c, delivered.to, &delivered.change, 50).unwrap();
         assert_eq!((c.status, c.delivered_at, events.len()), (Status::Delivered, Some(50), 1));
         assert_eq!(c.next_attempt_at, Some(c.expires_at.min(50 + 15_000)));
         let failed = report(&c, ReportKind::Result { code: 7, payload_base64: vec![] });
-        let m = report_move(&failed, 90, Duration::from_secs(15)).unwrap();
+        let m = report_move(&failed, 90, Duration::from_secs(15));
         let (c, events) = step(&c, m.to, &m.change, 90).unwrap();
         assert_eq!((c.status, c.delivered_at, events.len()), (Status::Failed, Some(50), 1));
         assert_eq!(c.error.map(|e| e.kind), Some(FailureKind::DeviceError));
@@ -355,11 +424,11 @@ mod tests {
     #[test]
     fn late_and_duplicate_reports_move_nothing() {
         let done = a_command();
-        let late = report_move(&report(&done, ReportKind::Delivered), 1, Duration::ZERO).unwrap();
+        let late = report_move(&report(&done, ReportKind::Delivered), 1, Duration::ZERO);
         assert!(step(&done, late.to, &late.change, 1).is_none());
         assert!(step(&done, Status::Canceled, &cancel_change(), 1).is_none());
         let undeliverable = report(&done, ReportKind::Undeliverable { reason: "gone".into() });
-        let m = report_move(&undeliverable, 1, Duration::ZERO).unwrap();
+        let m = report_move(&undeliverable, 1, Duration::ZERO);
         assert!(step(&done, m.to, &m.change, 1).is_none());
         assert!(step(&sent(), m.to, &m.change, 1).is_none(), "no cancel was requested");
     }
@@ -367,7 +436,7 @@ mod tests {
     #[test]
     fn a_queued_command_waits_the_result_timeout_without_an_attempt() {
         let c = sent();
-        let queued = report_move(&report(&c, ReportKind::Queued), 100, Duration::from_secs(15)).unwrap();
+        let queued = report_move(&report(&c, ReportKind::Queued), 100, Duration::from_secs(15));
         let (next, events) = step(&c, queued.to, &queued.change, 100).unwrap();
         assert_eq!((next.status, next.attempts), (Status::Sent, c.attempts));
         assert_eq!(next.next_attempt_at, Some(c.expires_at.min(100 + 15_000)));
@@ -396,7 +465,7 @@ mod tests {
 
         // A receiver that did not write it completes the cancel…
         let no = report(&c, ReportKind::Undeliverable { reason: "canceled before delivery".into() });
-        let m = report_move(&no, 10, Duration::ZERO).unwrap();
+        let m = report_move(&no, 10, Duration::ZERO);
         let (canceled, _) = step(&requested, m.to, &m.change, 10).unwrap();
         assert_eq!(canceled.status, Status::Canceled);
         // …unless the command reached a device: then only its result or the deadline ends it.
@@ -405,7 +474,7 @@ mod tests {
         delivered.delivered_at = Some(9);
         assert!(step(&delivered, m.to, &m.change, 10).is_none());
         let ran = report(&c, ReportKind::Result { code: 0, payload_base64: vec![] });
-        let m = report_move(&ran, 11, Duration::ZERO).unwrap();
+        let m = report_move(&ran, 11, Duration::ZERO);
         assert_eq!(step(&delivered, m.to, &m.change, 11).unwrap().0.status, Status::Succeeded);
         let mut late = delivered;
         late.expires_at = 5;
@@ -415,11 +484,11 @@ mod tests {
     #[test]
     fn an_attempt_bumps_attempts_and_never_looks_past_the_deadline() {
         let c = sent();
-        let change = attempt_change(&c, "why", "gw-1", 1_000, Duration::from_secs(3_600));
+        let change = attempt_change(&c, "receiver-1", "why", "gw-1", 1_000, Duration::from_secs(3_600));
         let (next, events) = step(&c, Status::Sent, &change, 1_000).unwrap();
         assert_eq!(next.attempts, 2);
         assert_eq!(next.next_attempt_at, Some(c.expires_at), "capped at the deadline");
-        assert_eq!(events[0].detail.as_deref(), Some("attempt 2 by gw-1: why"));
+        assert_eq!(events[0].detail.as_deref(), Some("attempt 2 by gw-1 to receiver receiver-1: why"));
         assert_eq!(events[0].attempt, 2);
     }
 
@@ -454,6 +523,7 @@ mod tests {
             request_hash: String::new(),
             reply_to: None,
             submission_key: None,
+            sent_to: Some("receiver-1".into()),
         };
         let to: Vec<_> = accepted_events(&new).iter().map(|e| (e.to, e.attempt)).collect();
         assert_eq!(to, [(Status::Pending, 0), (Status::Sent, 1)]);

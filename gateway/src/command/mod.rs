@@ -275,6 +275,9 @@ pub struct Command {
     pub idempotency_key: Option<String>,
     /// MQTT callers: where the final answer goes (not shown in JSON).
     pub reply_to: Option<ReplyTo>,
+    /// The receiver the current attempt was published to (`None` before the
+    /// first): only its reports move the command.
+    pub sent_to: Option<String>,
 }
 
 impl Command {
@@ -341,6 +344,8 @@ pub struct NewCommand {
     /// MQTT submissions: the message's key (every instance receives every
     /// submission; the one whose insert takes the key answers it).
     pub submission_key: Option<String>,
+    /// With `Sent`: the receiver the first attempt goes to.
+    pub sent_to: Option<String>,
 }
 
 impl NewCommand {
@@ -371,6 +376,7 @@ impl NewCommand {
             error: None,
             idempotency_key: self.idempotency_key.clone(),
             reply_to: self.reply_to.clone(),
+            sent_to: self.sent_to.clone(),
         }
     }
 }
@@ -427,6 +433,7 @@ pub(crate) mod tests {
             error: None,
             idempotency_key: None,
             reply_to: None,
+            sent_to: Some("receiver-1".into()),
         }
     }
 

@@ -1,14 +1,32 @@
 //! The HTTP front door: routes, JSON in and out, errors as
 //! `{"error": {"kind", "message"}}`. Translates to `App` calls and nothing
 //! more; handlers live beside their resource ([`devices`], [`commands`]).
+//! [`auth`] decides who may call what; [`tls`] is the listener's TLS.
+//!
+//! Layers, outermost first: every error answered as JSON
+//! ([`json_errors`]), the URI length cap (414), routing, then per route
+//! the API key and content-type check ([`auth::guard`]) and the handler.
+//! [`serve`] is the server loop and its connection limits; [`console`] the
+//! web page for operators, a client of this API like any other.
+//! No CORS headers are ever sent: a browser on another origin gets no
+//! permission from this server, not even for a preflight.
 
+pub mod auth;
 mod commands;
+pub mod console;
 mod devices;
+pub mod serve;
+pub mod tls;
+
+pub use serve::{serve, Limits};
+
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,25 +41,44 @@ const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
 
-/// Every route of the API (documented in docs/openapi.json).
+/// Longest request URI (path and query) accepted, in bytes; longer: a JSON
+/// 414. (hyper itself answers a 431 without a body to a request head over
+/// `--http-max-head-bytes`, 32 KiB by default, and a 414 to a URI over
+/// 65,534 bytes: those never reach this router.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Every route of the API (documented in docs/openapi.json) and the
+/// console's files (not API: left out of the document); who may call each
+/// is `auth::ACCESS`.
 pub fn router(app: App) -> Router {
+    let auth = Arc::new(auth::Auth::new(app.config()));
     Router::new()
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/{device_id}", get(devices::get).put(devices::put))
         .route("/v1/devices/{device_id}/commands", post(commands::submit))
+        .route("/v1/devices/{device_id}/key", post(devices::issue_key))
         .route("/v1/commands", get(commands::list))
+        .route("/v1/commands/summary", get(commands::summary))
         .route("/v1/commands/{id}", get(commands::get))
         .route("/v1/commands/{id}/events", get(commands::events))
         .route("/v1/commands/{id}/cancel", post(commands::cancel))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(console::root))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
+        .route("/console/console.css", get(console::style))
+        .route_layer(middleware::from_fn_with_state((app.clone(), auth), auth::guard))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorKind::MethodNotAllowed, "method not allowed on this route")
         })
         // Bodies are read by `json_body`, which enforces its own limit with a JSON 413.
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(limit_uri))
+        .layer(middleware::map_response(json_errors))
         .with_state(app)
 }
 
@@ -49,8 +86,52 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.to_json())).into_response()
+        let mut response = (status, Json(self.to_json())).into_response();
+        if self.kind == ErrorKind::Unauthorized {
+            // RFC 6750 §3: how to authenticate.
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after_secs() {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
+}
+
+/// A request URI over [`MAX_URI_BYTES`]: 414, before routing.
+async fn limit_uri(req: Request, next: Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > MAX_URI_BYTES {
+        let message = format!("request URI of {len} bytes, over {MAX_URI_BYTES}");
+        return ApiError::new(ErrorKind::UriTooLong, message).into_response();
+    }
+    next.run(req).await
+}
+
+/// Every error leaves as our JSON body: an error response that is not JSON
+/// (a rejection or fallback of axum's own, in text) is rewritten with the
+/// kind of its status and its text as the message; its other headers (e.g.
+/// `Allow` on a 405) are kept.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        text => text.to_owned(),
+    };
+    let error = ApiError::new(ErrorKind::for_status(status.as_u16()), message);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(error.to_json().to_string()))
 }
 
 /// Reads and parses a JSON body; the size cap leaves room for base64 and the
@@ -92,6 +173,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// `Path` with its rejection (e.g. `%FF`, not UTF-8) turned into our JSON 400.
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
 /// A command id from the path; anything else is a command that does not exist.
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     id.parse().map_err(|_| ApiError::not_found(format!("no command {id:?}")))
@@ -105,7 +200,58 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
+/// `GET /readyz`: 200 when this instance can take commands, 503 naming what
+/// is not ready (`crate::shutdown` has the checks).
+async fn readyz(State(app): State<App>) -> Response {
+    plumbing::health::answer(&app.readiness().await)
+}
+
 /// Prometheus text exposition of this instance's counters.
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, plumbing::metrics::CONTENT_TYPE)], app.metrics().registry.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text error from a layer other than ours leaves as our JSON, with its
+    /// status and other headers; JSON errors and successes pass untouched.
+    #[tokio::test]
+    async fn error_responses_become_json() {
+        let text = (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "GET")], "Method Not Allowed");
+        let response = json_errors(text.into_response()).await;
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers()[header::ALLOW], "GET");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["kind"], "method_not_allowed");
+        assert_eq!(body["error"]["message"], "Method Not Allowed");
+
+        let empty = json_errors(StatusCode::IM_A_TEAPOT.into_response()).await;
+        let body = axum::body::to_bytes(empty.into_body(), 1024).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (&body["error"]["kind"], &body["error"]["message"]),
+            (&"bad_request".into(), &"I'm a teapot".into())
+        );
+
+        let ours = json_errors(ApiError::not_found("no such route").into_response()).await;
+        let body = axum::body::to_bytes(ours.into_body(), 1024).await.unwrap();
+        assert_eq!(body, ApiError::not_found("no such route").to_json().to_string());
+        let ok = json_errors((StatusCode::OK, "ok").into_response()).await;
+        assert_eq!(axum::body::to_bytes(ok.into_body(), 16).await.unwrap(), "ok");
+    }
+
+    #[test]
+    fn every_kind_maps_back_from_its_status() {
+        for kind in
+            [ErrorKind::Unauthorized, ErrorKind::Forbidden, ErrorKind::UriTooLong, ErrorKind::NotFound]
+        {
+            assert_eq!(ErrorKind::for_status(kind.http_status()), kind);
+        }
+        assert_eq!(ErrorKind::for_status(431), ErrorKind::BadRequest);
+        assert_eq!(ErrorKind::for_status(502), ErrorKind::Internal);
+    }
 }

@@ -36,27 +36,10 @@ pub(super) async fn handle(app: &App, payload: &[u8], retained: bool) {
     if retained {
         clear_retained(app).await;
     }
-    // Only the routing fields first: the rest is read from the message's own
-    // bytes below, so a payload is judged as the caller wrote it (duplicate
-    // keys, lone surrogate escapes: refused with a reply, as over HTTP).
-    let Ok(routing) = serde_json::from_slice::<Routing>(payload) else {
-        return dropped(app, "MQTT submission is not a JSON object; dropped");
+    let (origin, routing) = match origin_of(payload) {
+        Ok(found) => found,
+        Err(why) => return dropped(app, why),
     };
-    let Some(topic) =
-        routing.reply_to.as_deref().and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
-    else {
-        return dropped(app, "MQTT submission without reply_to; dropped");
-    };
-    let correlation_id = match routing.correlation_id.as_deref().map(RawValue::get) {
-        None => String::new(),
-        Some(raw) => match serde_json::from_str::<Value>(raw) {
-            Ok(Value::String(s)) => s,
-            Ok(other) => other.to_string(),
-            Err(_) => raw.to_owned(),
-        },
-    };
-    let key = request_hash(&[topic.as_bytes(), correlation_id.as_bytes(), payload]);
-    let origin = MqttOrigin { reply_to: ReplyTo { topic, correlation_id }, key };
     let reply = &origin.reply_to;
     let device_id = routing
         .device_id
@@ -85,24 +68,72 @@ pub(super) async fn handle(app: &App, payload: &[u8], retained: bool) {
         Ok(None) => {
             app.metrics().mqtt_submissions_elsewhere.inc();
         }
-        Err(e) => {
-            // Refused here; another instance may have taken the message
-            // meanwhile (then it answers), and one refusal is enough.
-            match app.store().claim_submission(&origin.key, now_ms()).await {
-                Ok(false) => {
-                    app.metrics().mqtt_submissions_elsewhere.inc();
-                    return;
-                }
-                Ok(true) => {}
-                // The store stayed down for all of STORE_PATIENCE: every
-                // instance says so (each alone cannot know who else could).
-                Err(store) => tracing::warn!(error = %store, "MQTT refusal not recorded; replying anyway"),
-            }
-            let mut body = e.to_json();
-            body["status_code"] = e.kind.http_status().into();
-            app.reply(reply, "rejected", body).await;
-        }
+        Err(e) => refuse(app, &origin, &e).await,
     }
+}
+
+/// Answers `rejected` with `e` (its `status_code` the HTTP status of its
+/// kind), unless another instance took the message meanwhile (then it
+/// answers: one answer is enough).
+async fn refuse(app: &App, origin: &MqttOrigin, e: &ApiError) {
+    match app.store().claim_submission(&origin.key, now_ms()).await {
+        Ok(false) => {
+            app.metrics().mqtt_submissions_elsewhere.inc();
+            return;
+        }
+        Ok(true) => {}
+        // The store stayed down for all of STORE_PATIENCE: every
+        // instance says so (each alone cannot know who else could).
+        Err(store) => tracing::warn!(error = %store, "MQTT refusal not recorded; replying anyway"),
+    }
+    let mut body = e.to_json();
+    body["status_code"] = e.kind.http_status().into();
+    app.reply(&origin.reply_to, "rejected", body).await;
+}
+
+/// How long a submitter refused for a full queue is told to wait, in ms.
+pub(super) const OVERLOADED_RETRY_MS: u64 = 1_000;
+
+/// Answers a submission that found the queue full (`--mqtt-submission-queue`):
+/// `rejected`, 503 `overloaded` with `retry_after_ms`; nothing is run.
+pub(super) async fn refuse_overloaded(app: &App, payload: &[u8], queue: u64) {
+    if payload.is_empty() {
+        return;
+    }
+    let Ok((origin, _)) = origin_of(payload) else {
+        app.metrics().mqtt_submissions_dropped.inc();
+        return;
+    };
+    let message = format!(
+        "the gateway's MQTT submission queue is full (--mqtt-submission-queue {queue}); nothing was run, try again"
+    );
+    let e = ApiError::new(ErrorKind::Overloaded, message).retry_after(OVERLOADED_RETRY_MS);
+    refuse(app, &origin, &e).await;
+}
+
+/// A submission's reply route and key, from its routing fields only: the
+/// rest is read from the message's own bytes later, so a payload is judged
+/// as the caller wrote it (duplicate keys, lone surrogate escapes: refused
+/// with a reply, as over HTTP). Errors: why it cannot be answered at all.
+fn origin_of(payload: &[u8]) -> Result<(MqttOrigin, Routing), &'static str> {
+    let Ok(routing) = serde_json::from_slice::<Routing>(payload) else {
+        return Err("MQTT submission is not a JSON object; dropped");
+    };
+    let Some(topic) =
+        routing.reply_to.as_deref().and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+    else {
+        return Err("MQTT submission without reply_to; dropped");
+    };
+    let correlation_id = match routing.correlation_id.as_deref().map(RawValue::get) {
+        None => String::new(),
+        Some(raw) => match serde_json::from_str::<Value>(raw) {
+            Ok(Value::String(s)) => s,
+            Ok(other) => other.to_string(),
+            Err(_) => raw.to_owned(),
+        },
+    };
+    let key = request_hash(&[topic.as_bytes(), correlation_id.as_bytes(), payload]);
+    Ok((MqttOrigin { reply_to: ReplyTo { topic, correlation_id }, key }, routing))
 }
 
 /// How long an MQTT submission waits for the store to come back (a database

@@ -73,14 +73,20 @@ impl Store {
     }
 
     /// Moves the sweeper's next look at a command to `until` without another
-    /// change, if it still stands as `current` (e.g. its device is offline).
+    /// change, if it still stands as `current` (e.g. its device is offline) —
+    /// its `next_attempt_at` included, so a device that came online meanwhile
+    /// (`wake_device`, which sets it to now) is not put off.
     pub async fn postpone(&self, current: &Command, until: i64) -> Result<bool> {
         let done = self
-            .query("UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ?")
+            .query(
+                "UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ? \
+                 AND next_attempt_at = ?",
+            )
             .bind(until.min(current.expires_at))
             .bind(current.id.to_string())
             .bind(current.status.as_str())
             .bind(current.attempts)
+            .bind(current.next_attempt_at)
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)

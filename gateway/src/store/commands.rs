@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use protocol::DeviceId;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use uuid::Uuid;
@@ -37,6 +38,11 @@ pub struct Event {
     pub to: String,
     pub attempt: i64,
     pub detail: Option<String>,
+    /// How many times this event happened in a row (a note repeated with
+    /// nothing in between is counted here, not written again); 1 for most.
+    pub repeats: i64,
+    /// When it last happened, if `repeats` > 1 (ms since the Unix epoch).
+    pub last_at: Option<i64>,
 }
 
 /// Filter for `list_commands`.
@@ -145,11 +151,11 @@ impl Store {
 
     async fn insert_command_rows(&self, tx: &mut Tx, news: &[NewCommand]) -> Result<()> {
         for chunk in news.chunks(100) {
-            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
                 "INSERT INTO commands (id, device_id, name, payload, payload_json, status, attempts, \
                  max_attempts, created_at, scheduled_at, expires_at, updated_at, next_attempt_at, \
-                 idempotency_key, request_hash, reply_to, correlation_id) VALUES {rows}"
+                 idempotency_key, request_hash, reply_to, correlation_id, sent_to) VALUES {rows}"
             );
             let mut q = self.query(&sql);
             for new in chunk {
@@ -170,7 +176,8 @@ impl Store {
                     .bind(new.idempotency_key.clone())
                     .bind(new.request_hash.clone())
                     .bind(new.reply_to.as_ref().map(|r| r.topic.clone()))
-                    .bind(new.reply_to.as_ref().map(|r| r.correlation_id.clone()));
+                    .bind(new.reply_to.as_ref().map(|r| r.correlation_id.clone()))
+                    .bind(new.sent_to.clone().filter(|_| new.status == Status::Sent));
             }
             q.execute(&mut **tx).await?;
         }
@@ -198,6 +205,51 @@ impl Store {
         let same = row.try_get::<Option<String>, _>("request_hash")?.as_deref() == Some(&new.request_hash);
         let command = command_from_row(&row)?;
         Ok(if same { Inserted::Existing(command) } else { Inserted::KeyConflict(command) })
+    }
+
+    /// How many non-final commands (those with a `next_attempt_at`) each of
+    /// these devices has; devices with none are absent. For the per-device
+    /// cap (`--max-device-queue`); uses the `commands_device_queue` index.
+    /// Tried again on a broken connection (a database node failing over), as
+    /// the insert that follows it is.
+    pub async fn queued_counts(&self, device_ids: &[&DeviceId]) -> Result<HashMap<String, u64>> {
+        retry_transient(|| self.queued_counts_once(device_ids)).await
+    }
+
+    async fn queued_counts_once(&self, device_ids: &[&DeviceId]) -> Result<HashMap<String, u64>> {
+        let mut counts = HashMap::with_capacity(device_ids.len());
+        for chunk in device_ids.chunks(500) {
+            let sql = format!(
+                "SELECT device_id, COUNT(*) AS n FROM commands WHERE device_id IN ({}) \
+                 AND next_attempt_at IS NOT NULL GROUP BY device_id",
+                marks(chunk.len())
+            );
+            let mut q = self.query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str().to_owned());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let n: i64 = row.try_get("n")?;
+                counts.insert(row.try_get("device_id")?, u64::try_from(n).unwrap_or(0));
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Whether a command with this idempotency key exists for the device
+    /// (a repeat of it is answered from it, never refused by the cap).
+    pub async fn has_idempotency_key(&self, device_id: &DeviceId, key: &str) -> Result<bool> {
+        retry_transient(|| self.has_idempotency_key_once(device_id, key)).await
+    }
+
+    async fn has_idempotency_key_once(&self, device_id: &DeviceId, key: &str) -> Result<bool> {
+        let row = self
+            .query("SELECT 1 AS one FROM commands WHERE device_id = ? AND idempotency_key = ?")
+            .bind(device_id.as_str().to_owned())
+            .bind(key.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     pub async fn get_command(&self, id: Uuid) -> Result<Option<Command>> {
@@ -254,7 +306,7 @@ impl Store {
     pub async fn events(&self, id: Uuid) -> Result<Vec<Event>> {
         let rows = self
             .query(
-                "SELECT at, from_status, to_status, attempt, detail FROM command_events \
+                "SELECT at, from_status, to_status, attempt, detail, repeats, last_at FROM command_events \
                  WHERE command_id = ? ORDER BY id",
             )
             .bind(id.to_string())
@@ -268,6 +320,8 @@ impl Store {
                     to: r.try_get("to_status")?,
                     attempt: r.try_get("attempt")?,
                     detail: r.try_get("detail")?,
+                    repeats: r.try_get("repeats")?,
+                    last_at: r.try_get("last_at")?,
                 })
             })
             .collect()
@@ -276,15 +330,40 @@ impl Store {
     /// Logs an event that changes nothing, with the status and attempt the
     /// command has at that moment — read in the same statement, so a move
     /// committed meanwhile (a re-send) cannot end up before a note about it in
-    /// the log. False if there is no such command.
-    pub async fn note_as_it_stands(&self, id: Uuid, detail: &str) -> Result<bool> {
+    /// the log. `times`: how many identical notes this one stands for (≥ 1),
+    /// added to `repeats`. False if there is no such command.
+    pub async fn note_as_it_stands(&self, id: Uuid, detail: &str, times: i64) -> Result<bool> {
+        let (detail, now) = (truncate(detail, DETAIL_MAX), now_ms());
+        // The same note as the latest event: counted there, not written again
+        // (a receiver repeating itself 100,000 times is one row). Two instances
+        // noting at once may each write a row: harmless.
+        let latest = self
+            .query("SELECT id, detail FROM command_events WHERE command_id = ? ORDER BY id DESC LIMIT 1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = latest {
+            if row.try_get::<Option<String>, _>("detail")?.as_deref() == Some(detail.as_str()) {
+                let event: i64 = row.try_get("id")?;
+                self.query("UPDATE command_events SET repeats = repeats + ?, last_at = ? WHERE id = ?")
+                    .bind(times)
+                    .bind(now)
+                    .bind(event)
+                    .execute(&self.pool)
+                    .await?;
+                return Ok(true);
+            }
+        }
+        let last_at = (times > 1).then_some(now);
         let done = self
             .query(
-                "INSERT INTO command_events (command_id, at, from_status, to_status, attempt, detail) \
-                 SELECT id, ?, status, status, attempts, ? FROM commands WHERE id = ?",
+                "INSERT INTO command_events (command_id, at, from_status, to_status, attempt, detail, repeats, last_at) \
+                 SELECT id, ?, status, status, attempts, ?, ?, ? FROM commands WHERE id = ?",
             )
-            .bind(now_ms())
-            .bind(truncate(detail, DETAIL_MAX))
+            .bind(now)
+            .bind(detail)
+            .bind(times)
+            .bind(last_at)
             .bind(id.to_string())
             .execute(&self.pool)
             .await?;

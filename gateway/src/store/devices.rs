@@ -36,6 +36,17 @@ pub struct Upserted {
     pub created: bool,
 }
 
+/// What [`Store::set_presence`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceOutcome {
+    Changed,
+    /// An offline report about a device that is not (or no longer) at that receiver.
+    Unchanged,
+    /// Not recorded: the device is not registered and the store already holds
+    /// the most unregistered devices' presence allowed.
+    TooManyUnregistered,
+}
+
 impl Store {
     /// Creates or updates a device.
     pub async fn upsert_device(&self, id: &DeviceId, enabled: bool, labels: &Value) -> Result<Upserted> {
@@ -107,11 +118,27 @@ impl Store {
 
     /// Records that a receiver gained or lost a device (registered or not yet).
     /// An offline report from a receiver the device has since left is ignored.
-    pub async fn set_presence(&self, device_id: &DeviceId, receiver_id: &str, online: bool) -> Result<bool> {
-        retry_transient(|| self.set_presence_once(device_id, receiver_id, online)).await
+    /// A device not in the registry is recorded only while fewer than
+    /// `max_unregistered` such devices have a presence row (else
+    /// [`PresenceOutcome::TooManyUnregistered`], nothing written): receivers may
+    /// report devices before they are registered, but not without bound.
+    pub async fn set_presence(
+        &self,
+        device_id: &DeviceId,
+        receiver_id: &str,
+        online: bool,
+        max_unregistered: u64,
+    ) -> Result<PresenceOutcome> {
+        retry_transient(|| self.set_presence_once(device_id, receiver_id, online, max_unregistered)).await
     }
 
-    async fn set_presence_once(&self, device_id: &DeviceId, receiver_id: &str, online: bool) -> Result<bool> {
+    async fn set_presence_once(
+        &self,
+        device_id: &DeviceId,
+        receiver_id: &str,
+        online: bool,
+        max_unregistered: u64,
+    ) -> Result<PresenceOutcome> {
         let now = now_ms();
         let done = if online {
             self.query(
@@ -132,8 +159,14 @@ impl Store {
             .execute(&self.pool)
             .await?
         };
-        if done.rows_affected() > 0 || !online {
-            return Ok(done.rows_affected() > 0);
+        if done.rows_affected() > 0 {
+            return Ok(PresenceOutcome::Changed);
+        }
+        if !online {
+            return Ok(PresenceOutcome::Unchanged);
+        }
+        if !self.unregistered_room(device_id, max_unregistered).await? {
+            return Ok(PresenceOutcome::TooManyUnregistered);
         }
         let insert = self
             .query(
@@ -143,10 +176,48 @@ impl Store {
             .bind(receiver_id)
             .bind(now);
         if self.insert_new(insert).await? {
-            return Ok(true);
+            return Ok(PresenceOutcome::Changed);
         }
         // Inserted concurrently by another writer: ours becomes an update.
-        Box::pin(self.set_presence_once(device_id, receiver_id, online)).await
+        Box::pin(self.set_presence_once(device_id, receiver_id, online, max_unregistered)).await
+    }
+
+    /// Whether a presence row may be added for `device_id`: yes if it is
+    /// registered, else if fewer than `max` unregistered devices have one.
+    /// Several writers at once may overshoot `max` by their number.
+    async fn unregistered_room(&self, device_id: &DeviceId, max: u64) -> Result<bool> {
+        let registered = self
+            .query("SELECT 1 AS one FROM devices WHERE id = ?")
+            .bind(device_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if registered || max == 0 {
+            return Ok(registered);
+        }
+        let strays: i64 = self
+            .query(
+                "SELECT COUNT(*) AS n FROM device_presence p \
+                 WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = p.device_id)",
+            )
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok((strays as u64) < max)
+    }
+
+    /// Deletes presence rows of devices not in the registry, offline and not
+    /// seen since `before` (ms): nothing refers to them.
+    pub async fn forget_unregistered_before(&self, before: i64) -> Result<u64> {
+        let done = self
+            .query(
+                "DELETE FROM device_presence WHERE online = 0 AND seen_at < ? \
+                 AND device_id NOT IN (SELECT id FROM devices)",
+            )
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Marks every device of a receiver offline (the receiver went away).

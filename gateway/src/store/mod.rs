@@ -13,12 +13,19 @@
 //! - [`instances`]: gateway instances sharing the database, and the MQTT
 //!   submissions one of them has taken.
 //! - [`rows`]: mapping between rows and domain types.
+//! - [`api_keys`]: HTTP API keys (hashed) and their scopes.
+//! - [`device_keys`]: which key generations of each device are valid.
+//! - [`summary`]: commands per status per time bucket, devices online (the console).
 
+pub mod api_keys;
 pub mod claims;
 pub mod commands;
+pub mod device_keys;
 pub mod devices;
 pub mod instances;
+pub mod retention;
 mod rows;
+mod summary;
 pub mod transitions;
 
 use std::time::Duration;
@@ -28,8 +35,10 @@ use plumbing::metrics::Counter;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
+pub use api_keys::{ApiKey, Revoked};
 pub use commands::{request_hash, CommandFilter, Event, Inserted};
-pub use devices::{Device, Upserted};
+pub use devices::{Device, PresenceOutcome, Upserted};
+pub use summary::{Summary, Window};
 pub use transitions::Moved;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -128,6 +137,32 @@ pub enum Backend {
     MySql,
 }
 
+impl Backend {
+    /// The backend a database URL names (`sqlite:…`, `mysql://…`, `mariadb://…`).
+    pub fn of_url(url: &str) -> Result<Backend> {
+        normalise_url(url).map(|(backend, _)| backend)
+    }
+
+    /// Connections in the pool.
+    pub fn pool_size(self) -> u32 {
+        match self {
+            Backend::Sqlite => 4,
+            Backend::MySql => 16,
+        }
+    }
+
+    /// File descriptors the pool may hold: one socket per MySQL connection;
+    /// per SQLite connection the database, its WAL and its shared-memory
+    /// index.
+    pub fn pool_descriptors(self) -> usize {
+        let per_connection = match self {
+            Backend::Sqlite => 3,
+            Backend::MySql => 1,
+        };
+        self.pool_size() as usize * per_connection
+    }
+}
+
 /// A transaction of the store's pool.
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 /// A statement with its arguments bound so far.
@@ -164,10 +199,7 @@ impl Store {
         let mut options = AnyPoolOptions::new()
             .acquire_timeout(Duration::from_secs(3))
             .test_before_acquire(false)
-            .max_connections(match backend {
-                Backend::Sqlite => 4,
-                Backend::MySql => 16,
-            });
+            .max_connections(backend.pool_size());
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
@@ -217,6 +249,23 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// For `/readyz`: whether the database answers and has every migration
+    /// this binary carries applied (`Ok(false)`: it answers, but an older
+    /// schema). Errors: the database cannot be reached (as any statement).
+    pub async fn migrations_applied(&self) -> Result<bool> {
+        let row = self
+            .query("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let latest: Option<i64> = sqlx::Row::try_get(&row, 0)?;
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::MySql => &MYSQL_MIGRATIONS,
+        };
+        let needed = migrator.iter().map(|m| m.version).max();
+        Ok(latest >= needed)
     }
 }
 

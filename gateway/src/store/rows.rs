@@ -14,7 +14,7 @@ pub(super) const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.crea
 pub(super) const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
     max_attempts, created_at, scheduled_at, expires_at, next_attempt_at, updated_at, delivered_at, cancel_requested_at, \
     completed_at, result_code, result_payload, result_message, error_kind, error_message, idempotency_key, \
-    request_hash, reply_to, correlation_id";
+    request_hash, reply_to, correlation_id, sent_to";
 
 fn corrupt(what: &str, value: impl std::fmt::Debug) -> StoreError {
     StoreError::Corrupt(format!("bad {what} {value:?}"))
@@ -87,6 +87,7 @@ pub(super) fn command_from_row(row: &AnyRow) -> Result<Command> {
         error,
         idempotency_key: row.try_get("idempotency_key")?,
         reply_to,
+        sent_to: row.try_get("sent_to")?,
     })
 }
 
@@ -94,7 +95,7 @@ pub(super) fn command_from_row(row: &AnyRow) -> Result<Command> {
 /// one list both compare-and-set forms (`update_if_unchanged`,
 /// `update_all_if_unchanged`) write.
 pub(super) type MovedColumn = (&'static str, fn(&Command) -> Bound);
-pub(super) const MOVED_COLUMNS: [MovedColumn; 12] = [
+pub(super) const MOVED_COLUMNS: [MovedColumn; 13] = [
     ("status", |c| Bound::Text(Some(c.status.as_str().to_owned()))),
     ("attempts", |c| Bound::Int(Some(c.attempts))),
     ("updated_at", |c| Bound::Int(Some(c.updated_at))),
@@ -107,6 +108,7 @@ pub(super) const MOVED_COLUMNS: [MovedColumn; 12] = [
     ("error_kind", |c| Bound::Text(c.error.as_ref().map(|e| e.kind.as_str().to_owned()))),
     ("error_message", |c| Bound::Text(c.error.as_ref().map(|e| e.message.clone()))),
     ("next_attempt_at", |c| Bound::Int(c.next_attempt_at)),
+    ("sent_to", |c| Bound::Text(c.sent_to.clone())),
 ];
 
 /// A value to bind whose type is only known at run time.

@@ -262,6 +262,7 @@ mod tests {
             request_hash: String::new(),
             reply_to: None,
             submission_key: None,
+            sent_to: None,
         }
     }
 
