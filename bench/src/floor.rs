@@ -220,7 +220,7 @@ async fn forget(pool: &MySqlPool, ids: &[String]) -> anyhow::Result<()> {
 /// The pid of the process listening on the URL's port, when the URL names
 /// this machine (its CPU is read from /proc): the listening socket's inode
 /// from /proc/net/tcp{,6}, then the process holding it.
-fn local_server_pid(url: &str) -> Option<String> {
+pub(crate) fn local_server_pid(url: &str) -> Option<String> {
     let authority = url.strip_prefix("mysql://")?.split(['/', '?']).next()?.rsplit('@').next()?;
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(':') => (h, p.parse().ok()?),

@@ -218,7 +218,8 @@ async fn interrupted() {
 type Readings = BTreeMap<&'static str, Usage>;
 
 fn readings(children: &Children) -> Readings {
-    let mut r = children.usage();
+    let mut r: Readings =
+        children.pids().iter().map(|(name, pid)| (*name, usage_of(&pid.to_string()))).collect();
     r.insert("bench", usage_of("self"));
     r
 }
@@ -230,14 +231,24 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let prefix = format!("bench{:08x}", rand::random::<u32>());
     let mut cpu = Cpu::default();
 
-    let baseline = match args.scheduled {
-        Some(_) => None,
+    let (baseline, baseline_unguarded) = match args.scheduled {
+        Some(_) => (None, None),
         None => {
-            let broker = baseline_broker(args.broker.as_deref())?;
+            let (broker, internal) = baseline_broker(args.broker.as_deref())?;
             let before = readings(&Children::default());
             let baseline = baseline::run(&broker, &prefix, &shape).await.context("broker baseline")?;
             cpu.phase("baseline", &before, &readings(&Children::default()), shape.commands);
-            Some(baseline)
+            // The embedded broker's guard costs what the same round trips
+            // straight to rumqttd's internal port do not.
+            let unguarded = match internal {
+                Some(internal) => Some(
+                    baseline::run(&internal, &format!("{prefix}u"), &shape)
+                        .await
+                        .context("broker baseline without the guard")?,
+                ),
+                None => None,
+            };
+            (Some(baseline), unguarded)
         }
     };
 
@@ -256,6 +267,11 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         message_secret: (!args.unsigned).then_some(BENCH_MESSAGE_SECRET),
     };
     let system = System::start(opts, &mut children).await.context("starting the pipeline")?;
+    // MySQL/MariaDB on this machine: its CPU per command beside the gateway's.
+    let server = database_url.replacen("mariadb:", "mysql:", 1);
+    if let Some(pid) = floor::local_server_pid(&server).and_then(|p| p.parse().ok()) {
+        children.watch("database", pid);
+    }
     let mut db = DbCounters::connect(&database_url).await.context("connecting for statement counters")?;
     system.warm_up(&shape).await?;
     let after_setup = readings(&children);
@@ -277,9 +293,12 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     let mut pipeline_async = None;
     if args.mode.runs_async() && args.scheduled.is_none() {
         let (before, db_before) = (readings(&children), db.snapshot().await?);
-        let result = watched(&mut children, system.run_async(&shape)).await?;
+        let submitted = watched(&mut children, system.run_async(&shape)).await?;
+        // The phase's figures end when every command is final at the gateway,
+        // before the bench's own long-polls collecting them.
         cpu.phase("async", &before, &readings(&children), shape.commands);
         per_command(&mut db_per_command, "async", db_before, db.snapshot().await?, shape.commands);
+        let result = watched(&mut children, system.collect_async(submitted)).await?;
         pipeline_async = Some(result);
     }
     let mut pipeline_sync = None;
@@ -328,6 +347,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         },
         ratios: Ratios::of(baseline.as_ref(), pipeline_async.as_ref(), pipeline_sync.as_ref()),
         baseline,
+        baseline_unguarded,
         setup: system.setup,
         pipeline_async,
         pipeline_sync,
@@ -344,14 +364,19 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
 }
 
 /// With no --broker, an embedded rumqttd in this process configured like the
-/// gateway's (same code: `gateway::broker::start_embedded`).
-fn baseline_broker(broker: Option<&str>) -> anyhow::Result<BrokerAddr> {
+/// gateway's (same code: `gateway::broker::start_embedded`): its public port
+/// (through the guard, as receivers and callers reach it) and its internal
+/// one (straight to rumqttd, as the gateway's own clients do).
+fn baseline_broker(broker: Option<&str>) -> anyhow::Result<(BrokerAddr, Option<BrokerAddr>)> {
     match broker {
-        Some(url) => Ok(url.parse()?),
+        Some(url) => Ok((url.parse()?, None)),
         None => {
             let addr = demo::free_port()?;
-            gateway::broker::start_embedded(addr, EMBEDDED_MAX_PACKET, Default::default())?;
-            Ok(BrokerAddr::new(addr.ip().to_string(), addr.port()))
+            let internal = gateway::broker::start_embedded(addr, EMBEDDED_MAX_PACKET, Default::default())?;
+            Ok((
+                BrokerAddr::new(addr.ip().to_string(), addr.port()),
+                Some(BrokerAddr::new(internal.ip().to_string(), internal.port())),
+            ))
         }
     }
 }

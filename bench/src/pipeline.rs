@@ -17,6 +17,8 @@ use crate::Shape;
 
 /// How long a sync call (and a completion long-poll) may wait for a final status.
 const WAIT_MS: u64 = 60_000;
+/// How often the async phase asks the gateway whether every command is final.
+const SETTLE_POLL: Duration = Duration::from_millis(50);
 /// Long-polls collecting async results at once: enough to keep up, few enough
 /// not to compete with the pipeline for the gateway's database connections.
 const COLLECTORS: usize = 8;
@@ -268,17 +270,26 @@ impl System {
         Outcomes::of(outcomes)
     }
 
-    /// C callers POST async commands; then every one is long-polled to its
-    /// final status. Throughput runs from the first 202 to the last final
-    /// status as the gateway recorded it (`completed_at`), so the collecting
-    /// long-polls do not stretch it.
-    pub(crate) async fn run_async(&self, shape: &Shape) -> AsyncResult {
+    /// C callers POST async commands; returns once the gateway counts none
+    /// of them unfinished (its summary, polled every [`SETTLE_POLL`]), so the
+    /// phase's CPU and statement figures can end there, before
+    /// [`System::collect_async`] long-polls each one.
+    pub(crate) async fn run_async(&self, shape: &Shape) -> AsyncSubmitted {
         let recorder = Recorder::new("pipeline async: accepted", shape.commands);
         let progress = Progress::show(recorder.clone());
         let started = Instant::now();
         let accepted = self.submit_async(shape, recorder.clone()).await;
-        let accept_elapsed = started.elapsed().as_secs_f64();
+        let accept_elapsed_s = started.elapsed().as_secs_f64();
         drop(progress);
+        self.wait_settled().await;
+        AsyncSubmitted { commands: shape.commands, started, accept_elapsed_s, recorder, accepted }
+    }
+
+    /// Long-polls every accepted command of `run_async` to its final status.
+    /// Throughput runs from the first 202 to the last final status as the
+    /// gateway recorded it (`completed_at`), so the collecting stretches it not.
+    pub(crate) async fn collect_async(&self, submitted: AsyncSubmitted) -> AsyncResult {
+        let AsyncSubmitted { commands, started, accept_elapsed_s, recorder, accepted } = submitted;
         let first_accept =
             accepted.iter().filter_map(|a| a.as_ref().ok()).map(|a| a.at_ms).fold(f64::MAX, f64::min);
         let ids: Vec<String> =
@@ -292,9 +303,9 @@ impl System {
         let mut outcomes = Outcomes::of(finals.into_iter().map(|f| f.map(|(_, s)| s)));
         outcomes.absorb(rejected);
         AsyncResult {
-            commands: shape.commands,
-            accept_elapsed_s: accept_elapsed,
-            accept_per_s: shape.commands as f64 / accept_elapsed,
+            commands,
+            accept_elapsed_s,
+            accept_per_s: commands as f64 / accept_elapsed_s,
             accept_latency: Latency::of(recorder.latencies()),
             first_accept_to_last_final_s: span_s,
             throughput_per_s: if span_s > 0.0 { done as f64 / span_s } else { 0.0 },
@@ -324,6 +335,29 @@ impl System {
             }
         })
         .await
+    }
+
+    /// Until the gateway's summary of the last hour counts no command that is
+    /// not final (or [`WAIT_MS`] passed: the long-polls then say which).
+    async fn wait_settled(&self) {
+        let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+        let url = format!("{}/v1/commands/summary?minutes=60&buckets=1", self.bases[0]);
+        while Instant::now() < deadline {
+            let summary: Option<Value> = match self.http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
+            };
+            let unfinished = summary.map(|v| {
+                ["pending", "scheduled", "sent", "delivered"]
+                    .iter()
+                    .map(|s| v["totals"][*s].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            });
+            if unfinished == Some(0) {
+                return;
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
     }
 
     /// Long-polls each id until final; `(completed_at ms, status)` each.
@@ -500,6 +534,15 @@ impl Failures {
             self.examples.push(what);
         }
     }
+}
+
+/// The async phase between its submissions and their collection.
+pub(crate) struct AsyncSubmitted {
+    commands: usize,
+    started: Instant,
+    accept_elapsed_s: f64,
+    recorder: Arc<Recorder>,
+    accepted: Vec<Result<Accepted, String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

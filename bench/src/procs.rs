@@ -65,6 +65,9 @@ pub(crate) struct Usage {
 #[derive(Debug, Default)]
 pub(crate) struct Children {
     procs: Vec<Proc>,
+    /// Processes measured beside the children but not started or stopped
+    /// here (the database server on this machine), by name.
+    watched: Vec<(&'static str, u32)>,
 }
 
 impl Children {
@@ -134,13 +137,14 @@ impl Children {
         }
     }
 
-    /// Each child's CPU time so far and peak RSS, by name.
-    pub(crate) fn usage(&self) -> BTreeMap<&'static str, Usage> {
-        self.procs.iter().map(|p| (p.name, usage_of(&p.pid.to_string()))).collect()
+    /// Measures `pid`'s CPU and memory with the children's, as `name`.
+    pub(crate) fn watch(&mut self, name: &'static str, pid: u32) {
+        self.watched.push((name, pid));
     }
 
+    /// The children's and the watched processes' pids, by name.
     pub(crate) fn pids(&self) -> BTreeMap<&'static str, u32> {
-        self.procs.iter().map(|p| (p.name, p.pid)).collect()
+        self.procs.iter().map(|p| (p.name, p.pid)).chain(self.watched.iter().copied()).collect()
     }
 
     pub(crate) fn logs(&self) -> Vec<(&'static str, PathBuf)> {

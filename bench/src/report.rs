@@ -18,6 +18,9 @@ pub(crate) struct Report {
     pub(crate) settings: Settings,
     /// `None` with --scheduled.
     pub(crate) baseline: Option<BaselineResult>,
+    /// The same round trips straight to the embedded rumqttd, past the
+    /// gateway's guard (embedded broker only): the guard's cost.
+    pub(crate) baseline_unguarded: Option<BaselineResult>,
     pub(crate) setup: SetupTimes,
     pub(crate) pipeline_async: Option<AsyncResult>,
     pub(crate) pipeline_sync: Option<SyncResult>,
@@ -252,6 +255,9 @@ impl Report {
             "", "commands/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
         );
         row(t, "broker baseline (MQTT round trip)", b.throughput_per_s, b.latency);
+        if let Some(u) = &self.baseline_unguarded {
+            row(t, "  same, past the guard (rumqttd alone)", u.throughput_per_s, u.latency);
+        }
         if let Some(a) = &self.pipeline_async {
             row(t, "pipeline async (first 202→last final)", a.throughput_per_s, None);
             row(t, "  async submit (HTTP 202)", a.accept_per_s, a.accept_latency);

@@ -3,6 +3,11 @@
 //! device|send|command`: a client of its HTTP API.
 //! (The all-in-one demo is its own crate: `cargo run --release -p demo`.)
 
+/// mimalloc: fewer CPU cycles per allocation than glibc's malloc on the
+/// per-command paths (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use plumbing::config::Settings;
 use tokio_util::sync::CancellationToken;

@@ -28,7 +28,9 @@ pub struct Running {
     pub app: App,
     /// Where the HTTP API listens (useful with port 0).
     pub http_addr: SocketAddr,
-    /// The broker the gateway uses (embedded, or the external ones it was given).
+    /// Where other clients reach the gateway's broker: the embedded one's
+    /// `--mqtt-listen` (the gateway's own clients use its internal port), or
+    /// the external ones it was given.
     pub broker: Brokers,
     /// Cancelled by the caller: the shutdown begins (drain).
     shutdown: CancellationToken,
@@ -69,6 +71,7 @@ pub async fn start(mut config: Config, shutdown: CancellationToken) -> anyhow::R
     let broker_refused = plumbing::metrics::Counter::default();
     let limit_metrics = broker::guard::LimitMetrics::new(&registry);
     let broker = broker::prepare(&config, &instance.id, broker_refused.clone(), limit_metrics)?;
+    let public = broker::public(&config, &broker);
     let listener = TcpListener::bind(config.http_listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen for HTTP on {}: {e} (use --http-listen)", config.http_listen)
     })?;
@@ -99,8 +102,8 @@ pub async fn start(mut config: Config, shutdown: CancellationToken) -> anyhow::R
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    tracing::info!(%http_addr, scheme, api_keys = keys, %broker, instance = app.instance_id(), "gateway started");
-    Ok(Running { app, http_addr, broker, shutdown, stop, tasks })
+    tracing::info!(%http_addr, scheme, api_keys = keys, broker = %public, instance = app.instance_id(), "gateway started");
+    Ok(Running { app, http_addr, broker: public, shutdown, stop, tasks })
 }
 
 /// Without `--insecure`, several credentials missing at once are named in

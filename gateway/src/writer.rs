@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 
 use plumbing::metrics::Counter;
+use protocol::DeviceId;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -70,31 +71,35 @@ pub(crate) fn start(
 }
 
 /// Takes the requests that would go past their device's cap out of `batch`
-/// and refuses them; a request repeating an existing idempotency key stays.
-async fn apply_cap(store: &Store, cap: &DeviceCap, batch: &mut Vec<InsertRequest>) -> Result<(), StoreError> {
-    let mut ids: Vec<_> = batch.iter().map(|r| &r.new.device_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut counts: HashMap<String, u64> = store.queued_counts(&ids).await?;
+/// and refuses them (`queued`: each device's commands not yet final, as read
+/// with the batch's devices); a request repeating an existing idempotency key
+/// stays.
+async fn apply_cap(
+    store: &Store,
+    cap: &DeviceCap,
+    mut queued: HashMap<DeviceId, u64>,
+    batch: &mut Vec<InsertRequest>,
+) -> Result<(), StoreError> {
     let mut kept = Vec::with_capacity(batch.len());
     for request in batch.drain(..) {
-        let device = request.new.device_id.as_str();
-        let queued = counts.entry(device.to_owned()).or_default();
-        if *queued < cap.max {
-            *queued += 1;
+        let device = &request.new.device_id;
+        let count = queued.entry(device.clone()).or_default();
+        if *count < cap.max {
+            *count += 1;
             kept.push(request);
             continue;
         }
         if let Some(key) = &request.new.idempotency_key {
-            if store.has_idempotency_key(&request.new.device_id, key).await? {
+            if store.has_idempotency_key(device, key).await? {
                 kept.push(request);
                 continue;
             }
         }
         cap.refused.inc();
         let message = format!(
-            "device {device:?} has {queued} commands not yet final, its cap (--max-device-queue {}); \
+            "device {:?} has {count} commands not yet final, its cap (--max-device-queue {}); \
              try again when some are final",
+            device.as_str(),
             cap.max
         );
         let refusal = ApiError::new(ErrorKind::DeviceQueueFull, message).retry_after(cap.retry_after_ms);
@@ -125,25 +130,26 @@ async fn write_new_commands(
         if taken == 0 {
             break;
         }
-        if let Err(e) = apply_cap(&store, &cap, &mut batch).await {
-            answer_all(batch.drain(..), e);
-            continue;
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let ids: Vec<_> = batch.iter().map(|r| &r.new.device_id).collect();
-        let devices = match store.get_devices(&ids).await {
+        // One query: the batch's devices with their counts of commands not yet final.
+        let mut ids: Vec<_> = batch.iter().map(|r| &r.new.device_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let devices = match store.devices_with_queued(&ids).await {
             Ok(devices) => devices,
             Err(e) => {
                 answer_all(batch.drain(..), e);
                 continue;
             }
         };
+        let queued = devices.iter().map(|(id, (_, n))| (id.clone(), *n)).collect();
+        if let Err(e) = apply_cap(&store, &cap, queued, &mut batch).await {
+            answer_all(batch.drain(..), e);
+            continue;
+        }
         let mut accepted: Vec<(InsertRequest, Option<String>)> = Vec::with_capacity(batch.len());
         for mut request in batch.drain(..) {
             let device_id = &request.new.device_id;
-            match devices.get(device_id) {
+            match devices.get(device_id).map(|(d, _)| d) {
                 None => {
                     let _ = request
                         .done

@@ -25,8 +25,11 @@
 //!
 //! All connections together are capped (`--mqtt-max-connections`); a
 //! packet larger than the broker's packet limit closes its connection before
-//! it is buffered. The gateway's own clients log in as its internal user and
-//! are counted in the total only. Each limit hit counts in `/metrics`.
+//! it is buffered. Each limit hit counts in `/metrics`. The gateway's own
+//! clients connect straight to the internal port, not through the guard
+//! (a proxy hop per message was about a tenth of the gateway's CPU per
+//! command, docs/BENCHMARKS.md); one that comes to the public port logs in as
+//! its internal user and is counted in the total only.
 //!
 //! The internal port is on loopback and needs the same logins: a local
 //! process that finds it bypasses these limits (not the passwords).

@@ -84,7 +84,15 @@ pub struct TlsListener {
 /// Starts rumqttd on an internal loopback port and its [`guard`] on
 /// `listen` (and `access.tls`'s address, TLS ended by the guard), and returns
 /// once both accept connections. `max_payload`: the largest packet, in bytes.
-pub fn start_embedded(listen: SocketAddr, max_payload: usize, access: Access) -> Result<(), BrokerError> {
+///
+/// Returns the internal port's address: the gateway's own clients connect
+/// there, straight to rumqttd (the same logins; the guard's limits are for
+/// other clients), which spares every command and report a proxy hop.
+pub fn start_embedded(
+    listen: SocketAddr,
+    max_payload: usize,
+    access: Access,
+) -> Result<SocketAddr, BrokerError> {
     let mut public = Vec::new();
     let tls =
         access.tls.as_ref().map(|t| (t.listen, guard::TlsFiles { cert: t.cert.clone(), key: t.key.clone() }));
@@ -125,7 +133,7 @@ pub fn start_embedded(listen: SocketAddr, max_payload: usize, access: Access) ->
         .expect("spawning a thread");
     wait_listening_with_nodelay(internal)?;
     guard::spawn(setup, public);
-    Ok(())
+    Ok(internal)
 }
 
 /// The limits when none are given (the flags' defaults).
@@ -428,10 +436,22 @@ fn embedded(
         limit_metrics,
         instance_id: instance_id.to_owned(),
     };
-    start_embedded(config.mqtt_listen, config.mqtt_message_limit(), access)?;
-    let mut own = BrokerAddr::new(config.mqtt_listen.ip().to_string(), config.mqtt_listen.port());
+    let internal = start_embedded(config.mqtt_listen, config.mqtt_message_limit(), access)?;
+    let mut own = BrokerAddr::new(internal.ip().to_string(), internal.port());
     own.credentials = credentials;
     Ok(own.into())
+}
+
+/// Where other clients (receivers, callers, other gateways) reach the broker
+/// `own` (what [`prepare`] returned): the embedded broker's `--mqtt-listen`
+/// (its guard) with `own`'s login, or the external brokers themselves.
+pub fn public(config: &GatewayConfig, own: &Brokers) -> Brokers {
+    if config.broker.is_some() {
+        return own.clone();
+    }
+    let mut public = BrokerAddr::new(config.mqtt_listen.ip().to_string(), config.mqtt_listen.port());
+    public.credentials = own.as_slice().first().and_then(|b| b.credentials.clone());
+    public.into()
 }
 
 /// `localhost` or a loopback IP address.

@@ -8,7 +8,7 @@ use protocol::DeviceId;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::rows::{device_from_row, DEVICE_SELECT};
+use super::rows::{device_from_row, DEVICE_SELECT, DEVICE_SELECT_QUEUED};
 use super::{marks, retry_transient, Result, Store, StoreError};
 use crate::command::now_ms;
 
@@ -88,22 +88,26 @@ impl Store {
         row.as_ref().map(device_from_row).transpose()
     }
 
-    /// These devices, those that exist, by id (one query per 200).
-    pub async fn get_devices(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, Device>> {
-        retry_transient(|| self.get_devices_once(ids)).await
+    /// The group-commit writer's one lookup per batch: these devices, those
+    /// that exist, by id, each with its count of commands not yet final (the
+    /// per-device cap's count, as [`Store::queued_counts`] gives it), in one
+    /// query per 200 ids.
+    pub async fn devices_with_queued(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, (Device, u64)>> {
+        retry_transient(|| self.devices_with_queued_once(ids)).await
     }
 
-    async fn get_devices_once(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, Device>> {
+    async fn devices_with_queued_once(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, (Device, u64)>> {
         let mut found = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(200) {
-            let sql = format!("{DEVICE_SELECT} WHERE d.id IN ({})", marks(chunk.len()));
+            let sql = format!("{DEVICE_SELECT_QUEUED} WHERE d.id IN ({})", marks(chunk.len()));
             let mut q = self.query(&sql);
             for id in chunk {
                 q = q.bind(id.as_str());
             }
             for row in q.fetch_all(&self.pool).await? {
                 let device = device_from_row(&row)?;
-                found.insert(device.id.clone(), device);
+                let queued: i64 = row.try_get("queued")?;
+                found.insert(device.id.clone(), (device, u64::try_from(queued).unwrap_or(0)));
             }
         }
         Ok(found)

@@ -11,6 +11,14 @@ use crate::command::{Command, DeviceResult, Failure, FailureKind, Payload, Reply
 pub(super) const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
     p.online, p.receiver_id, p.seen_at FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
 
+/// [`DEVICE_SELECT`] with `queued`: the device's commands not yet final
+/// (`next_attempt_at` is set until a command is final).
+pub(super) const DEVICE_SELECT_QUEUED: &str =
+    "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
+    p.online, p.receiver_id, p.seen_at, \
+    (SELECT COUNT(*) FROM commands c WHERE c.device_id = d.id AND c.next_attempt_at IS NOT NULL) AS queued \
+    FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
+
 pub(super) const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
     max_attempts, created_at, scheduled_at, expires_at, next_attempt_at, updated_at, delivered_at, cancel_requested_at, \
     completed_at, result_code, result_payload, result_message, error_kind, error_message, idempotency_key, \
