@@ -46,6 +46,9 @@ pub(crate) struct SystemOptions<'a> {
     /// Gateway↔receiver messages signed with this message secret (PROTOCOL
     /// 4.7), as in production; `None`: unsigned (`--insecure`).
     pub(crate) message_secret: Option<&'a str>,
+    /// `--max-device-queue` of every gateway: at least the most commands one
+    /// device will have unfinished at once (`--scheduled` parks them all).
+    pub(crate) max_device_queue: usize,
 }
 
 /// Most gateway instances a run starts.
@@ -409,6 +412,7 @@ fn start_gateways(
                 .map(String::from)
                 .into();
         args.extend(["--http-listen".into(), http.to_string()]);
+        args.extend(["--max-device-queue".into(), opts.max_device_queue.to_string()]);
         if let Some(secret) = opts.message_secret {
             args.extend(["--message-secret".into(), secret.to_owned()]);
         }
