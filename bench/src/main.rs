@@ -266,7 +266,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         instances: usize::from(args.instances),
         message_secret: (!args.unsigned).then_some(BENCH_MESSAGE_SECRET),
         // The gateway's default (200) unless --scheduled parks more per device.
-        max_device_queue: args.scheduled.map_or(200, |n| n.div_ceil(shape.devices.max(1)) + 200).max(200),
+        max_device_queue: args.scheduled.map_or(200, |n| n.div_ceil(shape.devices.max(1)) + 200),
     };
     let system = System::start(opts, &mut children).await.context("starting the pipeline")?;
     // MySQL/MariaDB on this machine: its CPU per command beside the gateway's.

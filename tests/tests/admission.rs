@@ -97,7 +97,8 @@ async fn an_offline_device_queues_at_most_its_cap(db: Db) {
     assert!(fleet.wait_connected(1, Duration::from_secs(20)).await);
     let queued = || async {
         let ids = [&protocol::DeviceId::parse(&offline).unwrap()];
-        s.gateway.app.store().queued_counts(&ids).await.unwrap().get(offline.as_str()).copied().unwrap_or(0)
+        let found = s.gateway.app.store().devices_with_queued(&ids).await.unwrap();
+        found.get(ids[0]).map_or(0, |(_, queued)| *queued)
     };
     eventually("the queued commands all run", || async { queued().await == 0 }).await;
     let stored = s.get(&format!("/v1/commands?device_id={offline}&limit=1000")).await.1;

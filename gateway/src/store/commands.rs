@@ -207,35 +207,6 @@ impl Store {
         Ok(if same { Inserted::Existing(command) } else { Inserted::KeyConflict(command) })
     }
 
-    /// How many non-final commands (those with a `next_attempt_at`) each of
-    /// these devices has; devices with none are absent. For the per-device
-    /// cap (`--max-device-queue`); uses the `commands_device_queue` index.
-    /// Tried again on a broken connection (a database node failing over), as
-    /// the insert that follows it is.
-    pub async fn queued_counts(&self, device_ids: &[&DeviceId]) -> Result<HashMap<String, u64>> {
-        retry_transient(|| self.queued_counts_once(device_ids)).await
-    }
-
-    async fn queued_counts_once(&self, device_ids: &[&DeviceId]) -> Result<HashMap<String, u64>> {
-        let mut counts = HashMap::with_capacity(device_ids.len());
-        for chunk in device_ids.chunks(500) {
-            let sql = format!(
-                "SELECT device_id, COUNT(*) AS n FROM commands WHERE device_id IN ({}) \
-                 AND next_attempt_at IS NOT NULL GROUP BY device_id",
-                marks(chunk.len())
-            );
-            let mut q = self.query(&sql);
-            for id in chunk {
-                q = q.bind(id.as_str().to_owned());
-            }
-            for row in q.fetch_all(&self.pool).await? {
-                let n: i64 = row.try_get("n")?;
-                counts.insert(row.try_get("device_id")?, u64::try_from(n).unwrap_or(0));
-            }
-        }
-        Ok(counts)
-    }
-
     /// Whether a command with this idempotency key exists for the device
     /// (a repeat of it is answered from it, never refused by the cap).
     pub async fn has_idempotency_key(&self, device_id: &DeviceId, key: &str) -> Result<bool> {

@@ -90,8 +90,9 @@ impl Store {
 
     /// The group-commit writer's one lookup per batch: these devices, those
     /// that exist, by id, each with its count of commands not yet final (the
-    /// per-device cap's count, as [`Store::queued_counts`] gives it), in one
-    /// query per 200 ids.
+    /// per-device cap's count, `--max-device-queue`), in one query per 200
+    /// ids. Tried again on a broken connection (a database node failing
+    /// over), as the insert that follows it is.
     pub async fn devices_with_queued(&self, ids: &[&DeviceId]) -> Result<HashMap<DeviceId, (Device, u64)>> {
         retry_transient(|| self.devices_with_queued_once(ids)).await
     }

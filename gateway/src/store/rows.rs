@@ -8,16 +8,27 @@ use sqlx::Row;
 use super::{Device, Query, Result, StoreError};
 use crate::command::{Command, DeviceResult, Failure, FailureKind, Payload, ReplyTo, Status};
 
-pub(super) const DEVICE_SELECT: &str = "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
-    p.online, p.receiver_id, p.seen_at FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
+/// A device's columns and the join that gives its presence, as a literal
+/// (both device queries below are built from it).
+macro_rules! device_select {
+    ($extra:literal) => {
+        concat!(
+            "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
+             p.online, p.receiver_id, p.seen_at",
+            $extra,
+            " FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id"
+        )
+    };
+}
+
+pub(super) const DEVICE_SELECT: &str = device_select!("");
 
 /// [`DEVICE_SELECT`] with `queued`: the device's commands not yet final
-/// (`next_attempt_at` is set until a command is final).
-pub(super) const DEVICE_SELECT_QUEUED: &str =
-    "SELECT d.id, d.enabled, d.labels, d.created_at, d.updated_at, \
-    p.online, p.receiver_id, p.seen_at, \
-    (SELECT COUNT(*) FROM commands c WHERE c.device_id = d.id AND c.next_attempt_at IS NOT NULL) AS queued \
-    FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id";
+/// (`next_attempt_at` is set until a command is final; the
+/// `commands_device_queue` index covers the count).
+pub(super) const DEVICE_SELECT_QUEUED: &str = device_select!(
+    ", (SELECT COUNT(*) FROM commands c WHERE c.device_id = d.id AND c.next_attempt_at IS NOT NULL) AS queued"
+);
 
 pub(super) const COMMAND_COLUMNS: &str = "id, device_id, name, payload, payload_json, status, attempts, \
     max_attempts, created_at, scheduled_at, expires_at, next_attempt_at, updated_at, delivered_at, cancel_requested_at, \
