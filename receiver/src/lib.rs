@@ -326,8 +326,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     };
     let devices = tcp::Devices { window, auth: device_auth, tls, limits };
     let accepting = tcp::serve(listener, env.clone(), devices);
+    // The socket is bound and listening already (connections queue in its
+    // backlog), so readiness says so before the accept task is first polled.
+    listening.set(true);
     tasks.spawn(async move {
-        listening.set(true);
         accepting.await;
         listening.set(false);
     });

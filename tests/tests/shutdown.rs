@@ -212,8 +212,15 @@ async fn receiver_readiness_and_sigterm() {
     };
     let (mut lost, lost_api) = start(format!("mqtt://{}", free_port()));
     lost_api.wait_healthy(Duration::from_secs(60)).await;
+    // `/healthz` may answer a moment before the device listener is up; once
+    // it is, the broker alone is named, and stays so.
+    within("/readyz to name the broker alone", Duration::from_secs(30), || async {
+        readiness(&lost_api).await == Some((503, vec!["broker".to_owned()]))
+    })
+    .await;
     let (status, body) = lost_api.get("/readyz").await.unwrap();
     assert_eq!((status, &body["not_ready"]), (503, &json!(["broker"])), "{body}");
+    assert_eq!(body["checks"]["broker"], "not connected", "{body}");
     let exit = lost.terminate(Duration::from_secs(30)).await.expect("exits on SIGTERM");
     assert_eq!(exit.code(), Some(0), "{exit:?}");
 
