@@ -97,9 +97,10 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_SWEEP_BATCH", default_value_t = 200)]
     pub sweep_batch: i64,
 
-    /// How long a sweeper's claim keeps other gateway instances off a command
-    /// (never past its deadline): work claimed by an instance that dies is
-    /// taken up by the others after this long.
+    /// SQLite: how long a sweeper's claim keeps other gateway instances off a
+    /// command (never past its deadline): work claimed by an instance that
+    /// dies is taken up by the others after this long. MySQL/MariaDB claims
+    /// by row locks held until the batch commits, and ignores it.
     #[arg(long, env = "GATEWAY_CLAIM_LEASE_MS", default_value_t = 5_000)]
     pub claim_lease_ms: u64,
 

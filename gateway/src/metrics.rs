@@ -10,6 +10,10 @@ pub struct GatewayMetrics {
     pub accepted: Counter,
     pub rejected: Counter,
     pub publish_failed: Counter,
+    /// Command attempts handed to the broker (first attempts and re-sends).
+    pub attempts_published: Counter,
+    /// Commands this instance made final, whatever the final status.
+    pub commands_final: Counter,
     pub reports_applied: Counter,
     /// Reports that changed nothing: duplicates, or late after a final status.
     pub reports_ignored: Counter,
@@ -47,6 +51,11 @@ impl GatewayMetrics {
                 "gateway_publish_failed",
                 "Commands whose publish failed (the ack timeout re-sends)",
             ),
+            attempts_published: c(
+                "gateway_attempts_published",
+                "Command attempts handed to the broker (first attempts and re-sends)",
+            ),
+            commands_final: c("gateway_commands_final", "Commands this instance made final (any final status)"),
             reports_applied: c("gateway_reports_applied", "Receiver reports that moved a command"),
             reports_ignored: c("gateway_reports_ignored", "Reports that changed nothing (duplicate or late)"),
             reports_unknown: c("gateway_reports_unknown", "Reports for a command this store does not hold"),

@@ -82,6 +82,9 @@ impl App {
         let body =
             self.provenance().seal_for(receiver, &topic, protocol::envelope::join_messages(&batch.encoded));
         let published = self.mqtt().publish(topic, QoS::AtLeastOnce, false, body).await;
+        if published.is_ok() {
+            self.metrics().attempts_published.inc_by(batch.commands.len() as u64);
+        }
         for command in batch.commands {
             let (command_id, device_id, attempt) = (command.id, command.device_id.as_str(), command.attempts);
             match &published {

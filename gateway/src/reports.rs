@@ -120,6 +120,7 @@ impl App {
     /// A command just became final: wake sync callers and long-polls, answer MQTT callers.
     pub async fn on_final(&self, command: &Command) {
         tracing::debug!(command_id = %command.id, device_id = command.device_id.as_str(), status = %command.status, "final");
+        self.metrics().commands_final.inc();
         self.waiters().notify(command);
         self.publish_final_notice(command).await;
         if let Some(reply) = &command.reply_to {

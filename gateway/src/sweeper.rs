@@ -9,8 +9,9 @@
 //! What is due for each command is decided by `command::machine::due`.
 //!
 //! Several gateways may sweep one database: each claims a batch (a lease on
-//! `next_attempt_at`, see `Store::claim_due`), and every move it then makes is
-//! a compare-and-set, so no two instances publish the same attempt.
+//! `next_attempt_at` or row locks, see `Store::claim_due_batch`), and every
+//! move it then makes is a compare-and-set, so no two instances publish the
+//! same attempt.
 
 use std::time::Duration;
 
@@ -153,24 +154,26 @@ async fn send_owed_replies(app: &App) -> Result<(), StoreError> {
 }
 
 /// Claims one batch of due commands and deals with them: the moves it decides
-/// (attempts, expiries, exhaustion) are committed in one transaction, then
-/// the claimed attempts are published.
+/// (attempts, expiries, exhaustion) are committed in one transaction (the
+/// claim's own on MySQL/MariaDB, `Store::claim_due_batch`), then the claimed
+/// attempts are published and the commands left waiting put off.
 pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
     let now = now_ms();
     let lease = now + app.config().claim_lease_ms as i64;
-    let ids = app.store().claim_due(now, app.config().sweep_batch, lease).await?;
-    let mut swept = Swept { claimed: ids.len(), ..Swept::default() };
-    if ids.is_empty() {
+    let batch = app.store().claim_due_batch(now, app.config().sweep_batch, lease).await?;
+    let mut swept = Swept { claimed: batch.ids.len(), ..Swept::default() };
+    if batch.ids.is_empty() {
         return Ok(swept);
     }
-    let commands = app.store().get_commands(&ids).await?;
-    let mut devices: Vec<_> = commands.values().map(|c| &c.device_id).collect();
+    let mut devices: Vec<_> = batch.commands.values().map(|c| &c.device_id).collect();
     devices.sort_unstable();
     devices.dedup();
     let online = app.store().online_devices(&devices).await?;
     let mut moves = Vec::new();
+    // Written once the batch is committed (its rows are locked until then).
+    let (mut put_off, mut cancel_again) = (Vec::new(), Vec::new());
     // In acceptance order, so one device's commands go out in the order they came.
-    for c in ids.iter().filter_map(|id| commands.get(id)).filter(|c| !c.status.is_final()) {
+    for c in batch.ids.iter().filter_map(|id| batch.commands.get(id)).filter(|c| !c.status.is_final()) {
         let (command_id, device_id) = (c.id, c.device_id.as_str());
         match due(c, now, online.contains_key(&c.device_id)) {
             Due::Move(to, change) => {
@@ -187,8 +190,8 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
             }
             Due::CancelAgain => {
                 tracing::debug!(%command_id, device_id, "due, with its cancel requested: telling the receivers again");
-                app.publish_cancel(c).await;
-                app.store().postpone(c, now + app.config().ack_timeout_ms as i64).await?;
+                cancel_again.push(c.clone());
+                put_off.push((c.clone(), now + app.config().ack_timeout_ms as i64));
             }
             Due::Wait => {
                 // Attempts are not burnt on a device no receiver holds: the command
@@ -198,13 +201,20 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
                 // sweeper a few looks per command, not one per ack timeout.
                 tracing::debug!(%command_id, device_id, "due, but the device is offline: waiting");
                 let wait = offline_recheck_ms(now - c.created_at, app.config().ack_timeout_ms);
-                app.store().postpone(c, now + wait).await?;
+                put_off.push((c.clone(), now + wait));
                 swept.waiting += 1;
             }
         }
     }
+    let outcomes = app.store().apply_due(batch, &moves).await?;
+    for c in &cancel_again {
+        app.publish_cancel(c).await;
+    }
+    for (c, until) in &put_off {
+        app.store().postpone(c, *until).await?;
+    }
     let mut claimed = Vec::new();
-    for outcome in app.store().transition_many_from(&commands, &moves).await? {
+    for outcome in outcomes {
         let Moved::Yes { command, .. } = outcome else { continue };
         match command.status {
             Status::Sent => {

@@ -1,14 +1,80 @@
 //! The sweeper's side of the store: claiming due commands under a lease,
 //! putting one off, and waking a device's commands when it comes back.
 
+use std::collections::HashMap;
+
 use protocol::DeviceId;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{marks, retry_transient, Backend, Result, Store};
-use crate::command::Command;
+use super::rows::{command_from_row, COMMAND_COLUMNS};
+use super::{marks, retry_transient, Backend, Moved, Result, Store, Tx};
+use crate::command::{Command, Move};
+
+/// A batch of due commands, claimed by [`Store::claim_due_batch`] and settled
+/// by [`Store::apply_due`].
+#[derive(Debug)]
+pub struct DueBatch {
+    /// Their ids, in acceptance order.
+    pub ids: Vec<Uuid>,
+    /// Each as it stands (the base of its compare-and-set).
+    pub commands: HashMap<Uuid, Command>,
+    /// MySQL/MariaDB: the transaction holding the batch's rows locked.
+    locked: Option<Tx>,
+}
 
 impl Store {
+    /// The sweeper's claim: up to `limit` due commands with their rows. On
+    /// MySQL/MariaDB they are claimed by row locks (`SELECT … FOR UPDATE SKIP
+    /// LOCKED`, so another gateway's sweeper skips them) held in a transaction
+    /// that [`Store::apply_due`] commits with the batch's moves: one locking
+    /// read, no lease written into every row. The caller must call
+    /// `apply_due` (or drop the batch, rolling back) before it writes to
+    /// these rows in any other way, which would wait on the locks. SQLite
+    /// (one writer at a time, no row locks) claims with a lease
+    /// ([`Store::claim_due`]) and reads the rows.
+    pub async fn claim_due_batch(&self, now: i64, limit: i64, lease_until: i64) -> Result<DueBatch> {
+        match self.backend {
+            Backend::MySql => retry_transient(|| self.lock_due_once(now, limit)).await,
+            Backend::Sqlite => {
+                let ids = self.claim_due(now, limit, lease_until).await?;
+                let commands = self.get_commands(&ids).await?;
+                Ok(DueBatch { ids, commands, locked: None })
+            }
+        }
+    }
+
+    async fn lock_due_once(&self, now: i64, limit: i64) -> Result<DueBatch> {
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE next_attempt_at <= ? \
+             ORDER BY next_attempt_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+        );
+        let rows = self.query(&sql).bind(now).bind(limit).fetch_all(&mut *tx).await?;
+        let mut commands = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let c = command_from_row(row)?;
+            commands.insert(c.id, c);
+        }
+        let mut ids: Vec<Uuid> = commands.keys().copied().collect();
+        // UUIDv7: id order is acceptance order.
+        ids.sort_unstable();
+        Ok(DueBatch { ids, commands, locked: Some(tx) })
+    }
+
+    /// Commits a claimed batch's moves, with `transition_many_from`'s rules
+    /// (each a compare-and-set from the row as claimed), and releases its
+    /// rows. Errors are store errors; the batch's rows are then as they were
+    /// and due again.
+    pub async fn apply_due(&self, batch: DueBatch, moves: &[Move]) -> Result<Vec<Moved>> {
+        let DueBatch { commands, locked, .. } = batch;
+        let tx = match locked {
+            Some(tx) => tx,
+            None => self.begin().await?,
+        };
+        self.transition_many_in(tx, &commands, moves).await
+    }
+
     /// Claims up to `limit` commands that are due (`next_attempt_at <= now`) by
     /// pushing their `next_attempt_at` to `lease_until`, so that another
     /// gateway's sweeper skips them while this one works on them. Returns their

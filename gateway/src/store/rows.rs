@@ -131,6 +131,7 @@ pub(super) const MOVED_COLUMNS: [MovedColumn; 13] = [
 ];
 
 /// A value to bind whose type is only known at run time.
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum Bound {
     Int(Option<i64>),
     Text(Option<String>),
