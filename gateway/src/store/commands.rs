@@ -102,7 +102,12 @@ impl Store {
     /// rolled back and each is stored on its own, so the outcome per command is
     /// exactly `insert_command`'s.
     pub async fn insert_commands(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {
-        retry_transient(|| self.insert_commands_once(news)).await
+        let inserted = retry_transient(|| self.insert_commands_once(news)).await?;
+        self.recent.remember(inserted.iter().filter_map(|i| match i {
+            Inserted::Created(c) => Some(c),
+            _ => None,
+        }));
+        Ok(inserted)
     }
 
     async fn insert_commands_once(&self, news: &[NewCommand]) -> Result<Vec<Inserted>> {

@@ -23,6 +23,7 @@ pub mod commands;
 pub mod device_keys;
 pub mod devices;
 pub mod instances;
+mod recent;
 pub mod retention;
 mod rows;
 mod summary;
@@ -179,6 +180,8 @@ pub struct Store {
     /// This process's instance nonce, once claimed: the owner of the final
     /// replies it commits (`pending_replies.owner`).
     reply_owner: std::sync::Arc<std::sync::OnceLock<String>>,
+    /// The commands this process wrote last (the report applier's base).
+    recent: std::sync::Arc<recent::Recent>,
 }
 
 impl Store {
@@ -214,7 +217,13 @@ impl Store {
         }
         let pool = options.connect(&url).await.map_err(StoreError::Unavailable)?;
         migrate(&pool, backend).await?;
-        Ok(Store { pool, backend, statements: Counter::default(), reply_owner: Default::default() })
+        Ok(Store {
+            pool,
+            backend,
+            statements: Counter::default(),
+            reply_owner: Default::default(),
+            recent: Default::default(),
+        })
     }
 
     pub fn backend(&self) -> Backend {

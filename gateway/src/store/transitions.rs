@@ -71,16 +71,35 @@ impl Store {
             self.insert_events(&mut tx, &events).await?;
             self.owe_replies(&mut tx, &[&next]).await?;
             tx.commit().await?;
+            self.recent.remember([&next]);
             return Ok(Moved::Yes { from: current.status, command: next });
         }
         Err(StoreError::Contention(format!("command {id} kept changing under {CAS_RETRIES} attempts")))
     }
 
     /// Applies many moves in one transaction (one commit, one multi-row event
-    /// insert): the batch form of `transition`, with the same rules.
+    /// insert): the batch form of `transition`, with the same rules. Each
+    /// command's base is its state as this process last wrote it when
+    /// remembered (`recent`), else its row; a move that base would refuse is
+    /// decided on the row, read again.
     pub async fn transition_many(&self, moves: &[Move]) -> Result<Vec<Moved>> {
         let ids: Vec<Uuid> = moves.iter().map(|m| m.id).collect();
-        let read = self.get_commands(&ids).await?;
+        let (mut read, mut missing) = self.recent.get_many(&ids);
+        let now = now_ms();
+        missing.extend(
+            moves
+                .iter()
+                .filter(|m| read.get(&m.id).is_some_and(|c| step(c, m.to, &m.change, now).is_none()))
+                .map(|m| m.id),
+        );
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            for id in &missing {
+                read.remove(id);
+            }
+            read.extend(self.get_commands(&missing).await?);
+        }
         self.transition_many_from(&read, moves).await
     }
 
@@ -148,6 +167,9 @@ impl Store {
             pairs.iter().map(|(_, after)| *after).filter(|c| !lost.contains(&c.id)).collect();
         self.owe_replies(&mut tx, &written).await?;
         tx.commit().await?;
+        self.recent.remember(written);
+        // Moved by another writer: retried below on the row read again.
+        self.recent.forget(&lost);
         let mut done = Vec::with_capacity(moves.len());
         for (m, outcome) in moves.iter().zip(outcomes) {
             done.push(if lost.contains(&m.id) {
@@ -351,6 +373,77 @@ mod tests {
         );
         owner.close().await;
         other.close().await;
+    }
+
+    /// What this process remembers of a command may be stale (another
+    /// instance moved it): a move that stale state would refuse is decided on
+    /// the row, and a stale base loses its compare-and-set instead of
+    /// writing over the row.
+    #[tokio::test]
+    async fn a_stale_remembered_state_neither_refuses_nor_overwrites() {
+        use crate::command::machine::{attempt_change, Reporter};
+        use crate::command::DeviceResult;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("gw.db").display());
+        let (here, elsewhere) = (Store::connect(&url).await.unwrap(), Store::connect(&url).await.unwrap());
+        let device = DeviceId::parse("d").unwrap();
+        here.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
+        let new = new_command(&device);
+        here.insert_commands(std::slice::from_ref(&new)).await.unwrap();
+        let wait = std::time::Duration::from_secs(5);
+        let send = |c: &Command| attempt_change(c, "rx-1", "test", "gw-elsewhere", now_ms(), wait);
+        let Moved::Yes { command: sent, .. } =
+            elsewhere.transition(new.id, Status::Sent, &send(&new.to_command())).await.unwrap()
+        else {
+            panic!("published elsewhere")
+        };
+        let by_rx1 = Some(Reporter { receiver: "rx-1".into(), device: device.clone() });
+
+        // Here the command is still remembered `pending`, where no report moves it.
+        let delivered = Change {
+            delivered: true,
+            next_attempt_at: Some(now_ms() + 5_000),
+            reported_by: by_rx1.clone(),
+            ..Change::default()
+        };
+        let moved = here
+            .transition_many(&[Move { id: new.id, to: Status::Delivered, change: delivered }])
+            .await
+            .unwrap();
+        assert!(
+            matches!(&moved[0], Moved::Yes { command, .. } if command.status == Status::Delivered),
+            "{moved:?}"
+        );
+
+        // Elsewhere it is sent again (attempt 2); here remembers attempt 1, delivered.
+        let again = elsewhere.get_command(new.id).await.unwrap().unwrap();
+        assert!(matches!(
+            elsewhere.transition(new.id, Status::Sent, &send(&again)).await.unwrap(),
+            Moved::Yes { .. }
+        ));
+        let result = Change {
+            result: Some(DeviceResult { code: 0, payload: b"ok".to_vec(), message: None }),
+            reported_by: by_rx1,
+            ..Change::default()
+        };
+        let moved = here
+            .transition_many(&[Move { id: new.id, to: Status::Succeeded, change: result }])
+            .await
+            .unwrap();
+        let row = here.get_command(new.id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.attempts, row.sent_to.as_deref()),
+            (2, Some("rx-1")),
+            "attempt 2 is not written over"
+        );
+        match &moved[0] {
+            Moved::Yes { command, .. } => assert_eq!(command, &row, "the outcome is the row as written"),
+            Moved::Refused(command) => assert_eq!(command, &row, "refused on the row as it stands"),
+            Moved::NotFound => panic!("the command exists"),
+        }
+        assert_eq!(sent.attempts, 1);
+        here.close().await;
+        elsewhere.close().await;
     }
 
     /// The multi-row compare-and-set writes every row, or reports that one had
