@@ -79,6 +79,12 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             match sweep_once(&app).await {
                 Ok(s) if (s.claimed as i64) < app.config().sweep_batch => break,
                 Ok(_) => {}
+                // Another instance committed some of these rows first (Galera:
+                // row locks are per node): nothing was written; the next batch
+                // no longer finds them due.
+                Err(StoreError::Contention(e)) => {
+                    tracing::debug!(error = %e, "a sweep lost a conflict with another instance; next batch");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "sweep failed; trying again next tick");
                     break;
@@ -160,17 +166,18 @@ async fn send_owed_replies(app: &App) -> Result<(), StoreError> {
 pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
     let now = now_ms();
     let lease = now + app.config().claim_lease_ms as i64;
-    let batch = app.store().claim_due_batch(now, app.config().sweep_batch, lease).await?;
+    let mut batch = app.store().claim_due_batch(now, app.config().sweep_batch, lease).await?;
     let mut swept = Swept { claimed: batch.ids.len(), ..Swept::default() };
     if batch.ids.is_empty() {
         return Ok(swept);
     }
-    let mut devices: Vec<_> = batch.commands.values().map(|c| &c.device_id).collect();
+    let mut devices: Vec<_> = batch.commands.values().map(|c| c.device_id.clone()).collect();
     devices.sort_unstable();
     devices.dedup();
-    let online = app.store().online_devices(&devices).await?;
+    let devices: Vec<_> = devices.iter().collect();
+    let online = app.store().online_devices_for(&mut batch, &devices).await?;
     let mut moves = Vec::new();
-    // Written once the batch is committed (its rows are locked until then).
+    // Put off in the batch's transaction; cancels told again once it is committed.
     let (mut put_off, mut cancel_again) = (Vec::new(), Vec::new());
     // In acceptance order, so one device's commands go out in the order they came.
     for c in batch.ids.iter().filter_map(|id| batch.commands.get(id)).filter(|c| !c.status.is_final()) {
@@ -206,12 +213,9 @@ pub async fn sweep_once(app: &App) -> Result<Swept, StoreError> {
             }
         }
     }
-    let outcomes = app.store().apply_due(batch, &moves).await?;
+    let outcomes = app.store().apply_due(batch, &put_off, &moves).await?;
     for c in &cancel_again {
         app.publish_cancel(c).await;
-    }
-    for (c, until) in &put_off {
-        app.store().postpone(c, *until).await?;
     }
     let mut claimed = Vec::new();
     for outcome in outcomes {

@@ -62,16 +62,45 @@ impl Store {
         Ok(DueBatch { ids, commands, locked: Some(tx) })
     }
 
-    /// Commits a claimed batch's moves, with `transition_many_from`'s rules
-    /// (each a compare-and-set from the row as claimed), and releases its
-    /// rows. Errors are store errors; the batch's rows are then as they were
-    /// and due again.
-    pub async fn apply_due(&self, batch: DueBatch, moves: &[Move]) -> Result<Vec<Moved>> {
+    /// Which of `device_ids` are online, and at which receiver, read on the
+    /// batch's own connection while it holds its rows (MySQL/MariaDB), so
+    /// that the sweeper never waits for a second pooled connection with rows
+    /// locked.
+    pub async fn online_devices_for(
+        &self,
+        batch: &mut DueBatch,
+        device_ids: &[&DeviceId],
+    ) -> Result<HashMap<DeviceId, String>> {
+        match batch.locked.as_mut() {
+            Some(tx) => self.online_devices_on(tx, device_ids).await,
+            None => self.online_devices(device_ids).await,
+        }
+    }
+
+    /// Commits a claimed batch: `put_off` (commands to look at again later,
+    /// each `(as claimed, until)`, as [`Store::postpone`]) and the moves,
+    /// with `transition_many_from`'s rules (each a compare-and-set from the
+    /// row as claimed), in one transaction — the claim's own on MySQL/MariaDB,
+    /// which releases the rows. A device that comes online meanwhile
+    /// (`wake_device`) waits for the locks and then finds the later time, so
+    /// its wake-up is not lost. Errors are store errors; the batch's rows are
+    /// then as they were and due again. (If a move's compare-and-set lost to
+    /// another writer, the batch is redone row by row without the
+    /// postponements: those commands are looked at again on the next sweep.)
+    pub async fn apply_due(
+        &self,
+        batch: DueBatch,
+        put_off: &[(Command, i64)],
+        moves: &[Move],
+    ) -> Result<Vec<Moved>> {
         let DueBatch { commands, locked, .. } = batch;
-        let tx = match locked {
+        let mut tx = match locked {
             Some(tx) => tx,
             None => self.begin().await?,
         };
+        for (current, until) in put_off {
+            self.postpone_on(&mut tx, current, *until).await?;
+        }
         self.transition_many_in(tx, &commands, moves).await
     }
 
@@ -143,6 +172,16 @@ impl Store {
     /// its `next_attempt_at` included, so a device that came online meanwhile
     /// (`wake_device`, which sets it to now) is not put off.
     pub async fn postpone(&self, current: &Command, until: i64) -> Result<bool> {
+        let mut conn = self.pool.acquire().await?;
+        self.postpone_on(&mut conn, current, until).await
+    }
+
+    async fn postpone_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        current: &Command,
+        until: i64,
+    ) -> Result<bool> {
         let done = self
             .query(
                 "UPDATE commands SET next_attempt_at = ? WHERE id = ? AND status = ? AND attempts = ? \
@@ -153,7 +192,7 @@ impl Store {
             .bind(current.status.as_str())
             .bind(current.attempts)
             .bind(current.next_attempt_at)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -252,6 +252,17 @@ impl Store {
 
     /// Which of these devices a receiver reports connected now, and which receiver.
     pub async fn online_devices(&self, device_ids: &[&DeviceId]) -> Result<HashMap<DeviceId, String>> {
+        let mut conn = self.pool.acquire().await?;
+        self.online_devices_on(&mut conn, device_ids).await
+    }
+
+    /// [`Store::online_devices`] on a connection the caller holds (e.g. a
+    /// transaction's).
+    pub(super) async fn online_devices_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        device_ids: &[&DeviceId],
+    ) -> Result<HashMap<DeviceId, String>> {
         let mut online = HashMap::new();
         for chunk in device_ids.chunks(500) {
             let sql = format!(
@@ -262,7 +273,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id.as_str());
             }
-            for row in q.fetch_all(&self.pool).await? {
+            for row in q.fetch_all(&mut *conn).await? {
                 let id = DeviceId::try_from(row.try_get::<String, _>("device_id")?)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 online.insert(id, row.try_get::<String, _>("receiver_id")?);
