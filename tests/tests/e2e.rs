@@ -19,6 +19,7 @@ system_tests::on_both_stores!(
     device_presence_follows_the_connection,
     listing_pages_newest_first,
     a_reports_message_may_carry_many_and_a_result_implies_delivery,
+    counters_of_attempts_published_and_commands_final,
 );
 
 async fn start(db: Db) -> Option<System> {
@@ -44,6 +45,24 @@ async fn sync_command_succeeds_with_full_event_log(db: Db) {
     ];
     let expected: Vec<_> = expected.iter().map(|(f, t)| (f.map(str::to_owned), (*t).to_owned())).collect();
     assert_eq!(events, expected);
+    s.stop().await;
+}
+
+/// `gateway_attempts_published_total` counts each attempt handed to the
+/// broker, `gateway_commands_final_total` each command made final (what the
+/// scheduled benchmark watches).
+async fn counters_of_attempts_published_and_commands_final(db: Db) {
+    let Some(s) = start(db).await else { return };
+    let metrics = s.gateway.app.metrics().clone();
+    let (published, finals) = (metrics.attempts_published.get(), metrics.commands_final.get());
+    let dev = &s.device_ids[0];
+    for name in ["echo", "fail"] {
+        let (status, cmd) = s.send(dev, json!({"name": name})).await;
+        assert_eq!(status, 200, "{cmd}");
+    }
+    assert_eq!(metrics.commands_final.get() - finals, 2, "a success and a failure, each final once");
+    // At least one attempt each (a loaded machine may re-send after the ack timeout).
+    assert!(metrics.attempts_published.get() - published >= 2);
     s.stop().await;
 }
 
