@@ -318,7 +318,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
     children.stop().await;
     let processes = cpu.figures(&end, &after_setup, &pids);
     let db_statements_per_command = (!db_per_command.is_empty()).then_some(db_per_command);
-    let targets = report::targets(&report::TargetInputs {
+    let inputs = report::TargetInputs {
         baseline: baseline.as_ref(),
         pipeline_async: pipeline_async.as_ref(),
         pipeline_sync: pipeline_sync.as_ref(),
@@ -326,7 +326,8 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         processes: &processes,
         db: db_statements_per_command.as_ref(),
         one_caller: shape.concurrency == 1,
-    });
+    };
+    let (targets, one_caller_p50) = (report::targets(&inputs), report::OneCallerP50::of(&inputs));
     Ok(Report {
         settings: Settings {
             commands: args.scheduled.unwrap_or(shape.commands),
@@ -357,6 +358,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Report> {
         scheduled,
         floor,
         targets,
+        one_caller_p50,
         db_statements_per_command,
         processes,
         devices: read_sim_totals(&system.sim_stats),

@@ -30,6 +30,8 @@ pub(crate) struct Report {
     pub(crate) floor: Option<Floor>,
     /// The figures issue 15 sets targets for, each beside its target.
     pub(crate) targets: Vec<Target>,
+    /// One caller's sync p50, taken apart (`--concurrency 1` on MySQL/MariaDB).
+    pub(crate) one_caller_p50: Option<OneCallerP50>,
     /// `None` on SQLite (no statement counters).
     pub(crate) db_statements_per_command: Option<BTreeMap<&'static str, PerCommand>>,
     pub(crate) processes: BTreeMap<&'static str, ProcessFigures>,
@@ -107,6 +109,37 @@ impl Target {
     fn at_most(name: &'static str, value: Option<f64>, unit: &'static str, bound: f64) -> Target {
         let met = value.map(|v| v <= bound);
         Target { name, value, unit, target: format!("≤ {bound}"), met }
+    }
+}
+
+/// One caller's sync p50 taken apart: the broker's own round trip, the
+/// store floor's two durable commits for one command (record, then final
+/// status; batches of 1 from one connection), and everything else (HTTP,
+/// the gateway, the receiver, the device, the remaining statements). The
+/// first two are the least any design keeping "record before publish" and
+/// "2xx only after commit" can take.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct OneCallerP50 {
+    pub(crate) sync_p50_ms: f64,
+    pub(crate) broker_p50_ms: f64,
+    /// 1,000 ÷ the floor's commands/s from one connection at batches of 1.
+    pub(crate) store_floor_ms: f64,
+    /// `sync_p50_ms − broker_p50_ms − store_floor_ms`.
+    pub(crate) rest_ms: f64,
+}
+
+impl OneCallerP50 {
+    /// `None` unless the run had one caller, a sync phase, a baseline and a floor.
+    pub(crate) fn of(i: &TargetInputs<'_>) -> Option<OneCallerP50> {
+        let sync_p50_ms = i.pipeline_sync.filter(|_| i.one_caller)?.latency?.p50_ms;
+        let broker_p50_ms = i.baseline?.latency?.p50_ms;
+        let floor = &i.floor?.one;
+        if floor.batch != 1 || floor.commands_per_s <= 0.0 {
+            return None;
+        }
+        let store_floor_ms = 1000.0 / floor.commands_per_s;
+        let rest_ms = sync_p50_ms - broker_p50_ms - store_floor_ms;
+        Some(OneCallerP50 { sync_p50_ms, broker_p50_ms, store_floor_ms, rest_ms })
     }
 }
 
@@ -317,6 +350,13 @@ impl Report {
                     writeln!(t, "  {:<48}{v:>10.3} {:<3} target {:<8} {verdict}", x.name, x.unit, x.target);
             }
         }
+        if let Some(p) = &self.one_caller_p50 {
+            let _ = writeln!(
+                t,
+                "one caller's sync p50 {:.2} ms = broker {:.2} + the store floor's two commits {:.2} + the rest {:.2} ms",
+                p.sync_p50_ms, p.broker_p50_ms, p.store_floor_ms, p.rest_ms
+            );
+        }
         let _ = writeln!(t);
     }
 
@@ -440,6 +480,7 @@ pub(crate) fn scan_log(text: &str) -> LogWarnings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::floor::FloorRun;
 
     #[test]
     fn log_levels_are_counted() {
@@ -450,5 +491,57 @@ mod tests {
         let w = scan_log(log);
         assert_eq!((w.warn, w.error), (2, 1));
         assert_eq!(w.examples, vec!["WARN gateway::mqtt: slow", "ERROR gateway::store: gone"]);
+    }
+
+    fn latency(p50_ms: f64) -> Option<Latency> {
+        Some(Latency { p50_ms, p90_ms: p50_ms, p99_ms: p50_ms, max_ms: p50_ms })
+    }
+
+    fn floor_run(connections: usize, batch: usize, commands_per_s: f64) -> FloorRun {
+        FloorRun {
+            connections,
+            commands: 100,
+            batch,
+            elapsed_s: 1.0,
+            commands_per_s,
+            server_cpu_us_per_command: None,
+        }
+    }
+
+    /// The p50 is taken apart into the broker's, the floor's two commits
+    /// (1,000 ÷ its rate at batches of 1) and the rest; only for one caller
+    /// with a floor measured at batches of 1.
+    #[test]
+    fn one_callers_p50_is_the_broker_the_floor_and_the_rest() {
+        let baseline =
+            BaselineResult { requests: 10, elapsed_s: 1.0, throughput_per_s: 10.0, latency: latency(0.3) };
+        let sync = SyncResult {
+            commands: 10,
+            elapsed_s: 1.0,
+            throughput_per_s: 10.0,
+            latency: latency(2.1),
+            statuses: BTreeMap::new(),
+            failures: Failures::default(),
+        };
+        let floor = Floor { one: floor_run(1, 1, 800.0), two: floor_run(2, 1, 1200.0) };
+        let processes = BTreeMap::new();
+        let mut inputs = TargetInputs {
+            baseline: Some(&baseline),
+            pipeline_async: None,
+            pipeline_sync: Some(&sync),
+            floor: Some(&floor),
+            processes: &processes,
+            db: None,
+            one_caller: true,
+        };
+        let p = OneCallerP50::of(&inputs).expect("one caller with a floor");
+        assert!((p.store_floor_ms - 1.25).abs() < 1e-9, "{p:?}");
+        assert!((p.rest_ms - (2.1 - 0.3 - 1.25)).abs() < 1e-9, "{p:?}");
+        inputs.one_caller = false;
+        assert!(OneCallerP50::of(&inputs).is_none());
+        inputs.one_caller = true;
+        let batched = Floor { one: floor_run(1, 64, 8000.0), two: floor_run(2, 64, 12000.0) };
+        inputs.floor = Some(&batched);
+        assert!(OneCallerP50::of(&inputs).is_none(), "a batched floor is not one command's commits");
     }
 }

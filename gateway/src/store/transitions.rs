@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
-use super::rows::{MovedColumn, MOVED_COLUMNS};
+use super::rows::{Bound, MOVED_COLUMNS};
 use super::{marks, retry_transient, Result, Store, StoreError, Tx};
 use crate::command::machine::step;
 use crate::command::{now_ms, Change, Command, Move, Status};
@@ -220,34 +220,51 @@ impl Store {
             let rows: Vec<&(&Command, &Command)> =
                 chunk.iter().chain(std::iter::repeat(&chunk[0])).take(size).collect();
             // Only the columns some row of the chunk changes (a `sent` move
-            // writes 5 of the 13): each CASE costs the database a scan of its
-            // arms for every row. `updated_at` changes with every move.
-            let columns: Vec<&MovedColumn> = MOVED_COLUMNS
-                .iter()
-                .filter(|(name, value)| {
-                    *name == "updated_at" || chunk.iter().any(|(before, after)| value(before) != value(after))
-                })
-                .collect();
-            let whens = vec!["WHEN ? THEN ?"; size].join(" ");
-            let sets: Vec<String> =
-                columns.iter().map(|(name, _)| format!("{name} = CASE id {whens} END")).collect();
-            let checks = vec![format!("WHEN ? THEN {CAS_CHECK}"); size].join(" ");
-            let sql = format!(
-                "UPDATE commands SET {} WHERE id IN ({}) AND CASE id {checks} ELSE 0 END",
-                sets.join(", "),
-                marks(size)
-            );
-            let mut q = self.query(&sql);
-            for (_, value) in &columns {
-                for (before, after) in &rows {
-                    q = value(after).bind_to(q.bind(before.id.to_string()));
+            // writes 5 of the 13), and a column every row gets the same value
+            // of (a batch's status, its `updated_at`) as `col = ?`: each
+            // `CASE id` costs the database a scan of its arms for every row,
+            // for every column. `updated_at` changes with every move.
+            let (mut sets, mut values) = (Vec::new(), Vec::new());
+            for (name, value) in &MOVED_COLUMNS {
+                if *name != "updated_at" && chunk.iter().all(|(before, after)| value(before) == value(after))
+                {
+                    continue;
                 }
+                let first = value(chunk[0].1);
+                if chunk[1..].iter().all(|(_, after)| value(after) == first) {
+                    sets.push(format!("{name} = ?"));
+                    values.push(first);
+                } else {
+                    sets.push(format!("{name} = CASE id {} END", vec!["WHEN ? THEN ?"; size].join(" ")));
+                    for (before, after) in &rows {
+                        values.push(Bound::Text(Some(before.id.to_string())));
+                        values.push(value(after));
+                    }
+                }
+            }
+            // The check: once for the chunk when every row was read alike
+            // (a batch of `sent` commands at their first attempt), else per row.
+            let alike = chunk[1..].iter().all(|(before, _)| same_check(before, chunk[0].0));
+            let check = if alike {
+                format!("AND {CAS_CHECK}")
+            } else {
+                format!("AND CASE id {} ELSE 0 END", vec![format!("WHEN ? THEN {CAS_CHECK}"); size].join(" "))
+            };
+            let sql =
+                format!("UPDATE commands SET {} WHERE id IN ({}) {check}", sets.join(", "), marks(size));
+            let mut q = self.query(&sql);
+            for value in values {
+                q = value.bind_to(q);
             }
             for (before, _) in &rows {
                 q = q.bind(before.id.to_string());
             }
-            for (before, _) in &rows {
-                q = bind_check(q.bind(before.id.to_string()), before);
+            if alike {
+                q = bind_check(q, chunk[0].0);
+            } else {
+                for (before, _) in &rows {
+                    q = bind_check(q.bind(before.id.to_string()), before);
+                }
             }
             if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
                 return Ok(false);
@@ -275,6 +292,13 @@ impl Store {
 /// cancel was requested (a request changes neither of the others, and a
 /// move read before it must not write over it).
 const CAS_CHECK: &str = "status = ? AND attempts = ? AND (cancel_requested_at IS NULL) = ?";
+
+/// Whether [`CAS_CHECK`] compares `a` and `b` with the same values.
+fn same_check(a: &Command, b: &Command) -> bool {
+    a.status == b.status
+        && a.attempts == b.attempts
+        && a.cancel_requested_at.is_none() == b.cancel_requested_at.is_none()
+}
 
 /// Binds [`CAS_CHECK`]'s values as `before` has them.
 fn bind_check<'q>(q: super::Query<'q>, before: &Command) -> super::Query<'q> {
@@ -307,6 +331,22 @@ mod tests {
             submission_key: None,
             sent_to: None,
         }
+    }
+
+    /// A fresh SQLite store holding `n` pending commands of one device (their ids).
+    async fn store_with_pending(n: usize) -> (tempfile::TempDir, Store, Vec<Uuid>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite:{}", dir.path().join("gw.db").display())).await.unwrap();
+        let device = DeviceId::parse("d").unwrap();
+        store.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
+        let news: Vec<NewCommand> = (0..n).map(|_| new_command(&device)).collect();
+        store.insert_commands(&news).await.unwrap();
+        (dir, store, news.iter().map(|n| n.id).collect())
+    }
+
+    /// An attempt: `→ sent`, attempts + 1, acknowledged within 5 s.
+    fn sent_change() -> Change {
+        Change { bump_attempts: true, next_attempt_at: Some(now_ms() + 5_000), ..Change::default() }
     }
 
     fn next_states(read: &HashMap<Uuid, Command>, to: Status, change: &Change) -> HashMap<Uuid, Command> {
@@ -450,15 +490,8 @@ mod tests {
     /// moved (and the caller's rollback leaves every row as it was).
     #[tokio::test]
     async fn many_rows_in_one_compare_and_set() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(&format!("sqlite:{}", dir.path().join("gw.db").display())).await.unwrap();
-        let device = DeviceId::parse("d").unwrap();
-        store.upsert_device(&device, true, &serde_json::json!({})).await.unwrap();
-        let news: Vec<NewCommand> = (0..5).map(|_| new_command(&device)).collect();
-        store.insert_commands(&news).await.unwrap();
-        let ids: Vec<Uuid> = news.iter().map(|n| n.id).collect();
-        let sent =
-            Change { bump_attempts: true, next_attempt_at: Some(now_ms() + 5_000), ..Change::default() };
+        let (_dir, store, ids) = store_with_pending(5).await;
+        let sent = sent_change();
 
         let read = store.get_commands(&ids).await.unwrap();
         let next = next_states(&read, Status::Sent, &sent);
@@ -498,6 +531,61 @@ mod tests {
         let yes = outcomes.iter().filter(|o| matches!(o, Moved::Yes { .. })).count();
         assert_eq!(yes, 4);
         assert!(matches!(&outcomes[3], Moved::Refused(c) if c.status == Status::Canceled));
+        store.close().await;
+    }
+
+    /// A chunk whose rows were read at different attempts and get different
+    /// values (each its own result) is written row by row (`CASE id`), and a
+    /// row that moved meanwhile is still caught; a chunk read alike with one
+    /// value per column is written with one value each.
+    #[tokio::test]
+    async fn a_mixed_chunk_writes_each_row_its_own_values() {
+        use crate::command::DeviceResult;
+        let (_dir, store, ids) = store_with_pending(6).await;
+        let sent = sent_change();
+        for id in &ids {
+            store.transition(*id, Status::Sent, &sent).await.unwrap();
+        }
+        // Half of them at a second attempt: the rows are not read alike.
+        for id in ids.iter().step_by(2) {
+            store.transition(*id, Status::Sent, &sent).await.unwrap();
+        }
+        let read = store.get_commands(&ids).await.unwrap();
+        assert_eq!(read.values().filter(|c| c.attempts == 2).count(), 3);
+        let finals: HashMap<Uuid, Command> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let change = Change {
+                    result: Some(DeviceResult { code: 0, payload: vec![i as u8; i + 1], message: None }),
+                    ..Change::default()
+                };
+                (*id, step(&read[id], Status::Succeeded, &change, now_ms()).unwrap().0)
+            })
+            .collect();
+
+        // One of them is canceled behind the chunk's back: caught, nothing written.
+        let canceled = Change {
+            error: Some(Failure { kind: FailureKind::Canceled, message: "test".into() }),
+            ..Change::default()
+        };
+        store.transition(ids[1], Status::Canceled, &canceled).await.unwrap();
+        let pairs: Vec<(&Command, &Command)> = ids.iter().map(|id| (&read[id], &finals[id])).collect();
+        let mut tx = store.begin().await.unwrap();
+        assert!(!store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
+        tx.rollback().await.unwrap();
+
+        let read = store.get_commands(&ids).await.unwrap();
+        let rest: Vec<Uuid> = ids.iter().copied().filter(|id| *id != ids[1]).collect();
+        let pairs: Vec<(&Command, &Command)> = rest.iter().map(|id| (&read[id], &finals[id])).collect();
+        let mut tx = store.begin().await.unwrap();
+        assert!(store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
+        tx.commit().await.unwrap();
+        let now = store.get_commands(&ids).await.unwrap();
+        for id in &rest {
+            assert_eq!(now[id], finals[id], "each row its own result and attempts");
+        }
+        assert_eq!(now[&ids[1]].status, Status::Canceled);
         store.close().await;
     }
 }
