@@ -7,15 +7,20 @@ use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
-use super::rows::{Bound, MOVED_COLUMNS};
+use super::rows::{Bound, MovedColumn, MOVED_COLUMNS};
 use super::{marks, retry_transient, Result, Store, StoreError, Tx};
 use crate::command::machine::step;
 use crate::command::{now_ms, Change, Command, Move, Status};
 
 /// How many times a compare-and-set is retried when another writer moved the row first.
 const CAS_RETRIES: usize = 8;
-/// Rows per multi-row compare-and-set UPDATE.
+/// Rows per multi-row compare-and-set UPDATE that writes a value per row
+/// (`CASE id`, whose arms the database scans for every row: cost grows with
+/// the square of the chunk).
 const CAS_CHUNK: usize = 32;
+/// Rows per multi-row compare-and-set UPDATE whose every column has one
+/// value for the chunk (no `CASE`: cost grows with the chunk).
+const CAS_CHUNK_SHARED: usize = 256;
 /// How long the instance that made a command final has to publish its MQTT
 /// caller's final reply before any instance's sweeper does it instead (ms).
 pub const REPLY_GRACE_MS: i64 = 3_000;
@@ -200,13 +205,25 @@ impl Store {
         Ok(())
     }
 
-    /// The compare-and-set for many commands at once, with one UPDATE per
-    /// chunk of up to `CAS_CHUNK` rows, writing the columns the chunk's moves
-    /// change (a column no move changes keeps whatever the row has): true if every row still had its read
-    /// status and attempts and so was written; false if any had moved (then
-    /// the caller must roll back: the other rows of the chunk were written).
+    /// The compare-and-set for many commands at once, one UPDATE per chunk
+    /// (see [`ChunkPlan`]): up to `CAS_CHUNK_SHARED` rows when every column
+    /// the chunk changes gets one value and every row was read alike (a
+    /// sweeper batch of first attempts), else up to `CAS_CHUNK`. A column no
+    /// move changes keeps whatever the row has. True if every row still had
+    /// its read status and attempts and so was written; false if any had
+    /// moved (then the caller must roll back: other rows were written).
     async fn update_all_if_unchanged(&self, tx: &mut Tx, pairs: &[(&Command, &Command)]) -> Result<bool> {
-        for chunk in pairs.chunks(CAS_CHUNK) {
+        let mut rest = pairs;
+        while !rest.is_empty() {
+            let wide = &rest[..rest.len().min(CAS_CHUNK_SHARED)];
+            let wide_plan = ChunkPlan::of(wide);
+            let (chunk, plan) = if !wide_plan.per_row() || wide.len() <= CAS_CHUNK {
+                (wide, wide_plan)
+            } else {
+                let narrow = &rest[..CAS_CHUNK];
+                (narrow, ChunkPlan::of(narrow))
+            };
+            rest = &rest[chunk.len()..];
             if let [(before, after)] = chunk {
                 if !self.update_if_unchanged(tx, before, after).await? {
                     return Ok(false);
@@ -219,33 +236,24 @@ impl Store {
             let size = chunk.len().next_power_of_two();
             let rows: Vec<&(&Command, &Command)> =
                 chunk.iter().chain(std::iter::repeat(&chunk[0])).take(size).collect();
-            // Only the columns some row of the chunk changes (a `sent` move
-            // writes 5 of the 13), and a column every row gets the same value
-            // of (a batch's status, its `updated_at`) as `col = ?`: each
-            // `CASE id` costs the database a scan of its arms for every row,
-            // for every column. `updated_at` changes with every move.
-            let (mut sets, mut values) = (Vec::new(), Vec::new());
-            for (name, value) in &MOVED_COLUMNS {
-                if *name != "updated_at" && chunk.iter().all(|(before, after)| value(before) == value(after))
-                {
-                    continue;
-                }
-                let first = value(chunk[0].1);
-                if chunk[1..].iter().all(|(_, after)| value(after) == first) {
-                    sets.push(format!("{name} = ?"));
-                    values.push(first);
-                } else {
-                    sets.push(format!("{name} = CASE id {} END", vec!["WHEN ? THEN ?"; size].join(" ")));
-                    for (before, after) in &rows {
-                        values.push(Bound::Text(Some(before.id.to_string())));
-                        values.push(value(after));
+            let mut sets = Vec::with_capacity(plan.columns.len());
+            let mut values = Vec::new();
+            for ((name, value), shared) in plan.columns {
+                match shared {
+                    Some(one) => {
+                        sets.push(format!("{name} = ?"));
+                        values.push(one);
+                    }
+                    None => {
+                        sets.push(format!("{name} = CASE id {} END", vec!["WHEN ? THEN ?"; size].join(" ")));
+                        for (before, after) in &rows {
+                            values.push(Bound::Text(Some(before.id.to_string())));
+                            values.push(value(after));
+                        }
                     }
                 }
             }
-            // The check: once for the chunk when every row was read alike
-            // (a batch of `sent` commands at their first attempt), else per row.
-            let alike = chunk[1..].iter().all(|(before, _)| same_check(before, chunk[0].0));
-            let check = if alike {
+            let check = if plan.alike {
                 format!("AND {CAS_CHECK}")
             } else {
                 format!("AND CASE id {} ELSE 0 END", vec![format!("WHEN ? THEN {CAS_CHECK}"); size].join(" "))
@@ -259,7 +267,7 @@ impl Store {
             for (before, _) in &rows {
                 q = q.bind(before.id.to_string());
             }
-            if alike {
+            if plan.alike {
                 q = bind_check(q, chunk[0].0);
             } else {
                 for (before, _) in &rows {
@@ -292,6 +300,37 @@ impl Store {
 /// cancel was requested (a request changes neither of the others, and a
 /// move read before it must not write over it).
 const CAS_CHECK: &str = "status = ? AND attempts = ? AND (cancel_requested_at IS NULL) = ?";
+
+/// How one chunk of a multi-row compare-and-set is written: the columns
+/// some row of it changes (`updated_at` always: it changes with every move),
+/// each with the one value every row gets (`col = ?`) or `None` for a value
+/// per row (`CASE id WHEN … THEN …`); and whether every row was read alike,
+/// so that the check is written once for the chunk.
+struct ChunkPlan {
+    columns: Vec<(MovedColumn, Option<Bound>)>,
+    alike: bool,
+}
+
+impl ChunkPlan {
+    fn of(chunk: &[(&Command, &Command)]) -> ChunkPlan {
+        let mut columns = Vec::new();
+        for (name, value) in MOVED_COLUMNS {
+            if name != "updated_at" && chunk.iter().all(|(before, after)| value(before) == value(after)) {
+                continue;
+            }
+            let first = value(chunk[0].1);
+            let shared = chunk[1..].iter().all(|(_, after)| value(after) == first).then_some(first);
+            columns.push(((name, value), shared));
+        }
+        let alike = chunk[1..].iter().all(|(before, _)| same_check(before, chunk[0].0));
+        ChunkPlan { columns, alike }
+    }
+
+    /// Whether any part of the statement is written per row.
+    fn per_row(&self) -> bool {
+        !self.alike || self.columns.iter().any(|(_, shared)| shared.is_none())
+    }
+}
 
 /// Whether [`CAS_CHECK`] compares `a` and `b` with the same values.
 fn same_check(a: &Command, b: &Command) -> bool {
@@ -350,7 +389,8 @@ mod tests {
     }
 
     fn next_states(read: &HashMap<Uuid, Command>, to: Status, change: &Change) -> HashMap<Uuid, Command> {
-        read.iter().map(|(id, c)| (*id, step(c, to, change, now_ms()).unwrap().0)).collect()
+        let now = now_ms();
+        read.iter().map(|(id, c)| (*id, step(c, to, change, now).unwrap().0)).collect()
     }
 
     /// A command with an MQTT caller owes its final reply from the moment it
@@ -487,10 +527,11 @@ mod tests {
     }
 
     /// The multi-row compare-and-set writes every row, or reports that one had
-    /// moved (and the caller's rollback leaves every row as it was).
+    /// moved (and the caller's rollback leaves every row as it was); 300 rows
+    /// that share every value go in chunks of `CAS_CHUNK_SHARED`.
     #[tokio::test]
     async fn many_rows_in_one_compare_and_set() {
-        let (_dir, store, ids) = store_with_pending(5).await;
+        let (_dir, store, ids) = store_with_pending(300).await;
         let sent = sent_change();
 
         let read = store.get_commands(&ids).await.unwrap();
@@ -504,14 +545,15 @@ mod tests {
             assert_eq!(now[id], next[id], "every row written, each with its own values");
         }
 
-        // One command moves behind the batch's back: the batch must not overwrite it.
+        // One command (in the second chunk) moves behind the batch's back: the
+        // batch must not overwrite it.
         let read = now;
         let canceled = Change {
             error: Some(Failure { kind: FailureKind::Canceled, message: "test".into() }),
             ..Change::default()
         };
         assert!(matches!(
-            store.transition(ids[3], Status::Canceled, &canceled).await.unwrap(),
+            store.transition(ids[290], Status::Canceled, &canceled).await.unwrap(),
             Moved::Yes { .. }
         ));
         let delivered = Change { delivered: true, ..Change::default() };
@@ -521,27 +563,26 @@ mod tests {
         assert!(!store.update_all_if_unchanged(&mut tx, &pairs).await.unwrap());
         tx.rollback().await.unwrap();
         let after = store.get_commands(&ids).await.unwrap();
-        assert_eq!(after[&ids[3]].status, Status::Canceled);
-        assert!(ids.iter().filter(|id| **id != ids[3]).all(|id| after[id] == read[id]));
+        assert_eq!(after[&ids[290]].status, Status::Canceled);
+        assert!(ids.iter().filter(|id| **id != ids[290]).all(|id| after[id] == read[id]));
 
         // The batch form finds out which one lost and applies the rest.
         let moves: Vec<Move> =
             ids.iter().map(|id| Move { id: *id, to: Status::Delivered, change: delivered.clone() }).collect();
         let outcomes = store.transition_many(&moves).await.unwrap();
         let yes = outcomes.iter().filter(|o| matches!(o, Moved::Yes { .. })).count();
-        assert_eq!(yes, 4);
-        assert!(matches!(&outcomes[3], Moved::Refused(c) if c.status == Status::Canceled));
+        assert_eq!(yes, 299);
+        assert!(matches!(&outcomes[290], Moved::Refused(c) if c.status == Status::Canceled));
         store.close().await;
     }
 
-    /// A chunk whose rows were read at different attempts and get different
-    /// values (each its own result) is written row by row (`CASE id`), and a
-    /// row that moved meanwhile is still caught; a chunk read alike with one
-    /// value per column is written with one value each.
+    /// Rows read at different attempts that get different values (each its
+    /// own result) are written row by row (`CASE id`, chunks of `CAS_CHUNK`),
+    /// and a row that moved meanwhile is still caught.
     #[tokio::test]
     async fn a_mixed_chunk_writes_each_row_its_own_values() {
         use crate::command::DeviceResult;
-        let (_dir, store, ids) = store_with_pending(6).await;
+        let (_dir, store, ids) = store_with_pending(40).await;
         let sent = sent_change();
         for id in &ids {
             store.transition(*id, Status::Sent, &sent).await.unwrap();
@@ -551,7 +592,7 @@ mod tests {
             store.transition(*id, Status::Sent, &sent).await.unwrap();
         }
         let read = store.get_commands(&ids).await.unwrap();
-        assert_eq!(read.values().filter(|c| c.attempts == 2).count(), 3);
+        assert_eq!(read.values().filter(|c| c.attempts == 2).count(), 20);
         let finals: HashMap<Uuid, Command> = ids
             .iter()
             .enumerate()
