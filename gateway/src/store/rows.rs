@@ -113,33 +113,34 @@ pub(super) fn command_from_row(row: &AnyRow) -> Result<Command> {
 /// The columns a move may change, and how to read each from a command: the
 /// one list both compare-and-set forms (`update_if_unchanged`,
 /// `update_all_if_unchanged`) write.
-pub(super) type MovedColumn = (&'static str, fn(&Command) -> Bound);
+pub(super) type MovedColumn = (&'static str, fn(&Command) -> Bound<'_>);
 pub(super) const MOVED_COLUMNS: [MovedColumn; 13] = [
-    ("status", |c| Bound::Text(Some(c.status.as_str().to_owned()))),
+    ("status", |c| Bound::Text(Some(c.status.as_str()))),
     ("attempts", |c| Bound::Int(Some(c.attempts))),
     ("updated_at", |c| Bound::Int(Some(c.updated_at))),
     ("delivered_at", |c| Bound::Int(c.delivered_at)),
     ("cancel_requested_at", |c| Bound::Int(c.cancel_requested_at)),
     ("completed_at", |c| Bound::Int(c.completed_at)),
     ("result_code", |c| Bound::Int(c.result.as_ref().map(|r| r.code))),
-    ("result_payload", |c| Bound::Bytes(c.result.as_ref().map(|r| r.payload.clone()))),
-    ("result_message", |c| Bound::Text(c.result.as_ref().and_then(|r| r.message.clone()))),
-    ("error_kind", |c| Bound::Text(c.error.as_ref().map(|e| e.kind.as_str().to_owned()))),
-    ("error_message", |c| Bound::Text(c.error.as_ref().map(|e| e.message.clone()))),
+    ("result_payload", |c| Bound::Bytes(c.result.as_ref().map(|r| r.payload.as_slice()))),
+    ("result_message", |c| Bound::Text(c.result.as_ref().and_then(|r| r.message.as_deref()))),
+    ("error_kind", |c| Bound::Text(c.error.as_ref().map(|e| e.kind.as_str()))),
+    ("error_message", |c| Bound::Text(c.error.as_ref().map(|e| e.message.as_str()))),
     ("next_attempt_at", |c| Bound::Int(c.next_attempt_at)),
-    ("sent_to", |c| Bound::Text(c.sent_to.clone())),
+    ("sent_to", |c| Bound::Text(c.sent_to.as_deref())),
 ];
 
-/// A value to bind whose type is only known at run time.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Bound {
+/// A value to bind whose type is only known at run time, borrowed from the
+/// command it was read from (comparing and binding copy nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Bound<'a> {
     Int(Option<i64>),
-    Text(Option<String>),
-    Bytes(Option<Vec<u8>>),
+    Text(Option<&'a str>),
+    Bytes(Option<&'a [u8]>),
 }
 
-impl Bound {
-    pub(super) fn bind_to(self, q: Query<'_>) -> Query<'_> {
+impl<'a> Bound<'a> {
+    pub(super) fn bind_to(self, q: Query<'a>) -> Query<'a> {
         match self {
             Bound::Int(v) => q.bind(v),
             Bound::Text(v) => q.bind(v),

@@ -236,6 +236,7 @@ impl Store {
             let size = chunk.len().next_power_of_two();
             let rows: Vec<&(&Command, &Command)> =
                 chunk.iter().chain(std::iter::repeat(&chunk[0])).take(size).collect();
+            let ids: Vec<String> = rows.iter().map(|(before, _)| before.id.to_string()).collect();
             let mut sets = Vec::with_capacity(plan.columns.len());
             let mut values = Vec::new();
             for ((name, value), shared) in plan.columns {
@@ -246,8 +247,8 @@ impl Store {
                     }
                     None => {
                         sets.push(format!("{name} = CASE id {} END", vec!["WHEN ? THEN ?"; size].join(" ")));
-                        for (before, after) in &rows {
-                            values.push(Bound::Text(Some(before.id.to_string())));
+                        for (id, (_, after)) in ids.iter().zip(&rows) {
+                            values.push(Bound::Text(Some(id)));
                             values.push(value(after));
                         }
                     }
@@ -264,14 +265,14 @@ impl Store {
             for value in values {
                 q = value.bind_to(q);
             }
-            for (before, _) in &rows {
-                q = q.bind(before.id.to_string());
+            for id in &ids {
+                q = q.bind(id.as_str());
             }
             if plan.alike {
                 q = bind_check(q, chunk[0].0);
             } else {
-                for (before, _) in &rows {
-                    q = bind_check(q.bind(before.id.to_string()), before);
+                for (id, (before, _)) in ids.iter().zip(&rows) {
+                    q = bind_check(q.bind(id.as_str()), before);
                 }
             }
             if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
@@ -306,13 +307,13 @@ const CAS_CHECK: &str = "status = ? AND attempts = ? AND (cancel_requested_at IS
 /// each with the one value every row gets (`col = ?`) or `None` for a value
 /// per row (`CASE id WHEN … THEN …`); and whether every row was read alike,
 /// so that the check is written once for the chunk.
-struct ChunkPlan {
-    columns: Vec<(MovedColumn, Option<Bound>)>,
+struct ChunkPlan<'c> {
+    columns: Vec<(MovedColumn, Option<Bound<'c>>)>,
     alike: bool,
 }
 
-impl ChunkPlan {
-    fn of(chunk: &[(&Command, &Command)]) -> ChunkPlan {
+impl<'c> ChunkPlan<'c> {
+    fn of(chunk: &[(&'c Command, &'c Command)]) -> ChunkPlan<'c> {
         let mut columns = Vec::new();
         for (name, value) in MOVED_COLUMNS {
             if name != "updated_at" && chunk.iter().all(|(before, after)| value(before) == value(after)) {
