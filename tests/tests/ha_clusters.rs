@@ -653,6 +653,10 @@ async fn one_of_each_killed_on_galera_and_nats_loses_nothing() {
     apis[2].wait_healthy(Duration::from_secs(90)).await;
     let instances: Vec<String> =
         gateways.iter().map(|g| instance_id(g).unwrap_or_else(|| format!("?{}", g.name()))).collect();
+    // Row locks hold on one Galera node only: the sweepers claim with a lease here.
+    for g in &gateways {
+        assert_eq!(g.log_count("the sweeper claims due commands with a lease"), 1, "{}", g.log_tail(20));
+    }
 
     // Receivers: 1 on NATS node 2 first, 2 on node 1 first.
     let tcp = [free_port(), free_port()];

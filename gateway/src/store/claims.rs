@@ -31,17 +31,18 @@ impl Store {
     /// read, no lease written into every row. The caller must call
     /// `apply_due` (or drop the batch, rolling back) before it writes to
     /// these rows in any other way, which would wait on the locks. SQLite
-    /// (one writer at a time, no row locks) claims with a lease
-    /// ([`Store::claim_due`]) and reads the rows.
+    /// (one writer at a time, no row locks) and a Galera node (row locks
+    /// only on their own node, so two gateways on two nodes both got the
+    /// same rows, and a claim held while the sweeper decided was rolled back
+    /// under it by the other node's certified write) claim with a lease
+    /// ([`Store::claim_due`]) and read the rows.
     pub async fn claim_due_batch(&self, now: i64, limit: i64, lease_until: i64) -> Result<DueBatch> {
-        match self.backend {
-            Backend::MySql => retry_transient(|| self.lock_due_once(now, limit)).await,
-            Backend::Sqlite => {
-                let ids = self.claim_due(now, limit, lease_until).await?;
-                let commands = self.get_commands(&ids).await?;
-                Ok(DueBatch { ids, commands, locked: None })
-            }
+        if self.claims_by_lock {
+            return retry_transient(|| self.lock_due_once(now, limit)).await;
         }
+        let ids = self.claim_due(now, limit, lease_until).await?;
+        let commands = self.get_commands(&ids).await?;
+        Ok(DueBatch { ids, commands, locked: None })
     }
 
     async fn lock_due_once(&self, now: i64, limit: i64) -> Result<DueBatch> {

@@ -182,6 +182,10 @@ pub struct Store {
     reply_owner: std::sync::Arc<std::sync::OnceLock<String>>,
     /// The commands this process wrote last (the report applier's base).
     recent: std::sync::Arc<recent::Recent>,
+    /// Whether the sweeper may claim by row locks (`FOR UPDATE SKIP
+    /// LOCKED`): MySQL/MariaDB, but not a Galera node, whose locks are
+    /// node-local (see `Store::claim_due_batch`).
+    claims_by_lock: bool,
 }
 
 impl Store {
@@ -217,12 +221,21 @@ impl Store {
         }
         let pool = options.connect(&url).await.map_err(StoreError::Unavailable)?;
         migrate(&pool, backend).await?;
+        let claims_by_lock = backend == Backend::MySql && !is_galera_node(&pool).await;
+        if claims_by_lock {
+            tracing::info!("the sweeper claims due commands by row locks");
+        } else if backend == Backend::MySql {
+            tracing::info!(
+                "the sweeper claims due commands with a lease: this is a Galera node, whose row locks hold on their own node only"
+            );
+        }
         Ok(Store {
             pool,
             backend,
             statements: Counter::default(),
             reply_owner: Default::default(),
             recent: Default::default(),
+            claims_by_lock,
         })
     }
 
@@ -275,6 +288,21 @@ impl Store {
         };
         let needed = migrator.iter().map(|m| m.version).max();
         Ok(latest >= needed)
+    }
+}
+
+/// Whether the MySQL/MariaDB server is a Galera node (`@@global.wsrep_on`;
+/// MySQL, which has no such variable, is not). On Galera a row lock holds
+/// on its own node only, and an idle transaction holding one may be rolled
+/// back by a write certified on another node: the sweeper then claims with
+/// a lease instead (docs/ARCHITECTURE.md, "Several gateways").
+async fn is_galera_node(pool: &AnyPool) -> bool {
+    match sqlx::query_scalar::<_, i64>("SELECT CAST(@@global.wsrep_on AS SIGNED)").fetch_one(pool).await {
+        Ok(on) => on == 1,
+        Err(e) => {
+            tracing::debug!(error = %e, "no wsrep_on: not a Galera node");
+            false
+        }
     }
 }
 
