@@ -8,7 +8,7 @@
 
 pub mod demo;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use gateway::Config;
 
-/// A free loopback port: bind port 0, read it, let it go.
+/// A free loopback port below the ephemeral range, reserved until this
+/// process ends ([`plumbing::ports::reserve_free_port`]).
 pub fn free_port() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+    plumbing::ports::reserve_free_port()
 }
 
 /// What to start.

@@ -17,6 +17,8 @@
 //! - [`config`]: settings from defaults, a TOML file, the environment and
 //!   flags, in that order of precedence (`figment`, `clap`); printed with
 //!   secrets masked.
+//! - [`ports`]: free loopback ports below the ephemeral range, reserved
+//!   until the process ends, for listeners started later (demo, bench, tests).
 //! - [`cli`]: the programs' `main`: tracing set-up (text or JSON lines), one `error:`
 //!   line and exit code 1 on failure, SIGINT/SIGTERM (a second one exits at once).
 
@@ -27,5 +29,6 @@ pub mod health;
 pub mod memory;
 pub mod metrics;
 pub mod mqtt;
+pub mod ports;
 pub mod seal;
 pub mod throttle;

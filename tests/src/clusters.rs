@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,10 +31,6 @@ use tokio::time::Instant;
 
 use crate::procs::{wait_listening, within, Proc};
 
-/// The first and last port [`free_low_port`] hands out: below the ephemeral
-/// range (32768–60999 here), above most fixed service ports.
-const LOW_PORTS: std::ops::Range<u16> = 20_000..32_000;
-
 /// How long a whole cluster may take to start (a few seconds on an idle
 /// machine; generous for a loaded 2-core CI machine).
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -42,43 +38,12 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a restarted node may take to rejoin (Galera: a full rsync SST).
 pub const REJOIN_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A TCP port on 127.0.0.1, free when chosen, below 32768, and reserved for
-/// as long as this value lives: the reservation is a UDP socket bound to the
-/// same port number, which another test process's [`free_low_port`] cannot
-/// bind (the servers use only TCP). The kernel releases it when the process
-/// dies, however it dies, so no reservation outlives its test.
-#[derive(Debug)]
-pub struct LowPort {
-    port: u16,
-    _reservation: UdpSocket,
-}
+pub use plumbing::ports::LowPort;
 
-impl LowPort {
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-}
-
-/// A free TCP port on 127.0.0.1 in 20000..32000 (see [`LowPort`]). Starts at
-/// a random candidate and walks on, skipping ports that another test holds or
-/// that anything listens on.
+/// A free TCP port on 127.0.0.1 below the ephemeral range, reserved while
+/// the value lives ([`plumbing::ports::free_low_port`]).
 pub fn free_low_port() -> LowPort {
-    let span = u32::from(LOW_PORTS.end - LOW_PORTS.start);
-    let start = (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u32;
-    for step in 0..span {
-        let port = LOW_PORTS.start + ((start + step) % span) as u16;
-        let Ok(reservation) = UdpSocket::bind(("127.0.0.1", port)) else { continue };
-        // Free for TCP right now (std sets SO_REUSEADDR, so a port in TIME_WAIT counts as free,
-        // as it does for the servers, which set it too).
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return LowPort { port, _reservation: reservation };
-        }
-    }
-    panic!("no free port in 127.0.0.1:{LOW_PORTS:?}")
+    plumbing::ports::free_low_port().expect("no free port in 127.0.0.1:20000..32000")
 }
 
 /// Whether this test runs in CI (`CI=true`), where a missing program fails the test.
@@ -294,13 +259,13 @@ impl Galera {
 
     fn args(&self, i: usize, bootstrap: bool) -> Vec<String> {
         let node = &self.nodes[check_node(i)];
-        let peers: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.group.port)).collect();
+        let peers: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.group.port())).collect();
         let mut args = vec![
             "--no-defaults".to_owned(),
             format!("--datadir={}", node.home.join("data").display()),
             format!("--socket={}", node.home.join("mariadbd.sock").display()),
             format!("--pid-file={}", node.home.join("mariadbd.pid").display()),
-            format!("--port={}", node.sql.port),
+            format!("--port={}", node.sql.port()),
             "--bind-address=127.0.0.1".to_owned(),
             "--skip-name-resolve".to_owned(),
             "--innodb-buffer-pool-size=64M".to_owned(),
@@ -316,15 +281,16 @@ impl Galera {
             format!("--wsrep-cluster-name={}", self.cluster_name),
             format!("--wsrep-cluster-address=gcomm://{}", peers.join(",")),
             format!("--wsrep-node-name=n{i}"),
-            format!("--wsrep-node-address=127.0.0.1:{}", node.group.port),
-            format!("--wsrep-node-incoming-address=127.0.0.1:{}", node.sql.port),
+            format!("--wsrep-node-address=127.0.0.1:{}", node.group.port()),
+            format!("--wsrep-node-incoming-address=127.0.0.1:{}", node.sql.port()),
             format!(
                 "--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:{};ist.recv_addr=127.0.0.1:{};\
                  gcache.size=32M;{EVS_TIMEOUTS}",
-                node.group.port, node.ist.port
+                node.group.port(),
+                node.ist.port()
             ),
             "--wsrep-sst-method=rsync".to_owned(),
-            format!("--wsrep-sst-receive-address=127.0.0.1:{}", node.sst.port),
+            format!("--wsrep-sst-receive-address=127.0.0.1:{}", node.sst.port()),
         ];
         if self.as_root {
             args.insert(1, "--user=mysql".to_owned());
@@ -363,16 +329,16 @@ impl Galera {
 
     /// Node `i`'s SQL port.
     pub fn port(&self, i: usize) -> u16 {
-        self.nodes[check_node(i)].sql.port
+        self.nodes[check_node(i)].sql.port()
     }
 
     fn sql_ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.sql.port).collect()
+        self.nodes.iter().map(|n| n.sql.port()).collect()
     }
 
     /// The node whose SQL port is `port`, if any.
     pub fn node_with_port(&self, port: u16) -> Option<usize> {
-        self.nodes.iter().position(|n| n.sql.port == port).map(|i| i + 1)
+        self.nodes.iter().position(|n| n.sql.port() == port).map(|i| i + 1)
     }
 
     /// Node `i`'s process (its log path; `pid()` is `None` after [`Galera::kill9`]).
@@ -561,7 +527,8 @@ defaults
         );
         config += &format!(
             "\nlisten galera\n    bind 127.0.0.1:{}\n    option mysql-check user {} post-41\n",
-            port.port, HAPROXY_CHECK_USER
+            port.port(),
+            HAPROXY_CHECK_USER
         );
         for i in 1..=3 {
             let backup = if i == 1 { "" } else { " backup" };
@@ -573,7 +540,7 @@ defaults
         }
         config += &format!(
             "\nlisten stats\n    mode http\n    bind 127.0.0.1:{}\n    stats enable\n    stats uri /\n",
-            stats.port
+            stats.port()
         );
         let config_path = dir.join("haproxy.cfg");
         std::fs::write(&config_path, config).expect("haproxy.cfg written");
@@ -590,22 +557,22 @@ defaults
 
     /// `mysql://root@127.0.0.1:PORT/gw` through HAProxy.
     pub fn url(&self) -> String {
-        format!("mysql://root@127.0.0.1:{}/{GALERA_DB}", self.port.port)
+        format!("mysql://root@127.0.0.1:{}/{GALERA_DB}", self.port.port())
     }
 
     pub fn port(&self) -> u16 {
-        self.port.port
+        self.port.port()
     }
 
     /// HAProxy's stats page (HTML; `;csv` appended gives CSV with each server's state).
     pub fn stats_url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.stats.port)
+        format!("http://127.0.0.1:{}/", self.stats.port())
     }
 
     /// The Galera node a new connection through HAProxy lands on (by its
     /// `@@port`); `None` if no connection or query succeeds within 5 s.
     pub async fn node_behind(&self, galera: &Galera) -> Option<usize> {
-        let url = format!("mysql://root@127.0.0.1:{}/mysql", self.port.port);
+        let url = format!("mysql://root@127.0.0.1:{}/mysql", self.port.port());
         let work = async {
             let mut conn = sqlx::MySqlConnection::connect(&url).await.ok()?;
             let port: i64 =
@@ -670,7 +637,7 @@ impl NatsCluster {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("HTTP client");
         let mut cluster = NatsCluster { dir: dir.to_owned(), nodes, http };
         let routes: Vec<String> =
-            cluster.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.route.port)).collect();
+            cluster.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.route.port())).collect();
         for i in 1..=3 {
             let node = &cluster.nodes[i - 1];
             let store = dir.join("nats").join(format!("n{i}"));
@@ -680,12 +647,12 @@ impl NatsCluster {
                  jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n\
                  cluster {{\n  name: iot\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n\
                  mqtt {{\n  listen: 127.0.0.1:{}\n}}\n",
-                node.client.port,
-                node.monitor.port,
+                node.client.port(),
+                node.monitor.port(),
                 store.display(),
-                node.route.port,
+                node.route.port(),
                 routes.join(", "),
-                node.mqtt.port
+                node.mqtt.port()
             );
             std::fs::write(dir.join(format!("nats-n{i}.conf")), config).expect("nats config written");
         }
