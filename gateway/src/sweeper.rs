@@ -79,9 +79,9 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             match sweep_once(&app).await {
                 Ok(s) if (s.claimed as i64) < app.config().sweep_batch => break,
                 Ok(_) => {}
-                // Another instance committed some of these rows first (Galera:
-                // row locks are per node): nothing was written; the next batch
-                // no longer finds them due.
+                // Another instance committed some of these rows first (a
+                // conflict at commit, e.g. on Galera): nothing was written; the
+                // next batch no longer finds them due.
                 Err(StoreError::Contention(e)) => {
                     tracing::debug!(error = %e, "a sweep lost a conflict with another instance; next batch");
                 }

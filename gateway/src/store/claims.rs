@@ -1,5 +1,6 @@
-//! The sweeper's side of the store: claiming due commands under a lease,
-//! putting one off, and waking a device's commands when it comes back.
+//! The sweeper's side of the store: claiming due commands (row locks, or a
+//! lease), settling a claimed batch, putting a command off, and waking a
+//! device's commands when it comes back.
 
 use std::collections::HashMap;
 
@@ -79,8 +80,8 @@ impl Store {
     }
 
     /// Commits a claimed batch: `put_off` (commands to look at again later,
-    /// each `(as claimed, until)`, as [`Store::postpone`]) and the moves,
-    /// with `transition_many_from`'s rules (each a compare-and-set from the
+    /// each `(as claimed, until)`, see `postpone_on`) and the moves,
+    /// with [`Store::transition_many`]'s rules (each a compare-and-set from the
     /// row as claimed), in one transaction — the claim's own on MySQL/MariaDB,
     /// which releases the rows. A device that comes online meanwhile
     /// (`wake_device`) waits for the locks and then finds the later time, so
@@ -171,12 +172,8 @@ impl Store {
     /// Moves the sweeper's next look at a command to `until` without another
     /// change, if it still stands as `current` (e.g. its device is offline) —
     /// its `next_attempt_at` included, so a device that came online meanwhile
-    /// (`wake_device`, which sets it to now) is not put off.
-    pub async fn postpone(&self, current: &Command, until: i64) -> Result<bool> {
-        let mut conn = self.pool.acquire().await?;
-        self.postpone_on(&mut conn, current, until).await
-    }
-
+    /// (`wake_device`, which sets it to now) is not put off. On `conn`, the
+    /// claimed batch's transaction (`apply_due`).
     async fn postpone_on(
         &self,
         conn: &mut sqlx::AnyConnection,

@@ -105,28 +105,19 @@ impl Store {
             }
             read.extend(self.get_commands(&missing).await?);
         }
-        self.transition_many_from(&read, moves).await
-    }
-
-    /// `transition_many` from commands the caller has just read (the base of
-    /// every compare-and-set). Moves are applied in order, a later move of the
-    /// same command seeing the earlier one, and each command is written once,
-    /// from the state read to the last one reached (a fast device's
-    /// `delivered` and result cost one UPDATE). Rows are written in id order,
-    /// so two batches never wait on each other's locks in a cycle. A command
-    /// whose compare-and-set lost to another writer has its moves retried one
-    /// by one after the commit.
-    pub async fn transition_many_from(
-        &self,
-        read: &HashMap<Uuid, Command>,
-        moves: &[Move],
-    ) -> Result<Vec<Moved>> {
         let tx = self.begin().await?;
-        self.transition_many_in(tx, read, moves).await
+        self.transition_many_in(tx, &read, moves).await
     }
 
-    /// `transition_many_from` in `tx`, which the caller opened (e.g. holding
-    /// the rows of `read` locked, `Store::lock_due`), and commits it.
+    /// Applies `moves` in `tx`, which the caller opened (e.g. holding the
+    /// rows of `read` locked, `Store::apply_due`), from `read` (the base of
+    /// every compare-and-set), and commits it. Moves are applied in order, a
+    /// later move of the same command seeing the earlier one, and each
+    /// command is written once, from the state read to the last one reached
+    /// (a fast device's `delivered` and result cost one UPDATE). Rows are
+    /// written in id order, so two batches never wait on each other's locks
+    /// in a cycle. A command whose compare-and-set lost to another writer has
+    /// its moves retried one by one after the commit.
     pub(super) async fn transition_many_in(
         &self,
         mut tx: Tx,
@@ -215,14 +206,17 @@ impl Store {
     async fn update_all_if_unchanged(&self, tx: &mut Tx, pairs: &[(&Command, &Command)]) -> Result<bool> {
         let mut rest = pairs;
         while !rest.is_empty() {
-            let wide = &rest[..rest.len().min(CAS_CHUNK_SHARED)];
-            let wide_plan = ChunkPlan::of(wide);
-            let (chunk, plan) = if !wide_plan.per_row() || wide.len() <= CAS_CHUNK {
-                (wide, wide_plan)
-            } else {
-                let narrow = &rest[..CAS_CHUNK];
-                (narrow, ChunkPlan::of(narrow))
-            };
+            // A chunk with anything per row (a result batch's payloads) is
+            // planned once, on `CAS_CHUNK` rows; only one without is widened.
+            let narrow = &rest[..rest.len().min(CAS_CHUNK)];
+            let narrow_plan = ChunkPlan::of(narrow);
+            let wide_plan = (!narrow_plan.per_row() && rest.len() > CAS_CHUNK)
+                .then(|| {
+                    let wide = &rest[..rest.len().min(CAS_CHUNK_SHARED)];
+                    (wide, ChunkPlan::of(wide))
+                })
+                .filter(|(_, plan)| !plan.per_row());
+            let (chunk, plan) = wide_plan.unwrap_or((narrow, narrow_plan));
             rest = &rest[chunk.len()..];
             if let [(before, after)] = chunk {
                 if !self.update_if_unchanged(tx, before, after).await? {
